@@ -1,0 +1,1 @@
+"""One module per `reformer-dist` subcommand (see reformer_dist.cli)."""

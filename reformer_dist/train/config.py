@@ -1,0 +1,115 @@
+"""The ``train:``, ``deepspeed:`` and ``logging:`` sections of a run config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reformer_dist.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/tiny"
+    """Run directory: config.yaml, ds_config.json, metrics.jsonl, checkpoints and the `latest` pointer."""
+    max_steps: int = 200
+    """Optimizer steps to train for."""
+    seq_len: int = 256
+    """Tokens per training sample (the model pads to its chunk multiple internally)."""
+    micro_batch_size: int = 4
+    """Samples per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all ranks; null = micro_batch_size*grad_accum*world_size.
+    If set, it must equal that product (checked at launch, when the world size is known)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold (0 = off)."""
+    seed: int = 1234
+    """Seed of model init, data order and every random stream."""
+    eval_every: int = 50
+    """Evaluate every N steps (0 = only at the end)."""
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation."""
+    save_every: int = 100
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    resume: str = "auto"
+    """'auto': continue from the latest good checkpoint if any; 'never'; or a checkpoint path."""
+    log_every: int = 10
+    """Print a readout line every N steps."""
+
+    def validate(self) -> TrainConfig:
+        for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise ConfigError("train.keep_last", f"must be >= 1, got {self.keep_last}")
+        if not self.lr > 0:
+            raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
+        return self
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on CPU (ZeRO >= 1)."""
+    offload_params: bool = False
+    """Keep parameters on CPU (ZeRO-3 only)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (dynamic loss scaling)."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with backward (ZeRO >= 1)."""
+    config_file: str | None = None
+    """A user's own DeepSpeed JSON, merged over the generated one."""
+
+    def validate(self) -> DeepSpeedConfig:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError("deepspeed.precision", f"must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params", "needs deepspeed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
+        return self
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    """online, offline or disabled."""
+    project: str = "reformer-dist"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); null = the default."""
+    group: str | None = None
+    """W&B run group."""
+    tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
+
+    def validate(self) -> WandbConfig:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ConfigError("logging.wandb.mode", f"must be online, offline or disabled, got {self.mode!r}")
+        return self
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases tracking."""
