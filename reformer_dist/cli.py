@@ -16,6 +16,7 @@ from reformer_dist.errors import ReformerDistError
 # (subcommand, module under reformer_dist.commands) — a command is listed once it works.
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("config", "config"),
+    ("prepare-data", "prepare_data"),
 )
 
 

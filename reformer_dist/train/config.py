@@ -48,6 +48,12 @@ class TrainConfig:
     """'auto': continue from the latest good checkpoint if any; 'never'; or a checkpoint path."""
     log_every: int = 10
     """Print a readout line every N steps."""
+    time_limit_minutes: float | None = None
+    """Wall-time budget of this launch: checkpoint and exit 0 once it is spent (set it a few minutes
+    below a cluster job's limit); null = none."""
+    max_nonfinite_steps: int = 20
+    """Stop after this many consecutive skipped steps (non-finite loss or gradients, fp16 overflow);
+    the last good checkpoint stays the resume point."""
 
     def validate(self) -> TrainConfig:
         for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum"):
@@ -60,6 +66,18 @@ class TrainConfig:
             raise ConfigError("train.keep_last", f"must be >= 1, got {self.keep_last}")
         if not self.lr > 0:
             raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError("train.global_batch_size", f"must be >= 1 or null, got {self.global_batch_size}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.log_every < 1:
+            raise ConfigError("train.log_every", f"must be >= 1, got {self.log_every}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError("train.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
+        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
+            raise ConfigError("train.time_limit_minutes", f"must be > 0 or null, got {self.time_limit_minutes}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("train.betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
         return self
 
 
@@ -76,7 +94,11 @@ class DeepSpeedConfig:
     overlap_comm: bool = False
     """Overlap gradient reduction with backward (ZeRO >= 1)."""
     config_file: str | None = None
-    """A user's own DeepSpeed JSON, merged over the generated one."""
+    """A user's own DeepSpeed JSON, merged over the generated one (nested keys are merged, the user's
+    values win). The batch triple is not settable there: use train.micro_batch_size/grad_accum."""
+    collective_timeout_s: float = 100.0
+    """Seconds a collective may wait for a peer before this rank fails: a dead or hung rank then ends
+    the job instead of stalling it. Raise it if one checkpoint write takes longer."""
 
     def validate(self) -> DeepSpeedConfig:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -87,6 +109,8 @@ class DeepSpeedConfig:
             raise ConfigError("deepspeed.offload_params", "needs deepspeed.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
+        if not self.collective_timeout_s > 0:
+            raise ConfigError("deepspeed.collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
         return self
 
 
@@ -113,3 +137,14 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases tracking."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one accelerator at the training precision, for MFU/HFU; null = looked up
+    for known GPUs (A100, H100, H200, ...), not reported where unknown (CPU)."""
+    progress_bar: bool = True
+    """Show a progress bar with ETA on rank 0 when stdout is a terminal (logs always get readout lines)."""
+
+    def validate(self) -> LoggingConfig:
+        self.wandb.validate()
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError("logging.peak_tflops", f"must be > 0 or null, got {self.peak_tflops}")
+        return self

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# README command 1 — the main job on the embedded default, on any Linux machine (CPU or GPU):
+#   1. set up .venv and install reformer-dist
+#   2. prepare a byte-level corpus from the Python standard library's own source files
+#   3. train the tiny Reformer with the DeepSpeed launcher (all local GPUs, or one CPU rank)
+#   4. export it to ONNX and check the graph
+#   5. generate a sample with ONNX Runtime
+# Extra key=value arguments are passed to training, e.g. `bash launch/quickstart.sh train.max_steps=50`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash launch/setup_env.sh
+source .venv/bin/activate
+export WANDB_MODE="${WANDB_MODE:-offline}"
+
+run_dir=runs/tiny
+data_dir=runs/data/stdlib
+
+echo "== 1/4 prepare data: Python standard library -> $data_dir"
+if [ ! -f "$data_dir/manifest.json" ]; then
+  reformer-dist prepare-data --input stdlib --output "$data_dir"
+else
+  echo "   (already prepared)"
+fi
+
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+ranks=$(( gpus > 0 ? gpus : 1 ))
+echo "== 2/4 train: deepspeed --num_gpus $ranks --module reformer_dist train --config tiny"
+deepspeed --num_gpus "$ranks" --module reformer_dist train --config tiny \
+  data.path="$data_dir" train.output_dir="$run_dir" "$@"
+
+echo "== 3/4 export: $run_dir -> $run_dir/model.onnx"
+reformer-dist export onnx --checkpoint "$run_dir" --output "$run_dir/model.onnx"
+reformer-dist export check "$run_dir/model.onnx" --target onnxruntime
+
+echo "== 4/4 generate with ONNX Runtime"
+reformer-dist generate --model "$run_dir/model.onnx" --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
+
+echo
+echo "Outputs:"
+echo "  prepared data      $data_dir/ (manifest.json + token shards)"
+echo "  run directory      $run_dir/ (config.yaml, ds_config.json, metrics.jsonl, checkpoints, latest)"
+echo "  consolidated model $run_dir/native/ (model.safetensors + config.yaml)"
+echo "  ONNX model         $run_dir/model.onnx"

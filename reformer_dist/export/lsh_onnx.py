@@ -1,0 +1,304 @@
+"""The ``reformer::LshAttention`` ONNX node and its standard-op FunctionProto body.
+
+Export maps ``torch.ops.reformer.lsh_attention`` to ONE bare node (see :func:`translate_lsh_attention`);
+:func:`lsh_function` then builds the body that runtimes without a kernel for the node inline (ONNX
+Runtime always does; TensorRT does when no plugin is registered). The body computes exactly what
+``reformer_dist.model.lsh_attention.lsh_attention_reference`` computes:
+
+1. hash    ``argmax(cat[x R, -x R])`` per bucket factor in fp32, padding in the extra bucket;
+2. sort    per round by (bucket, position), either by counting (one-hot + CumSum: no TopK, so TensorRT's
+           parser takes it; memory B*H*n_hashes*L*n_buckets fp32) or by TopK (fewer ops, faster on ORT CPU
+           for short sequences; TensorRT rejects it once n_hashes... L >= 3840);
+3. attend  in chunks of ``chunk_len`` over the sorted order, the key window of each chunk gathered with
+           one index (wrap-around across rounds as the reference), 'chunk' or 'bucket' masks, fp32 softmax;
+4. unsort  and combine the rounds with softmax(lse) weights.
+
+Node inputs: qk (B, H, L, D), v (B, H, L, D), rotations (H, D, n_hashes, sum(n_buckets)//2) fp32 and an
+optional key_padding_mask (B, L) bool (True = real). Outputs: out (B, H, L, D) in v's type and buckets
+(B, H, n_hashes, L) int64 (no round offsets, padding = prod(n_buckets)). L must be a multiple of
+chunk_len: the model pads inside the graph.
+
+The body works in fp32 whatever the input precision (counts stay exact, mask constants finite); only
+the mask constants follow the reference's precision rule (fp16: -1e4/-1e3, else -1e9/-1e5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DOMAIN = "reformer"
+OP_TYPE = "LshAttention"
+SORTS = ("counting", "topk")
+INPUTS = ("qk", "v", "rotations", "key_padding_mask")
+OUTPUTS = ("out", "buckets")
+_FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+@dataclass(frozen=True)
+class LshSpec:
+    """The static attributes of one LshAttention node (all LSH layers of a model share them)."""
+
+    n_hashes: int
+    n_buckets: tuple[int, ...]
+    chunk_len: int
+    chunks_before: int
+    chunks_after: int
+    window: str
+    causal: bool
+    has_padding_mask: bool
+
+    def attributes(self) -> dict:
+        """The node's ONNX attributes (also the TensorRT plugin's fields)."""
+        return {"window": self.window, "chunk_len": self.chunk_len, "chunks_before": self.chunks_before,
+                "chunks_after": self.chunks_after, "n_hashes": self.n_hashes, "n_buckets": list(self.n_buckets),
+                "causal": int(self.causal)}
+
+    @classmethod
+    def from_node(cls, node: onnx.NodeProto) -> LshSpec:
+        a = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+        window = a["window"].decode() if isinstance(a["window"], bytes) else a["window"]
+        return cls(n_hashes=int(a["n_hashes"]), n_buckets=tuple(int(f) for f in a["n_buckets"]),
+                   chunk_len=int(a["chunk_len"]), chunks_before=int(a["chunks_before"]),
+                   chunks_after=int(a["chunks_after"]), window=window, causal=bool(a["causal"]),
+                   has_padding_mask=len(node.input) > 3 and node.input[3] != "")
+
+
+# ------------------------------------------------------------------------------- the bare node at export
+def op_schema() -> onnx.defs.OpSchema:
+    """Schema of the node, so onnxscript (inside torch.onnx) can record it with typed inputs/attributes."""
+    p, opt = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption.Optional
+    a, t = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
+    return onnx.defs.OpSchema(
+        OP_TYPE, DOMAIN, 1,
+        doc="LSH self-attention (shared QK) of the Reformer; see reformer_dist.export.lsh_onnx.",
+        inputs=[p("qk", "T"), p("v", "T"), p("rotations", "R"), p("key_padding_mask", "M", param_option=opt)],
+        outputs=[p("out", "T"), p("buckets", "I")],
+        type_constraints=[("T", _FLOAT_TYPES, ""), ("R", ["tensor(float)"], ""), ("M", ["tensor(bool)"], ""),
+                          ("I", ["tensor(int64)"], "")],
+        attributes=[a("window", t.STRING, ""), a("chunk_len", t.INT, ""), a("chunks_before", t.INT, ""),
+                    a("chunks_after", t.INT, ""), a("n_hashes", t.INT, ""), a("n_buckets", t.INTS, ""),
+                    a("causal", t.INT, "")],
+    )
+
+
+def translate_lsh_attention(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before,
+                            chunks_after, window, causal, dropout_p, dropout_seed):
+    """torch.onnx ``custom_translation_table`` entry for ``torch.ops.reformer.lsh_attention.default``.
+
+    Emits the bare node; inference has no dropout and hashes inside, so ``buckets``/dropout are dropped.
+    """
+    from onnxscript._internal.values import Op, Opset  # onnxscript is only needed at export time
+
+    if buckets is not None:
+        raise NotImplementedError("exporting lsh_attention with precomputed buckets (a training path)")
+    node = Op(Opset(DOMAIN, 1), OP_TYPE, op_schema())
+    inputs = [qk, v, rotations] + ([key_padding_mask] if key_padding_mask is not None else [])
+    return node(*inputs, window=window, chunk_len=chunk_len, chunks_before=chunks_before,
+                chunks_after=chunks_after, n_hashes=rotations.shape[2], n_buckets=list(n_buckets),
+                causal=int(causal))
+
+
+# ------------------------------------------------------------------------------------- the function body
+class _Body:
+    """Accumulates the nodes of a FunctionProto body; each call returns the new value's name(s)."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._consts: dict[tuple, str] = {}
+
+    def __call__(self, op_type: str, *inputs: str, n_out: int = 1, name: str | None = None,
+                 **attrs) -> str | list[str]:
+        outs = [name] if name else [f"{op_type.lower()}_{len(self.nodes)}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A Constant node (deduplicated). Python ints/lists become int64 unless dtype says otherwise."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self("Constant", value=numpy_helper.from_array(arr))
+        return self._consts[key]
+
+    def f32(self, value: float) -> str:
+        return self.const(value, np.float32)
+
+    def shape(self, *parts: str | list[int]) -> str:
+        """A 1-D int64 shape from dynamic (1,)-tensors and literal lists."""
+        return self("Concat", *[self.const(p) if isinstance(p, list) else p for p in parts], axis=0)
+
+    def arange(self, stop: str) -> str:
+        return self("Range", self.const(0), stop, self.const(1))
+
+
+def window_offsets(spec: LshSpec) -> list[int]:
+    """Chunk offsets (relative to a query's chunk) of its key window, as the reference's."""
+    if spec.window == "bucket":
+        return [-1, 0] if spec.causal else [-1, 0, 1]
+    return list(range(-spec.chunks_before, spec.chunks_after + 1))
+
+
+def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = False,
+                 opset: int = 18) -> onnx.FunctionProto:
+    """The FunctionProto ``reformer::LshAttention`` specialised to ``spec``.
+
+    ``sort``: 'counting' (TensorRT-parsable) or 'topk'. ``fp16_constants``: the reference's fp16 mask
+    constants (-1e4/-1e3) instead of -1e9/-1e5 (export of an fp16 model). ``opset`` must equal the
+    model's default-domain opset (the checker rejects a mismatch).
+    """
+    if sort not in SORTS:
+        raise ValueError(f"sort must be one of {SORTS}, got {sort!r}")
+    g = _Body()
+    n, c = spec.n_hashes, spec.chunk_len
+    n_real = math.prod(spec.n_buckets)
+    n_slots = n_real + 1 if spec.has_padding_mask else n_real  # the padding bucket sorts last
+    masked, self_masked = (-1e4, -1e3) if fp16_constants else (-1e9, -1e5)
+
+    # ---- dynamic sizes, as (1,) tensors (b1, h1, l1, d1) and scalars (for Range)
+    shape = g("Shape", "qk")
+    b1, h1, l1, d1 = (g("Gather", shape, g.const([i]), axis=0) for i in range(4))
+    length = g("Squeeze", l1, g.const([0]))
+    n_bh = g("Squeeze", g("Mul", b1, h1), g.const([0]))
+    n_total = g("Mul", length, g.const(n))  # n*L sorted entries per (batch, head)
+    n_chunks = g("Div", n_total, g.const(c))
+
+    # ---- 1. hash in fp32: rotated (B, H, n, L, R/2); one argmax per bucket factor
+    x = g("Cast", "qk", to=TensorProto.FLOAT)
+    rot = g("Reshape", g("Cast", "rotations", to=TensorProto.FLOAT), g.const([0, 0, -1]))  # (H, D, n*R/2)
+    rotated = g("Reshape", g("MatMul", x, rot), g.const([0, 0, 0, n, -1]))  # (B, H, L, n, R/2)
+    rotated = g("Transpose", rotated, perm=[0, 1, 3, 2, 4])
+    buckets, offset, stride = None, 0, 1
+    for factor in spec.n_buckets:
+        part = g("Slice", rotated, g.const([offset]), g.const([offset + factor // 2]), g.const([4]))
+        b = g("ArgMax", g("Concat", part, g("Neg", part), axis=4), axis=4, keepdims=0)  # (B, H, n, L)
+        buckets = b if buckets is None else g("Add", buckets, g("Mul", b, g.const(stride)))
+        offset += factor // 2
+        stride *= factor
+    if spec.has_padding_mask:
+        real = g("Unsqueeze", "key_padding_mask", g.const([1, 2]))  # (B, 1, 1, L)
+        buckets = g("Where", real, buckets, g.const(n_real))
+    buckets = g("Identity", buckets, name="buckets")
+
+    # ---- 2. per round, sort by (bucket, position): rank = position -> slot, order = slot -> position
+    positions = g.arange(length)  # (L,)
+    zeros = g("Mul", buckets, g.const(0))
+    if sort == "counting":
+        onehot = g("Cast", g("Equal", g("Unsqueeze", buckets, g.const([-1])), g.const(np.arange(n_slots))),
+                   to=TensorProto.FLOAT)  # (B, H, n, L, S)
+        within = g("CumSum", onehot, g.const(3))  # inclusive count of the position's bucket so far
+        starts = g("CumSum", g("ReduceSum", onehot, g.const([3]), keepdims=1), g.const(4), exclusive=1)
+        rank = g("ReduceSum", g("Mul", onehot, g("Add", within, starts)), g.const([4]), keepdims=0)
+        rank = g("Cast", g("Sub", rank, g.f32(1.0)), to=TensorProto.INT64)  # fp32 counts exact below 2**24
+        order = g("ScatterElements", zeros, rank, g("Add", zeros, positions), axis=3)
+    else:
+        keys = g("Add", g("Mul", buckets, l1), positions)  # unique: bucket*L + position
+        _, order = g("TopK", keys, l1, n_out=2, axis=3, largest=0, sorted=1)
+        rank = g("ScatterElements", zeros, order, g("Add", zeros, positions), axis=3)
+    # flatten the rounds: slot r*L + rank of (r, pos); rows of sorted entries in the (B*H*L, D) view
+    undo = g("Reshape", g("Add", rank, g("Mul", g.const(np.arange(n).reshape(n, 1)), l1)),
+             g.const([0, 0, -1]))  # (B, H, n*L)
+    order = g("Reshape", order, g.const([0, 0, -1]))  # (B, H, n*L): original position of each slot
+    bh_ids = g("Reshape", g.arange(n_bh), g.shape(b1, h1, [1]))  # (B, H, 1)
+    rows = g("Add", order, g("Mul", bh_ids, length))
+
+    # ---- 3. attention over sorted chunks; every chunk's key window gathered by one index
+    offsets = window_offsets(spec)
+    width = len(offsets) * c
+    chunk_ids = g.arange(n_chunks)
+    raw_chunks = g("Add", g("Unsqueeze", chunk_ids, g.const([1])), g.const(offsets))  # (nc, n_off)
+    # wrap around (as the reference); the added multiple of nc keeps Mod's operand non-negative
+    key_chunks = g("Mod", g("Add", raw_chunks, g("Mul", n_chunks, g.const(max(map(abs, offsets)) + 1))), n_chunks)
+    slot = g.const(np.arange(c).reshape(1, 1, c))
+
+    def sorted_index(chunks: str) -> str:  # (nc, n_off) chunk ids -> (nc, W) sorted indices
+        return g("Reshape", g("Add", g("Mul", g("Unsqueeze", chunks, g.const([2])), g.const(c)), slot),
+                 g.const([0, -1]))
+
+    key_sidx = g("Reshape", sorted_index(key_chunks), g.const([-1]))  # (nc*W,)
+    key_rows = g("Gather", rows, key_sidx, axis=2)  # (B, H, nc*W)
+
+    flat = g.shape([-1], d1)
+    x_flat = g("Reshape", x, flat)  # (B*H*L, D)
+    mean_sq = g("ReduceMean", g("Mul", x_flat, x_flat), g.const([-1]), keepdims=1)
+    keys_flat = g("Div", g("Div", x_flat, g("Sqrt", g("Add", mean_sq, g.f32(1e-6)))),
+                  g("Sqrt", g("Cast", d1, to=TensorProto.FLOAT)))  # unit length / sqrt(D)
+    v_flat = g("Reshape", g("Cast", "v", to=TensorProto.FLOAT), flat)
+    chunked, windowed = g.shape(b1, h1, [-1, c], d1), g.shape(b1, h1, [-1, width], d1)
+    q = g("Reshape", g("Gather", x_flat, rows, axis=0), chunked)  # (B, H, nc, c, D)
+    k = g("Reshape", g("Gather", keys_flat, key_rows, axis=0), windowed)  # (B, H, nc, W, D)
+    vk = g("Reshape", g("Gather", v_flat, key_rows, axis=0), windowed)
+    scores = g("MatMul", q, g("Transpose", k, perm=[0, 1, 2, 4, 3]))  # (B, H, nc, c, W)
+
+    q_shape, k_shape = g.shape(b1, h1, [-1, c, 1]), g.shape(b1, h1, [-1, 1, width])
+    if spec.window == "chunk":  # causal and padding on original positions (padding keys sit at L)
+        key_pos = order
+        if spec.has_padding_mask:
+            batch_base = g("Reshape", g("Mul", g.arange(g("Squeeze", b1, g.const([0]))), length),
+                           g.const([-1, 1, 1]))
+            real = g("Gather", g("Reshape", "key_padding_mask", g.const([-1])), g("Add", order, batch_base), axis=0)
+            key_pos = g("Where", real, order, l1)
+        q_pos = g("Reshape", order, q_shape)
+        k_pos = g("Reshape", g("Gather", key_pos, key_sidx, axis=2), k_shape)
+        valid = g("GreaterOrEqual", q_pos, k_pos) if spec.causal else g("Less", k_pos, l1)
+        is_self = g("Equal", q_pos, k_pos)
+    else:  # 'bucket': same (round, bucket), sorted index within chunk_len before (or after) the query
+        round_keys = g("Add", buckets, g.const(np.arange(n).reshape(n, 1) * n_slots))  # (B, H, n, L)
+        slot_round = g("Mul", g("Div", g.arange(n_total), length), length)  # (n*L,): r*L of every slot
+        sorted_keys = g("GatherElements", g("Reshape", round_keys, g.const([0, 0, -1])),
+                        g("Add", order, slot_round), axis=2)  # (B, H, n*L)
+        raw_sidx = sorted_index(raw_chunks)  # (nc, W), not wrapped
+        q_sidx = g("Reshape", g("Add", g("Mul", g("Unsqueeze", chunk_ids, g.const([1])), g.const(c)),
+                                g.const(np.arange(c).reshape(1, c))), g.const([-1, c, 1]))
+        lag = g("Sub", q_sidx, g("Unsqueeze", raw_sidx, g.const([1])))  # (nc, c, W)
+        in_range = g("And", g("GreaterOrEqual", raw_sidx, g.const(0)), g("Less", raw_sidx, n_total))
+        band = g("And", g("GreaterOrEqual", lag, g.const(0 if spec.causal else -c)),
+                 g("LessOrEqual", lag, g.const(c)))
+        band = g("And", band, g("Unsqueeze", in_range, g.const([1])))
+        q_key = g("Reshape", sorted_keys, q_shape)
+        k_key = g("Reshape", g("Gather", sorted_keys, key_sidx, axis=2), k_shape)
+        valid = g("And", band, g("Equal", q_key, k_key))
+        is_self = g("Equal", lag, g.const(0))
+    scores = g("Where", valid, scores, g.f32(masked))
+    scores = g("Where", is_self, g.f32(self_masked), scores)
+    # logsumexp max-shifted by hand (TensorRT lowers ReduceLogSumExp without the shift); probabilities
+    # as exp(scores - lse) like the reference, which matters for rows of huge mask constants
+    peak = g("ReduceMax", scores, g.const([-1]), keepdims=1)
+    total = g("ReduceSum", g("Exp", g("Sub", scores, peak)), g.const([-1]), keepdims=1)
+    lse = g("Add", peak, g("Log", total))  # (B, H, nc, c, 1)
+    o_sorted = g("MatMul", g("Exp", g("Sub", scores, lse)), vk)  # (B, H, nc, c, D)
+
+    # ---- 4. unsort, then combine the rounds with softmax(lse) weights
+    o_rows = g("Add", undo, g("Mul", bh_ids, n_total))
+    o = g("Gather", g("Reshape", o_sorted, flat), o_rows, axis=0)  # (B, H, n*L, D)
+    o = g("Reshape", o, g.shape(b1, h1, [n, -1], d1))  # (B, H, n, L, D)
+    lse = g("GatherElements", g("Reshape", lse, g.shape(b1, h1, [-1])), undo, axis=2)
+    weights = g("Softmax", g("Reshape", lse, g.shape(b1, h1, [n, -1, 1])), axis=2)
+    out = g("ReduceSum", g("Mul", o, weights), g.const([2]), keepdims=0)
+    g("CastLike", out, "v", name="out")
+
+    inputs = list(INPUTS if spec.has_padding_mask else INPUTS[:3])
+    return helper.make_function(DOMAIN, OP_TYPE, inputs, list(OUTPUTS), g.nodes,
+                                [helper.make_opsetid("", opset)], attributes=list(spec.attributes()),
+                                doc_string=f"LSH attention body: {sort} sort, {spec.window} window")
+
+
+def node_model(spec: LshSpec, sort: str = "counting", opset: int = 18) -> onnx.ModelProto:
+    """A model of one LshAttention node with its body: op-level tests and benchmarks of the body."""
+    f32, mask = TensorProto.FLOAT, spec.has_padding_mask
+    bhld = ["B", "H", "L", "D"]
+    inputs = [helper.make_tensor_value_info("qk", f32, bhld), helper.make_tensor_value_info("v", f32, bhld),
+              helper.make_tensor_value_info("rotations", f32, ["H", "D", spec.n_hashes, "R"])]
+    if mask:
+        inputs.append(helper.make_tensor_value_info("key_padding_mask", TensorProto.BOOL, ["B", "L"]))
+    outputs = [helper.make_tensor_value_info("out", f32, bhld),
+               helper.make_tensor_value_info("buckets", TensorProto.INT64, ["B", "H", spec.n_hashes, "L"])]
+    node = helper.make_node(OP_TYPE, [i.name for i in inputs], ["out", "buckets"], domain=DOMAIN,
+                            **spec.attributes())
+    graph = helper.make_graph([node], "lsh_attention", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
+                             functions=[lsh_function(spec, sort, opset=opset)])

@@ -1,0 +1,427 @@
+"""Fused Triton kernels behind ``torch.ops.reformer.lsh_attention`` on CUDA.
+
+The PyTorch implementation (``reformer_dist.model.lsh_attention``) gathers the sorted queries and keys
+of a block of chunks into new tensors, builds the (chunks, c, window) score tensor, soft-maxes it and
+scatters the result back. Here one program instance does all of that for one block of sorted rows in
+registers: it reads the sorted index, gathers q/k/v rows straight from the (B, H, L, D) inputs,
+normalises the keys on the fly, applies the causal / padding / band / self masks, runs an online
+softmax over the window and writes the per-round output and logsumexp *unsorted* (to row
+``round*L + pos``), so nothing of size (window x L) ever reaches device memory.
+
+Semantics are exactly the reference's (same window offsets, mask constants, wrap-around, dropout
+counter hash); the reference stays the fallback everywhere else and the spec in the tests:
+
+- ``lsh_attention_triton``          == ``lsh_attention_reference``  (forward of the op)
+- ``lsh_attention_backward_triton`` == the op's ``_backward``       (flash-style backward)
+
+Rows of the sorted order are processed in tiles of ``BLOCK`` rows inside a chunk (``n_sub`` tiles per
+chunk, the last one masked when chunk_len is not a multiple of ``BLOCK``). A query tile visits the key
+tiles of the chunks at the window offsets (``window_offsets``); ``'bucket'`` windows skip the tiles
+that lie outside the band or outside the sorted order (their scores are masked constants that add
+exactly 0 next to the always-present self score).
+
+The backward saves nothing extra: one stats-only forward pass rebuilds the per-round logsumexps, the
+rounds are merged into one logsumexp per position, and a single kernel then computes, for its tile of
+sorted rows, dK/dV (the tile as keys, looping over the query tiles whose windows contain it) and dQ (the
+tile as queries), writing both to per-round fp32 buffers that are summed over rounds at the end. No
+atomics, so gradients are deterministic.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) tiles are multiplied in fp32, because the interpreter cannot do
+bf16/fp16 arithmetic; loads, stores and everything else are the same code as on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from reformer_dist.model.lsh_attention import (
+    _buckets_or_hash,
+    _check,
+    combine_rounds,
+    mask_values,
+    sort_by_bucket,
+    window_offsets,
+)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# ------------------------------------------------------------------------------------------ tile helpers
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs: full fp32 products like the reference's matmul (not TF32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows, ok, offs_d, L, D, sqrt_d, HAS_PAD: tl.constexpr,
+               BUCKET_WINDOW: tl.constexpr, KEY_DTYPE: tl.constexpr):
+    """Gather the sorted rows ``rows`` (flat sorted indices, masked by ``ok``) of one batch*head.
+
+    Returns sidx (r*L + pos), pos, key_pos (pos, or L for padding), bucket key, x = qk rows in fp32
+    (BLOCK, BLOCK_D), rk = the key normalisation factor, and the normalised key rows in the input dtype.
+    """
+    sidx = tl.load(SIDX_bh + rows, mask=ok, other=0)
+    pos = sidx % L
+    if HAS_PAD:
+        real = tl.load(PAD_b + pos, mask=ok, other=0) != 0
+        key_pos = tl.where(real, pos, L)
+    else:
+        key_pos = pos
+    if BUCKET_WINDOW:
+        bkey = tl.load(BKEY_bh + rows, mask=ok, other=-1)
+    else:
+        bkey = sidx  # unused
+    d_ok = offs_d < D
+    x = tl.load(QK_bh + pos[:, None] * D + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+    x = x.to(tl.float32)
+    # reference normalize_keys: x * rsqrt(mean(x^2) + 1e-6) / sqrt(D), rounded to the input dtype
+    rk = tl.rsqrt(tl.sum(x * x, 1) / D + 1e-6)
+    k = ((x * rk[:, None]) / sqrt_d).to(KEY_DTYPE)
+    rk = rk / sqrt_d
+    return sidx, pos, key_pos, bkey, x, rk, k
+
+
+@triton.jit
+def _masked_scores(q, k, pos_q, key_pos_k, rows_q, rows_k, bkey_q, bkey_k, k_ok, L, masked, self_masked,
+                   C: tl.constexpr, BUCKET_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """fp32 scores of a (query tile, key tile) with the reference's masks (``block_scores``).
+
+    Masked entries get the ``masked`` constant, self entries ``self_masked``; key slots outside the chunk
+    (tile padding) get -inf. ``allowed`` marks the entries whose score is the real dot product.
+    """
+    s = _dot(q, tl.trans(k), IEEE)
+    if BUCKET_WINDOW:
+        lag = rows_q[:, None] - rows_k[None, :]  # how far back in sorted order
+        if CAUSAL:
+            band = (lag >= 0) & (lag <= C)
+        else:
+            band = (lag >= -C) & (lag <= C)
+        valid = band & (bkey_q[:, None] == bkey_k[None, :])
+        is_self = lag == 0
+    else:
+        if CAUSAL:
+            valid = pos_q[:, None] >= key_pos_k[None, :]
+        else:
+            valid = key_pos_k[None, :] < L
+        is_self = pos_q[:, None] == key_pos_k[None, :]
+    s = tl.where(valid, s, masked)
+    s = tl.where(is_self, self_masked, s)
+    s = tl.where(k_ok[None, :], s, float("-inf"))
+    allowed = valid & (is_self == 0) & k_ok[None, :]
+    return s, allowed
+
+
+@triton.jit
+def _dropout_keep(bh, N, rows_q, slots_k, seed32, dropout_p, W: tl.constexpr):
+    """Keep-mask of attention dropout, bit-identical to the reference's ``dropout_keep`` counter hash.
+
+    Counter = (bh*N + sorted query index)*W + window slot; uint32 arithmetic wraps exactly like the
+    reference's ``& 0xFFFFFFFF`` on int64.
+    """
+    counter = (bh.to(tl.int64) * N + rows_q[:, None].to(tl.int64)) * W + slots_k[None, :].to(tl.int64)
+    hi = (counter >> 32).to(tl.uint32)
+    x = counter.to(tl.uint32) ^ seed32.to(tl.uint32)
+    for _ in tl.static_range(2):
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x5BD1E995
+        x = x ^ (x >> 16) ^ hi
+    return (x & 0xFFFFFF).to(tl.float32) * (1.0 / 16777216.0) >= dropout_p
+
+
+@triton.jit
+def _tile_needed(c_raw, n_chunks, t0, s0, BLOCK: tl.constexpr, C: tl.constexpr, BUCKET_WINDOW: tl.constexpr,
+                 CAUSAL: tl.constexpr):
+    """Does the key tile starting at sorted row t0 hold any window entry of the query tile at s0?
+
+    'chunk' windows wrap around, so every tile counts. 'bucket' windows count only chunks inside the
+    sorted order (c_raw: the unwrapped chunk) and tiles that meet the band lag = s - t in [lo, C].
+    """
+    if BUCKET_WINDOW:
+        lo = 0 if CAUSAL else -C
+        return (c_raw >= 0) & (c_raw < n_chunks) & (s0 - (t0 + BLOCK - 1) <= C) & (s0 + BLOCK - 1 - t0 >= lo)
+    else:
+        return True
+
+
+# ---------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _lsh_fwd_kernel(
+    QK, V, SIDX, BKEY, PAD, O, RMAX, LSUM,
+    L, N, H, D, sqrt_d, n_chunks, seed32, dropout_p, masked, self_masked,
+    C: tl.constexpr, BEFORE: tl.constexpr, N_OFF: tl.constexpr, N_SUB: tl.constexpr,
+    BUCKET_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    STATS_ONLY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One program: BLOCK sorted query rows of one batch*head -> their per-round output and softmax stats.
+
+    QK, V (BH, L, D); SIDX, BKEY (BH, N) sorted r*L+pos and (round, bucket) keys; PAD (B, L) bool;
+    O (BH, N, D) per-round outputs, RMAX and LSUM (BH, N) fp32 row max and log of the row sum (kept apart
+    as in the reference: row maxima sit near the -1e5 self-mask, where one fp32 logsumexp loses ~1e-2),
+    all at row r*L+pos (un-sorted).
+    """
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    cq, sub = pid // N_SUB, pid % N_SUB
+    bh64 = bh.to(tl.int64)
+    QK_bh, V_bh = QK + bh64 * L * D, V + bh64 * L * D
+    SIDX_bh, BKEY_bh, PAD_b = SIDX + bh64 * N, BKEY + bh64 * N, PAD + (bh64 // H) * L
+    key_dtype = QK.dtype.element_ty
+
+    ar = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    slot_q = sub * BLOCK + ar
+    q_ok = slot_q < C
+    rows_q = cq * C + slot_q
+    sidx_q, pos_q, _kp, bkey_q, x_q, _rk, _k = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_q, q_ok, offs_d, L,
+                                                           D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
+    q = x_q.to(key_dtype).to(DOT_DTYPE)  # queries are qk itself (not normalised)
+
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    for oi in range(N_OFF):
+        kc_raw = cq + oi - BEFORE
+        kc = (kc_raw + n_chunks) % n_chunks  # 'chunk' windows wrap around across rounds
+        for j in range(N_SUB):
+            if _tile_needed(kc_raw, n_chunks, kc_raw * C + j * BLOCK, cq * C + sub * BLOCK, BLOCK, C,
+                            BUCKET_WINDOW, CAUSAL):
+                slot_k = j * BLOCK + ar
+                k_ok = slot_k < C
+                rows_k = kc * C + slot_k
+                _s, pos_k, key_pos_k, bkey_k, _x, _rk, k = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_k, k_ok,
+                                                                      offs_d, L, D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
+                s, _allowed = _masked_scores(q, k.to(DOT_DTYPE), pos_q, key_pos_k, rows_q, rows_k, bkey_q, bkey_k,
+                                             k_ok, L, masked, self_masked, C, BUCKET_WINDOW, CAUSAL, IEEE)
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if not STATS_ONLY:
+                    if DROPOUT:
+                        keep = _dropout_keep(bh, N, rows_q, oi * C + slot_k, seed32, dropout_p, N_OFF * C)
+                        p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                    d_ok = offs_d < D
+                    vt = tl.load(V_bh + pos_k[:, None] * D + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
+                                 other=0.0)
+                    acc = acc * alpha[:, None] + _dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), vt.to(DOT_DTYPE), IEEE)
+                m_i = m_new
+
+    tl.store(RMAX + bh64 * N + sidx_q, m_i, mask=q_ok)
+    tl.store(LSUM + bh64 * N + sidx_q, tl.log(l_i), mask=q_ok)
+    if not STATS_ONLY:
+        o = acc / l_i[:, None]
+        o_ptrs = O + (bh64 * N + sidx_q[:, None]) * D + offs_d[None, :]
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=q_ok[:, None] & (offs_d[None, :] < D))
+
+
+# --------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _lsh_bwd_kernel(
+    QK, V, DO, TOP, LOGT, DELTA, SIDX, BKEY, PAD, DQK, DV,
+    L, N, H, D, sqrt_d, n_chunks, seed32, dropout_p, masked, self_masked,
+    C: tl.constexpr, BEFORE: tl.constexpr, N_OFF: tl.constexpr, N_SUB: tl.constexpr,
+    BUCKET_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One program: BLOCK sorted rows of one batch*head, first as keys (dK, dV), then as queries (dQ).
+
+    DO (BH, L, D) grad of the combined output; TOP, LOGT, DELTA (BH, L) fp32 per position: the max over
+    rounds of the row maxima, the log of the total softmax mass relative to it, and rowsum(dO * O).
+    P = exp((S - TOP) - LOGT) is the combined softmax over all rounds, so dS = P * (dP - delta) needs no
+    per-round terms. Writes DQK, DV (BH, N, D) fp32 at row r*L+pos (summed over rounds later);
+    DQK already holds dQ plus the key-normalisation backward of dK.
+    """
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    cq, sub = pid // N_SUB, pid % N_SUB
+    bh64 = bh.to(tl.int64)
+    QK_bh, V_bh, DO_bh = QK + bh64 * L * D, V + bh64 * L * D, DO + bh64 * L * D
+    SIDX_bh, BKEY_bh, PAD_b = SIDX + bh64 * N, BKEY + bh64 * N, PAD + (bh64 // H) * L
+    TOP_bh, LOGT_bh, DELTA_bh = TOP + bh64 * L, LOGT + bh64 * L, DELTA + bh64 * L
+    key_dtype = QK.dtype.element_ty
+    drop_scale = 1.0 / (1.0 - dropout_p)
+
+    ar = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    slot_o = sub * BLOCK + ar  # slot of the own rows inside their chunk
+    o_ok = slot_o < C
+    rows_o = cq * C + slot_o
+    sidx_o, pos_o, key_pos_o, bkey_o, x_o, rk_o, k_o = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_o, o_ok,
+                                                                  offs_d, L, D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
+    tile_o = o_ok[:, None] & d_ok[None, :]
+    q_o = x_o.to(key_dtype).to(DOT_DTYPE)
+    k_o = k_o.to(DOT_DTYPE)
+    v_o = tl.load(V_bh + pos_o[:, None] * D + offs_d[None, :], mask=tile_o, other=0.0).to(DOT_DTYPE)
+
+    # ---- phase 1: own rows as keys; visit every query tile whose window offset oi lands on this chunk
+    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    for oi in range(N_OFF):
+        qc_raw = cq - (oi - BEFORE)
+        qc = (qc_raw + n_chunks) % n_chunks
+        for j in range(N_SUB):
+            if _tile_needed(qc_raw, n_chunks, cq * C + sub * BLOCK, qc_raw * C + j * BLOCK, BLOCK, C, BUCKET_WINDOW,
+                            CAUSAL):
+                slot_q = j * BLOCK + ar
+                q_ok = slot_q < C
+                rows_q = qc * C + slot_q
+                _s, pos_q, _kp, bkey_q, x_q, _rk, _k = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_q, q_ok, offs_d,
+                                                                  L, D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
+                q = x_q.to(key_dtype).to(DOT_DTYPE)
+                tile_q = q_ok[:, None] & d_ok[None, :]
+                do = tl.load(DO_bh + pos_q[:, None] * D + offs_d[None, :], mask=tile_q, other=0.0).to(DOT_DTYPE)
+                top = tl.load(TOP_bh + pos_q, mask=q_ok, other=0.0)
+                logt = tl.load(LOGT_bh + pos_q, mask=q_ok, other=0.0)
+                delta = tl.load(DELTA_bh + pos_q, mask=q_ok, other=0.0)
+                s, allowed = _masked_scores(q, k_o, pos_q, key_pos_o, rows_q, rows_o, bkey_q, bkey_o, o_ok, L, masked,
+                                            self_masked, C, BUCKET_WINDOW, CAUSAL, IEEE)
+                p = tl.where(q_ok[:, None], tl.exp((s - top[:, None]) - logt[:, None]), 0.0)
+                dp = _dot(do, tl.trans(v_o), IEEE)
+                if DROPOUT:
+                    keep = _dropout_keep(bh, N, rows_q, oi * C + slot_o, seed32, dropout_p, N_OFF * C)
+                    dp = tl.where(keep, dp * drop_scale, 0.0)
+                    p_drop = tl.where(keep, p * drop_scale, 0.0)
+                else:
+                    p_drop = p
+                dv += _dot(tl.trans(p_drop).to(DOT_DTYPE), do, IEEE)
+                ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
+                dk += _dot(tl.trans(ds).to(DOT_DTYPE), q, IEEE)
+
+    # ---- phase 2: own rows as queries; the same key tiles as the forward
+    do_o = tl.load(DO_bh + pos_o[:, None] * D + offs_d[None, :], mask=tile_o, other=0.0).to(DOT_DTYPE)
+    top_o = tl.load(TOP_bh + pos_o, mask=o_ok, other=0.0)
+    logt_o = tl.load(LOGT_bh + pos_o, mask=o_ok, other=0.0)
+    delta_o = tl.load(DELTA_bh + pos_o, mask=o_ok, other=0.0)
+    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    for oi in range(N_OFF):
+        kc_raw = cq + oi - BEFORE
+        kc = (kc_raw + n_chunks) % n_chunks
+        for j in range(N_SUB):
+            if _tile_needed(kc_raw, n_chunks, kc_raw * C + j * BLOCK, cq * C + sub * BLOCK, BLOCK, C,
+                            BUCKET_WINDOW, CAUSAL):
+                slot_k = j * BLOCK + ar
+                k_ok = slot_k < C
+                rows_k = kc * C + slot_k
+                _s, pos_k, key_pos_k, bkey_k, _x, _rk, k = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_k, k_ok,
+                                                                      offs_d, L, D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
+                k = k.to(DOT_DTYPE)
+                vt = tl.load(V_bh + pos_k[:, None] * D + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
+                             other=0.0).to(DOT_DTYPE)
+                s, allowed = _masked_scores(q_o, k, pos_o, key_pos_k, rows_o, rows_k, bkey_o, bkey_k, k_ok, L, masked,
+                                            self_masked, C, BUCKET_WINDOW, CAUSAL, IEEE)
+                p = tl.exp((s - top_o[:, None]) - logt_o[:, None])
+                dp = _dot(do_o, tl.trans(vt), IEEE)
+                if DROPOUT:
+                    keep = _dropout_keep(bh, N, rows_o, oi * C + slot_k, seed32, dropout_p, N_OFF * C)
+                    dp = tl.where(keep, dp * drop_scale, 0.0)
+                ds = tl.where(allowed, p * (dp - delta_o[:, None]), 0.0)
+                dq += _dot(ds.to(DOT_DTYPE), k, IEEE)
+
+    # key normalisation backward (linear in dk, so per-round partial sums are fine):
+    # d/dx [x * rk(x)] applied to g = rk * g - rk^3 * x * (x . g)
+    dx = rk_o[:, None] * dk - (rk_o * rk_o * rk_o * tl.sum(x_o * dk, 1))[:, None] * x_o
+    rows_out = (bh64 * N + sidx_o[:, None]) * D + offs_d[None, :]
+    tl.store(DQK + rows_out, dq + dx, mask=tile_o)
+    tl.store(DV + rows_out, dv, mask=tile_o)
+
+
+# ---------------------------------------------------------------------------------------------- launches
+def _interpreting() -> bool:
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+def _launch_args(qk: Tensor, buckets: Tensor, key_padding_mask: Tensor | None, chunk_len: int, chunks_before: int,
+                 chunks_after: int, window: str, causal: bool, dropout_p: float, dropout_seed: int, block_max: int):
+    """Sort once and collect the tensors and compile-time constants shared by both kernels."""
+    b, h, length, d = qk.shape
+    sorted_idx, bucket_key = sort_by_bucket(buckets)  # (B, H, n*L) each: O(n_hashes * L) integers
+    n_total = sorted_idx.shape[-1]
+    offsets = window_offsets(window, chunks_before, chunks_after, causal)
+    block = min(block_max, max(16, triton.next_power_of_2(chunk_len)))
+    n_sub = triton.cdiv(chunk_len, block)
+    n_chunks = n_total // chunk_len
+    masked, self_masked = mask_values(qk.dtype)
+    pad = key_padding_mask.contiguous() if key_padding_mask is not None else sorted_idx  # dummy when unused
+    interp = _interpreting()
+    tensors = (sorted_idx, bucket_key, pad)
+    scalars = (length, n_total, h, d, math.sqrt(d), n_chunks, (dropout_seed ^ (dropout_seed >> 32)) & 0xFFFFFFFF,
+               float(dropout_p), masked, self_masked)
+    consts = dict(
+        C=chunk_len, BEFORE=-offsets[0], N_OFF=len(offsets), N_SUB=n_sub, BUCKET_WINDOW=window == "bucket",
+        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, DROPOUT=dropout_p > 0, BLOCK=block,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        DOT_DTYPE=tl.float32 if interp else _TL_DTYPES[qk.dtype], IEEE=qk.dtype == torch.float32,
+    )
+    grid = (n_chunks * n_sub, b * h)
+    return tensors, scalars, consts, grid
+
+
+def _forward_rounds(qk: Tensor, v: Tensor, buckets: Tensor, key_padding_mask: Tensor | None, chunk_len: int,
+                    chunks_before: int, chunks_after: int, window: str, causal: bool, dropout_p: float,
+                    dropout_seed: int, stats_only: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Per-round outputs (B*H, n, L, D) in v's dtype (None if stats_only) and softmax stats row_max,
+    log_sum (B*H, n, L) fp32 (logsumexp = row_max + log_sum), as the reference's ``attend_sorted``."""
+    b, h, length, d = qk.shape
+    n = buckets.shape[2]
+    (sidx, bkey, pad), scalars, consts, grid = _launch_args(qk, buckets, key_padding_mask, chunk_len, chunks_before,
+                                                            chunks_after, window, causal, dropout_p, dropout_seed,
+                                                            block_max=128 if d <= 64 else 64)
+    row_max = torch.empty(b * h, n, length, device=qk.device, dtype=torch.float32)
+    log_sum = torch.empty_like(row_max)
+    o = row_max if stats_only else torch.empty(b * h, n, length, d, device=qk.device, dtype=v.dtype)
+    _lsh_fwd_kernel[grid](qk, v, sidx, bkey, pad, o, row_max, log_sum, *scalars, STATS_ONLY=stats_only, **consts)
+    return (None if stats_only else o), row_max, log_sum
+
+
+def lsh_attention_triton(
+    qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
+    n_buckets: list[int], chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool,
+    dropout_p: float = 0.0, dropout_seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Forward of ``torch.ops.reformer.lsh_attention`` with the fused kernel; same signature and outputs
+    as ``lsh_attention_reference``: (out (B, H, L, D) in v's dtype, buckets (B, H, n_hashes, L))."""
+    _check(qk, v, chunk_len, window)
+    b, h, length, d = qk.shape
+    buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
+    o, row_max, log_sum = _forward_rounds(qk.contiguous(), v.contiguous(), buckets, key_padding_mask, chunk_len,
+                                          chunks_before, chunks_after, window, causal, dropout_p, dropout_seed,
+                                          stats_only=False)
+    return combine_rounds(o, row_max, log_sum).view(b, h, length, d), buckets
+
+
+def lsh_attention_backward_triton(
+    grad_out: Tensor, qk: Tensor, v: Tensor, out: Tensor, buckets: Tensor, key_padding_mask: Tensor | None,
+    chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool, dropout_p: float,
+    dropout_seed: int,
+) -> tuple[Tensor, Tensor]:
+    """Backward of the op (same arguments as ``torch.ops.reformer.lsh_attention_backward``): (grad_qk, grad_v)."""
+    b, h, length, d = qk.shape
+    n = buckets.shape[2]
+    qk, v, grad_out = qk.contiguous(), v.contiguous(), grad_out.contiguous()
+    _, row_max, log_sum = _forward_rounds(qk, v, buckets, key_padding_mask, chunk_len, chunks_before, chunks_after,
+                                          window, causal, dropout_p, dropout_seed, stats_only=True)
+    # one softmax over the union of all rounds' windows: P = exp((S - top) - log_total)
+    top = row_max.amax(dim=1, keepdim=True)
+    log_total = torch.logsumexp((row_max - top) + log_sum, dim=1)  # (BH, L)
+    delta = (grad_out.float() * out.float()).sum(-1).view(b * h, length)
+    (sidx, bkey, pad), scalars, consts, grid = _launch_args(qk, buckets, key_padding_mask, chunk_len, chunks_before,
+                                                            chunks_after, window, causal, dropout_p, dropout_seed,
+                                                            block_max=64)
+    dqk = torch.empty(b * h, n, length, d, device=qk.device, dtype=torch.float32)
+    dv = torch.empty_like(dqk)
+    _lsh_bwd_kernel[grid](qk, v, grad_out, top.squeeze(1).contiguous(), log_total, delta, sidx, bkey, pad, dqk, dv,
+                          *scalars, **consts)
+    return (dqk.sum(1).view(b, h, length, d).to(qk.dtype), dv.sum(1).view(b, h, length, d).to(v.dtype))

@@ -1,0 +1,476 @@
+"""LSH self-attention as one registered PyTorch op: ``torch.ops.reformer.lsh_attention``.
+
+The algorithm is HF transformers' Reformer attention (ported from trax), reorganised for memory:
+
+1. hash    ``bucket = argmax(cat[x R, -x R])`` per bucket factor, in fp32 (``hash_vectors``);
+2. sort    every (round, position) by (round, bucket, position), one stable sort (``sort_by_bucket``);
+3. attend  in chunks of ``chunk_len`` over the sorted order (``attend_sorted_block``), one block of
+           chunks at a time so the (chunks, c, window) score tensor never exists whole;
+4. unsort  the per-round outputs and combine the rounds with logsumexp weights (``combine_rounds``).
+
+Queries are the shared projection ``qk`` itself; keys are ``qk`` normalised to unit length and divided
+by sqrt(D) (HF: ``qk * rsqrt(mean(qk^2) + 1e-6) / sqrt(D)``, ``normalize_keys``).
+
+Two windows over the sorted order:
+
+- ``"chunk"`` (reference, HF/trax): a query sees its whole chunk plus ``chunks_before``/``chunks_after``
+  neighbouring chunks, wrapping around across hash rounds, with the causal mask on original positions,
+  padding keys masked, and the self-mask (a token sees itself only when nothing else is allowed).
+  Causal masking forbids attending later keys, but later tokens still occupy sorted slots and move the
+  chunk boundaries, so outputs depend (slightly) on the future.
+- ``"bucket"`` (strictly causal): a query sees the at most ``chunk_len`` most recent earlier tokens of its
+  own bucket in the same round (itself only via the self-mask), i.e. sorted keys with the same
+  (round, bucket) and sorted index in ``[i - chunk_len, i]``. That set depends on tokens up to the query
+  alone. (Non-causal models use ``[i - chunk_len, i + chunk_len]``.)
+
+Buckets returned by the op are per round and *without* round offsets: (B, H, n_hashes, L) in
+``[0, prod(n_buckets)]``, the last value being the padding bucket. Passing them back as ``buckets=``
+reproduces the same sort (the reversible backward replays them).
+
+The backward is flash-style: it saves only qk, v, the output and the buckets, recomputes the scores block
+by block, rebuilds the global logsumexp over all rounds, and uses ``delta = rowsum(dO * O)``. The round
+combination is folded in: ``out = sum_r exp(lse_r - LSE) o_r`` is one softmax over the union of all
+rounds' windows normalised by ``LSE = logsumexp_r(lse_r)`` (kept as max + log-sum for precision).
+
+Attention-probability dropout uses a counter-based hash of (seed, batch*head, sorted query, window slot),
+so its mask is independent of the block size and can be regenerated in the backward without state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+WINDOWS = ("bucket", "chunk")
+
+# Score elements per block of chunks (all batch*heads together). ~8 MiB of fp32 scores: big enough to
+# amortise Python overhead, small enough to stay cache-friendly and bounded at 1M tokens.
+BLOCK_SCORES = 1 << 21
+# Positions per hashing block (the rotated (B, H, n_hashes, L, R/2) tensor is bounded by this).
+HASH_BLOCK = 1 << 15
+
+
+def mask_values(dtype: torch.dtype) -> tuple[float, float]:
+    """(masked, self-masked) score constants, as HF: fp16 needs small ones to stay finite.
+
+    Scores are always masked and soft-maxed in fp32 here, so bf16 inputs use the fp32 constants; the
+    fp16 pair is kept for bit-parity with HF's half-precision path.
+    """
+    if dtype == torch.float16:
+        return -1e4, -1e3
+    return -1e9, -1e5
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores, softmax statistics and gradients accumulate in at least fp32 (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------- hashing
+def hash_vectors(qk: Tensor, rotations: Tensor, n_buckets: list[int], key_padding_mask: Tensor | None) -> Tensor:
+    """Random-rotation hash of every position in every round.
+
+    qk (B, H, L, D); rotations (H, D, n_hashes, sum(n_buckets)//2) fp32; key_padding_mask (B, L) bool,
+    True = real token. Returns buckets (B, H, n_hashes, L) int64: ``b_0 + f_0*b_1 + f_0*f_1*b_2 ...``
+    per round, padding positions in the extra bucket ``prod(n_buckets)``.
+    """
+    rotated = torch.einsum("bhld,hdnr->bhnlr", qk.detach().float(), rotations.float())
+    buckets, offset, stride = None, 0, 1
+    for factor in n_buckets:  # factorised buckets: one argmax per factor over its slice of rotations
+        part = rotated[..., offset : offset + factor // 2]
+        b = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
+        buckets = b if buckets is None else buckets + stride * b
+        offset += factor // 2
+        stride *= factor
+    if key_padding_mask is not None:
+        buckets = torch.where(key_padding_mask[:, None, None, :].bool(), buckets, stride)
+    return buckets
+
+
+def sort_by_bucket(buckets: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable sort of all (round, position) pairs by (round, bucket, position).
+
+    buckets (B, H, n, L) without round offsets. Returns ``sorted_idx`` (B, H, n*L) holding ``r*L + pos``
+    in sorted order, and the sorted keys ``round * 2**32 + bucket`` (B, H, n*L), which identify
+    (round, bucket) pairs. The extra bucket (padding) sorts last within its round.
+    """
+    n = buckets.shape[2]
+    # any stride above the largest bucket keeps the rounds apart and in order
+    offsets = torch.arange(n, device=buckets.device).view(1, 1, n, 1) << 32
+    keys = (buckets + offsets).flatten(2)
+    sorted_keys, sorted_idx = torch.sort(keys, dim=-1, stable=True)
+    return sorted_idx, sorted_keys
+
+
+def normalize_keys(qk: Tensor) -> Tensor:
+    """Keys of shared-QK attention: unit length and divided by sqrt(D) (HF's ``_len_and_dim_norm``)."""
+    d = qk.shape[-1]
+    x = qk.to(_acc_dtype(qk.dtype))
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) / math.sqrt(d)).to(qk.dtype)
+
+
+def _normalize_keys_backward(qk: Tensor, grad_k: Tensor) -> Tensor:
+    """Vector-Jacobian product of ``normalize_keys`` (fp32)."""
+    x, g = qk.to(_acc_dtype(qk.dtype)), grad_k.to(_acc_dtype(qk.dtype))
+    d = x.shape[-1]
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return (g - x * (r * r) * (g * x).sum(-1, keepdim=True) / d) * r / math.sqrt(d)
+
+
+# ------------------------------------------------------------------------------ sorted-order attention
+class SortedLayout:
+    """Everything about one sort that the attention blocks need, flattened over batch*heads.
+
+    sorted_idx (BH, N) with N = n*L holds ``r*L + pos``; ``pos`` (BH, N) the original positions;
+    ``flat_pos`` (BH, N) the row of each sorted entry in a (BH*L, D) view of qk / v; ``bucket_key`` (BH, N)
+    the (round, bucket) id; ``key_pos`` (BH, N) the position, or L for padding (so ``q_pos >= key_pos`` is
+    the causal-and-not-padding test and ``key_pos < L`` the padding test).
+    """
+
+    def __init__(self, buckets: Tensor, key_padding_mask: Tensor | None, chunk_len: int):
+        b, h, n, length = buckets.shape
+        sorted_idx, bucket_key = sort_by_bucket(buckets)
+        self.bh, self.n_hashes, self.length, self.chunk_len = b * h, n, length, chunk_len
+        self.n_total = n * length
+        self.n_chunks = self.n_total // chunk_len
+        self.sorted_idx = sorted_idx.view(b * h, -1)
+        self.bucket_key = bucket_key.view(b * h, -1)
+        self.pos = self.sorted_idx % length
+        row0 = torch.arange(b * h, device=buckets.device).unsqueeze(1) * length
+        self.flat_pos = row0 + self.pos
+        if key_padding_mask is None:
+            self.key_pos = self.pos
+        else:
+            real = key_padding_mask.bool().repeat_interleave(h, dim=0)  # (BH, L)
+            self.key_pos = torch.where(torch.gather(real, 1, self.pos), self.pos, length)
+
+
+def window_offsets(window: str, chunks_before: int, chunks_after: int, causal: bool) -> list[int]:
+    """Chunk offsets (relative to a query's chunk) whose keys a query may see."""
+    if window == "bucket":
+        return [-1, 0] if causal else [-1, 0, 1]
+    return list(range(-chunks_before, chunks_after + 1))
+
+
+def block_scores(
+    layout: SortedLayout,
+    q: Tensor,
+    k: Tensor,
+    first_chunk: int,
+    last_chunk: int,
+    offsets: list[int],
+    window: str,
+    causal: bool,
+    masked: float,
+    self_masked: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Masked fp32 scores of the query chunks [first_chunk, last_chunk) against their key windows.
+
+    q (BH*L, D) queries and k (BH*L, D) keys in original order (flattened rows). Returns
+    ``scores`` (BH, nb, c, W) fp32, ``allowed`` (bool, broadcastable: entries whose score is the real dot
+    product, i.e. neither masked nor self-masked; their gradient flows), ``q_rows`` (BH, nb*c) and
+    ``k_rows`` (BH, nb, W) — the rows of q/k/v in the flat original layout.
+    """
+    c, nc = layout.chunk_len, layout.n_chunks
+    nb = last_chunk - first_chunk
+    dev = q.device
+    chunk_ids = torch.arange(first_chunk, last_chunk, device=dev)
+    # key chunk of every (query chunk, offset); wrap-around as HF for 'chunk', masked for 'bucket'
+    raw_chunks = chunk_ids[:, None] + torch.tensor(offsets, device=dev)[None, :]  # (nb, n_off)
+    key_chunks = raw_chunks % nc
+    slot = torch.arange(c, device=dev)
+    key_sidx = (key_chunks[:, :, None] * c + slot).flatten(1)  # (nb, W) sorted index of each key
+    q_sidx = (chunk_ids[:, None] * c + slot).view(nb, c)  # (nb, c)
+
+    q_rows = layout.flat_pos[:, first_chunk * c : last_chunk * c]  # (BH, nb*c)
+    k_rows = layout.flat_pos[:, key_sidx.flatten()].view(layout.bh, nb, -1)  # (BH, nb, W)
+    qb = q.index_select(0, q_rows.flatten()).view(layout.bh, nb, c, -1)
+    kb = k.index_select(0, k_rows.flatten()).view(layout.bh, nb, k_rows.shape[-1], -1)
+    scores = torch.matmul(qb, kb.transpose(-1, -2)).to(_acc_dtype(q.dtype))  # (BH, nb, c, W)
+
+    if window == "chunk":
+        q_pos = layout.pos[:, first_chunk * c : last_chunk * c].view(layout.bh, nb, c, 1)
+        k_pos = layout.key_pos[:, key_sidx.flatten()].view(layout.bh, nb, 1, -1)
+        valid = q_pos >= k_pos if causal else k_pos < layout.length
+        is_self = q_pos == k_pos
+    else:
+        qk_key = layout.bucket_key[:, first_chunk * c : last_chunk * c].view(layout.bh, nb, c, 1)
+        kk_key = layout.bucket_key[:, key_sidx.flatten()].view(layout.bh, nb, 1, -1)
+        raw_sidx = (raw_chunks[:, :, None] * c + slot).flatten(1)[:, None, :]  # (nb, 1, W), unwrapped
+        lag = q_sidx[:, :, None] - raw_sidx  # (nb, c, W) how far back in sorted order
+        in_range = (raw_sidx >= 0) & (raw_sidx < layout.n_total)
+        band = in_range & (lag >= 0 if causal else lag >= -c) & (lag <= c)
+        valid = band & (qk_key == kk_key)
+        is_self = lag == 0
+    scores.masked_fill_(~valid, masked)
+    scores.masked_fill_(is_self, self_masked)
+    allowed = valid & ~is_self
+    return scores, allowed, q_rows, k_rows
+
+
+def dropout_keep(seed: int, bh: int, n_total: int, first_row: int, shape: tuple[int, ...], p: float,
+                 device: torch.device) -> Tensor:
+    """Keep-mask (BH, nb, c, W) of attention dropout from a counter hash: no state, any block size.
+
+    The counter is (bh, sorted query index, window slot); two rounds of multiply-xorshift (all
+    intermediate products < 2**63) turn it into 32 uniform bits.
+    """
+    bh_, nb, c, w = shape
+    m32 = 0xFFFFFFFF
+    q_idx = first_row + torch.arange(nb * c, device=device).view(1, nb, c, 1)
+    counter = (torch.arange(bh_, device=device).view(-1, 1, 1, 1) * n_total + q_idx) * w
+    counter = counter + torch.arange(w, device=device).view(1, 1, 1, w)
+    x = (counter & m32) ^ ((seed ^ (seed >> 32)) & m32)
+    for _ in range(2):
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & m32
+        x = x ^ (x >> 15)
+        x = (x * 0x5BD1E995) & m32
+        x = x ^ (x >> 16) ^ (counter >> 32)
+    return (x & 0xFFFFFF).float() * (1.0 / (1 << 24)) >= p
+
+
+def _chunk_blocks(layout: SortedLayout, width: int):
+    """Yield [first, last) chunk ranges so one block's scores stay near BLOCK_SCORES elements."""
+    per_chunk = layout.bh * layout.chunk_len * width
+    step = max(1, BLOCK_SCORES // per_chunk)
+    for first in range(0, layout.n_chunks, step):
+        yield first, min(first + step, layout.n_chunks)
+
+
+def attend_sorted(
+    qk: Tensor,
+    v: Tensor,
+    layout: SortedLayout,
+    chunk_len: int,
+    chunks_before: int,
+    chunks_after: int,
+    window: str,
+    causal: bool,
+    dropout_p: float,
+    dropout_seed: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention over the sorted order, block by block.
+
+    Returns per-round outputs ``o`` (BH, n, L, D) in v's dtype and the per-round softmax statistics
+    ``row_max`` and ``log_sum`` (BH, n, L) (logsumexp = row_max + log_sum), all un-sorted to
+    (round, position). The statistics are kept apart because the mask constants put row maxima near
+    -1e5: folding them into one logsumexp would lose ~1e-2 in fp32. Differentiable with ordinary
+    autograd (the reference); the op's forward runs it under no_grad.
+    """
+    d = qk.shape[-1]
+    q = qk.reshape(-1, d)
+    k = normalize_keys(qk).reshape(-1, d)
+    vf = v.reshape(-1, d)
+    offsets = window_offsets(window, chunks_before, chunks_after, causal)
+    masked, self_masked = mask_values(qk.dtype)
+    c = chunk_len
+    acc = _acc_dtype(qk.dtype)
+    # un-sorted destinations: sorted entry j of row r lands at row r, (round, pos) = sorted_idx[r, j]
+    dest = (torch.arange(layout.bh, device=qk.device).unsqueeze(1) * layout.n_total + layout.sorted_idx)
+    o = torch.empty(layout.bh * layout.n_total, d, device=qk.device, dtype=v.dtype)
+    row_max = torch.empty(layout.bh * layout.n_total, device=qk.device, dtype=acc)
+    log_sum = torch.empty_like(row_max)
+    for first, last in _chunk_blocks(layout, c * len(offsets)):
+        scores, _, _, k_rows = block_scores(layout, q, k, first, last, offsets, window, causal, masked, self_masked)
+        m = scores.amax(dim=-1, keepdim=True).detach()  # (BH, nb, c, 1); a shift, not differentiated
+        probs = torch.exp(scores - m)
+        total = probs.sum(dim=-1, keepdim=True)
+        probs = probs / total
+        if dropout_p > 0:
+            keep = dropout_keep(dropout_seed, layout.bh, layout.n_total, first * c, tuple(probs.shape), dropout_p,
+                                probs.device)
+            probs = probs * keep / (1.0 - dropout_p)
+        vb = vf.index_select(0, k_rows.flatten()).view(*k_rows.shape, d)
+        rows = dest[:, first * c : last * c].flatten()
+        o.index_copy_(0, rows, torch.matmul(probs.to(v.dtype), vb).flatten(0, 2))
+        row_max.index_copy_(0, rows, m.flatten())
+        log_sum.index_copy_(0, rows, total.log().flatten())
+    shape = (layout.bh, layout.n_hashes, layout.length)
+    return o.view(*shape, d), row_max.view(shape), log_sum.view(shape)
+
+
+def round_weights(row_max: Tensor, log_sum: Tensor) -> Tensor:
+    """Softmax over rounds of the per-round logsumexps: (BH, n, L) -> (BH, n, L)."""
+    top = row_max.amax(dim=1, keepdim=True)
+    return torch.softmax((row_max - top) + log_sum, dim=1)
+
+
+def combine_rounds(o: Tensor, row_max: Tensor, log_sum: Tensor) -> Tensor:
+    """``sum_r o_r * exp(lse_r - logsumexp_r lse)``: o (BH, n, L, D) -> (BH, L, D)."""
+    return (o * round_weights(row_max, log_sum).unsqueeze(-1).to(o.dtype)).sum(dim=1)
+
+
+def _buckets_or_hash(qk: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
+                     n_buckets: list[int]) -> Tensor:
+    if buckets is not None:
+        return buckets
+    length = qk.shape[2]
+    parts = []
+    for start in range(0, length, HASH_BLOCK):
+        stop = min(start + HASH_BLOCK, length)
+        mask = None if key_padding_mask is None else key_padding_mask[:, start:stop]
+        parts.append(hash_vectors(qk[:, :, start:stop], rotations, n_buckets, mask))
+    return torch.cat(parts, dim=-1)
+
+
+def _check(qk: Tensor, v: Tensor, chunk_len: int, window: str) -> None:
+    torch._check(qk.dim() == 4 and qk.shape == v.shape, lambda: "qk and v must both be (B, H, L, D)")
+    torch._check(qk.shape[2] % chunk_len == 0, lambda: f"L={qk.shape[2]} must be a multiple of chunk_len={chunk_len}")
+    torch._check(window in WINDOWS, lambda: f"window must be one of {WINDOWS}, got {window!r}")
+
+
+def lsh_attention_reference(
+    qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
+    n_buckets: list[int], chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool,
+    dropout_p: float = 0.0, dropout_seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The op's semantics in plain differentiable PyTorch (autograd backward). Same signature/outputs."""
+    _check(qk, v, chunk_len, window)
+    b, h, length, d = qk.shape
+    buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
+    layout = SortedLayout(buckets, key_padding_mask, chunk_len)
+    o, row_max, log_sum = attend_sorted(qk.contiguous(), v.contiguous(), layout, chunk_len, chunks_before,
+                                        chunks_after, window, causal, dropout_p, dropout_seed)
+    return combine_rounds(o, row_max, log_sum).view(b, h, length, d), buckets
+
+
+# ------------------------------------------------------------------------------------ the custom op
+@torch.library.custom_op("reformer::lsh_attention", mutates_args=())
+def lsh_attention(
+    qk: Tensor,
+    v: Tensor,
+    rotations: Tensor,
+    key_padding_mask: Tensor | None,
+    buckets: Tensor | None,
+    n_buckets: list[int],
+    chunk_len: int,
+    chunks_before: int,
+    chunks_after: int,
+    window: str,
+    causal: bool,
+    dropout_p: float,
+    dropout_seed: int,
+) -> tuple[Tensor, Tensor]:
+    """LSH self-attention. See the module docstring; out (B, H, L, D) in v's dtype, buckets (B, H, n, L)."""
+    with torch.no_grad(), torch.autocast(qk.device.type, enabled=False):
+        out, used = lsh_attention_reference(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len,
+                                            chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
+    return out.to(v.dtype), used.clone() if buckets is not None else used
+
+
+@lsh_attention.register_fake
+def _(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before, chunks_after, window,
+      causal, dropout_p, dropout_seed):
+    b, h, length, _ = qk.shape
+    return torch.empty_like(v), qk.new_empty((b, h, rotations.shape[2], length), dtype=torch.long)
+
+
+@torch.library.custom_op("reformer::lsh_attention_backward", mutates_args=())
+def lsh_attention_backward(
+    grad_out: Tensor,
+    qk: Tensor,
+    v: Tensor,
+    out: Tensor,
+    buckets: Tensor,
+    key_padding_mask: Tensor | None,
+    chunk_len: int,
+    chunks_before: int,
+    chunks_after: int,
+    window: str,
+    causal: bool,
+    dropout_p: float,
+    dropout_seed: int,
+) -> tuple[Tensor, Tensor]:
+    """Flash-style backward of ``lsh_attention``: returns (grad_qk, grad_v)."""
+    with torch.no_grad(), torch.autocast(qk.device.type, enabled=False):
+        return _backward(grad_out, qk.contiguous(), v.contiguous(), out, buckets, key_padding_mask, chunk_len,
+                         chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
+
+
+@lsh_attention_backward.register_fake
+def _(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks_before, chunks_after, window, causal,
+      dropout_p, dropout_seed):
+    return torch.empty_like(qk), torch.empty_like(v)
+
+
+def _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks_before, chunks_after, window,
+              causal, dropout_p, dropout_seed):
+    b, h, length, d = qk.shape
+    layout = SortedLayout(buckets, key_padding_mask, chunk_len)
+    q = qk.reshape(-1, d)
+    k = normalize_keys(qk).reshape(-1, d)
+    vf = v.reshape(-1, d)
+    offsets = window_offsets(window, chunks_before, chunks_after, causal)
+    masked, self_masked = mask_values(qk.dtype)
+    c = chunk_len
+    blocks = list(_chunk_blocks(layout, c * len(offsets)))
+
+    # pass 1: per-position softmax statistics over all rounds' windows: P = exp(S - top - log_total)
+    acc = _acc_dtype(qk.dtype)
+    row_max = torch.empty(layout.bh, layout.n_total, device=qk.device, dtype=acc)
+    log_sum = torch.empty_like(row_max)
+    for first, last in blocks:
+        scores, _, _, _ = block_scores(layout, q, k, first, last, offsets, window, causal, masked, self_masked)
+        m = scores.amax(dim=-1, keepdim=True)
+        row_max[:, first * c : last * c] = m.flatten(1)
+        log_sum[:, first * c : last * c] = torch.exp(scores - m).sum(-1).log().flatten(1)
+    shape = (layout.bh, layout.n_hashes, length)
+    row_max = torch.empty_like(row_max).scatter_(1, layout.sorted_idx, row_max).view(shape)
+    log_sum = torch.empty_like(log_sum).scatter_(1, layout.sorted_idx, log_sum).view(shape)
+    top = row_max.amax(dim=1, keepdim=True)
+    log_total = torch.logsumexp((row_max - top) + log_sum, dim=1).flatten()  # (BH*L,)
+    top = top.flatten()
+
+    go = grad_out.reshape(-1, d).to(acc)
+    delta = (go * out.reshape(-1, d).to(acc)).sum(-1)  # (BH*L,) rowsum(dO * O)
+    dq = torch.zeros(layout.bh * length, d, device=qk.device, dtype=acc)
+    dk = torch.zeros_like(dq)
+    dv = torch.zeros_like(dq)
+    # pass 2: P = exp(S - LSE) over the union of windows; dS = P * (dP - delta), zero where masked
+    for first, last in blocks:
+        scores, allowed, q_rows, k_rows = block_scores(layout, q, k, first, last, offsets, window, causal, masked,
+                                                       self_masked)
+        nb = last - first
+        q_flat = q_rows.flatten()
+        shift = (top[q_flat].view(layout.bh, nb, c, 1), log_total[q_flat].view(layout.bh, nb, c, 1))
+        probs = torch.exp((scores - shift[0]) - shift[1])
+        go_b = go.index_select(0, q_flat).view(layout.bh, nb, c, d)
+        vb = vf.index_select(0, k_rows.flatten()).view(*k_rows.shape, d).to(acc)
+        dp = torch.matmul(go_b, vb.transpose(-1, -2))  # (BH, nb, c, W)
+        if dropout_p > 0:
+            keep = dropout_keep(dropout_seed, layout.bh, layout.n_total, first * c, tuple(probs.shape), dropout_p,
+                                probs.device).to(acc) / (1.0 - dropout_p)
+            dp = dp * keep
+            p_drop = probs * keep
+        else:
+            p_drop = probs
+        k_flat = k_rows.flatten()
+        dv.index_add_(0, k_flat, torch.matmul(p_drop.transpose(-1, -2), go_b).flatten(0, 2))
+        ds = (probs * (dp - delta[q_flat].view(layout.bh, nb, c, 1))) * allowed
+        kb = k.index_select(0, k_flat).view(*k_rows.shape, d).to(acc)
+        qb = q.index_select(0, q_flat).view(layout.bh, nb, c, d).to(acc)
+        dq.index_add_(0, q_flat, torch.matmul(ds, kb).flatten(0, 2))
+        dk.index_add_(0, k_flat, torch.matmul(ds.transpose(-1, -2), qb).flatten(0, 2))
+    dqk = dq + _normalize_keys_backward(q, dk)
+    return dqk.view(b, h, length, d).to(qk.dtype), dv.view(b, h, length, d).to(v.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    (qk, v, _rot, key_padding_mask, _b, _nb, chunk_len, chunks_before, chunks_after, window, causal, dropout_p,
+     dropout_seed) = inputs
+    out, buckets = output
+    ctx.save_for_backward(qk, v, out, buckets, key_padding_mask)
+    ctx.args = (chunk_len, chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
+
+
+def _autograd_backward(ctx, grad_out, _grad_buckets):
+    qk, v, out, buckets, key_padding_mask = ctx.saved_tensors
+    grad_qk, grad_v = torch.ops.reformer.lsh_attention_backward(grad_out.contiguous(), qk, v, out, buckets,
+                                                                key_padding_mask, *ctx.args)
+    return grad_qk, grad_v, None, None, None, None, None, None, None, None, None, None, None
+
+
+lsh_attention.register_autograd(_autograd_backward, setup_context=_setup_context)
