@@ -17,6 +17,9 @@ from reformer_dist.errors import ReformerDistError
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("config", "config"),
     ("prepare-data", "prepare_data"),
+    ("train", "train"),
+    ("serve", "serve"),
+    ("export", "export"),
 )
 
 

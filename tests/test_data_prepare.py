@@ -132,10 +132,14 @@ def test_token_ids_outside_the_vocabulary_are_a_data_error(tmp_path, monkeypatch
     ("nothing-*.txt", "has no files"),
     ("empty-dir", "has no files"),
     ("empty.txt", "hold no text"),
+    ("corrupt.gz", r"corrupt\.gz: cannot read"),
+    ("corrupt.zip", r"corrupt\.zip: not a valid zip file"),
 ])
-def test_missing_or_empty_input_is_a_data_error(tmp_path, case, message):
+def test_missing_empty_or_corrupt_input_is_a_data_error(tmp_path, case, message):
     (tmp_path / "empty-dir").mkdir()
     (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "corrupt.gz").write_bytes(b"plain text, not gzip")
+    (tmp_path / "corrupt.zip").write_bytes(b"plain text, not zip")
     with pytest.raises(DataError, match=message):
         prepare_corpus([str(tmp_path / case)], str(tmp_path / "out"))
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -12,8 +12,8 @@ from reformer_dist.data import TokenWindowDataset, get_tokenizer, parse_tokenize
 from reformer_dist.data.shards import load_manifest
 from reformer_dist.errors import DataError
 
-WORDS = ("the quick brown fox jumps over a lazy dog while hashed buckets sort chunks of attention"
-         .split())
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "hashed", "buckets", "sort",
+         "chunks", "of", "attention"]
 
 
 @pytest.fixture(scope="module")

@@ -15,3 +15,6 @@ class DataConfig:
     """Split used for periodic evaluation (skipped if the manifest has no tokens for it)."""
     shuffle: bool = True
     """Visit training windows in a seed-driven random order (false: in file order)."""
+    verify_checksums: bool = False
+    """Hash every shard against its manifest sha256 when training starts (reads the whole corpus once).
+    Shard sizes are checked either way; `reformer-dist prepare-data --verify DIR` does the full check alone."""

@@ -62,6 +62,8 @@ class TokenWindowDataset:
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the split's stream as int64, gathered across shards."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"tokens [{start}, {stop}) outside the split's [0, {self.n_tokens})")
         if self._maps is None:
             self._maps = [np.memmap(p, dtype=self.dtype, mode="r") for p in self._paths]
         out = np.empty(stop - start, dtype=np.int64)

@@ -16,6 +16,8 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import zipfile
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -84,25 +86,25 @@ def prepare_corpus(
         if writers["train"].n_tokens == 0:
             raise DataError(f"the inputs hold no text ({', '.join(inputs)}): nothing to train on")
         if not enwik8:
-            _move_tail(writers["train"], writers["val"], round(writers["train"].n_tokens * val_fraction))
+            n_total = writers["train"].n_tokens
+            _move_tail(writers["train"], writers["val"], min(round(n_total * val_fraction), n_total - 1))
+        # Commit: drop the old manifest first, so a crash from here on leaves a directory that says
+        # "not prepared" rather than a manifest describing shards that were half replaced.
+        stale = _previous_shards(output_dir)
+        if os.path.exists(os.path.join(output_dir, MANIFEST)):
+            os.remove(os.path.join(output_dir, MANIFEST))
         manifest = {
             "format": FORMAT,
             "version": VERSION,
             "tokenizer": _store_tokenizer(spec, output_dir),
             "vocab_size": tok.vocab_size,
             "dtype": np_dtype.name,
-            "splits": {},
+            "splits": {name: w.commit() for name, w in writers.items()},
             "split_rule": ({"kind": "enwik8", "bytes": dict(enwik8_splits)} if enwik8 else
                            {"kind": "tail", "val_fraction": val_fraction}),
             "sources": [{"input": s.input, "files": len(s.documents), "bytes": n, **s.extra()}
                         for s, n in zip(sources, source_bytes)],
         }
-        # Commit: drop the old manifest first, so a crash from here on leaves a directory that says
-        # "not prepared" rather than one whose manifest describes shards that were half replaced.
-        stale = _previous_shards(output_dir)
-        if os.path.exists(os.path.join(output_dir, MANIFEST)):
-            os.remove(os.path.join(output_dir, MANIFEST))
-        manifest["splits"] = {name: w.commit() for name, w in writers.items()}
         fresh = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
         for file in stale - fresh:
             os.remove(os.path.join(output_dir, file))
@@ -127,10 +129,14 @@ def _tokenize_into(sources: list[Source], tok: Tokenizer, writers: dict[str, Sha
     def blocks() -> Iterator[tuple[int, str, bytes]]:
         for i, source in enumerate(sources):
             for doc in source.documents:
-                with doc.open() as stream:
-                    for split, limit in doc.ranges or (("train", None),):
-                        for block in read_blocks(stream, block_bytes, limit):
-                            yield i, split, block
+                try:
+                    with doc.open() as stream:
+                        for split, limit in doc.ranges or (("train", None),):
+                            for block in read_blocks(stream, block_bytes, limit):
+                                yield i, split, block
+                except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+                    # a corrupt archive or an unreadable file is the user's to fix: name it
+                    raise DataError(f"{doc.name}: cannot read ({e})") from None
 
     columns = (TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
@@ -145,7 +151,8 @@ def _tokenize_into(sources: list[Source], tok: Tokenizer, writers: dict[str, Sha
 def _encode_all(blocks: Iterator[tuple[int, str, bytes]], tok: Tokenizer, dtype: np.dtype,
                 workers: int) -> Iterator[tuple[tuple[int, str, int], np.ndarray]]:
     """((source, split, n_bytes), ids) per block, in input order."""
-    workers = workers or os.cpu_count() or 1
+    if workers == 0:  # the CPUs this process may run on (taskset / Slurm affinity), not the machine's
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers == 1 or tok.spec["kind"] == "bytes":
         for i, split, block in blocks:
             yield (i, split, len(block)), _encode(tok, block, dtype)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -64,10 +65,18 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ShardWriter:
     """Appends a split's tokens to shards of at most ``shard_tokens`` tokens.
 
-    Shards are written under temporary names (``.{split}-00000.bin.tmp``) and only get their final
+    Shards are written under temporary names (``.{split}-00000.bin.tmp<pid>``) and get their final
     names in :meth:`commit`, so an interrupted preparation never leaves a file that looks finished.
     """
 
@@ -86,7 +95,7 @@ class ShardWriter:
         return f"{self.split}-{i:05d}.bin"
 
     def tmp_path(self, i: int) -> str:
-        return os.path.join(self.output_dir, f".{self.name(i)}.tmp")
+        return os.path.join(self.output_dir, f".{self.name(i)}.tmp{os.getpid()}")
 
     def write(self, ids: np.ndarray) -> None:
         """Append ids (any integer dtype, shape (n,), values already checked against the vocab)."""
@@ -110,7 +119,7 @@ class ShardWriter:
             self._file.close()
             self._file = None
 
-    def read_tail(self, n: int, block_tokens: int = 1 << 20):
+    def read_tail(self, n: int, block_tokens: int = 1 << 20) -> Iterator[np.ndarray]:
         """Yield the last ``n`` tokens in order, in blocks (the writer must be closed)."""
         start = self.n_tokens - n
         offset = 0
@@ -144,6 +153,7 @@ class ShardWriter:
         for i, size in enumerate(self.shard_sizes):
             path = os.path.join(self.output_dir, self.name(i))
             digest = sha256_file(self.tmp_path(i))
+            _fsync(self.tmp_path(i))  # on disk before it is named, so a power cut cannot leave a hole
             os.replace(self.tmp_path(i), path)
             shards.append({"file": self.name(i), "n_tokens": size, "bytes": size * self.dtype.itemsize,
                            "sha256": digest})

@@ -1,7 +1,8 @@
 """Corpus inputs: turn the ``--input`` arguments into an ordered list of documents, and read them in blocks.
 
 An input is one of
-  * ``stdlib``: the running interpreter's standard library ``.py`` files (present on every machine);
+  * ``stdlib``: the running interpreter's standard library ``.py`` files (present on every machine;
+    write ``./stdlib`` for a path of that name);
   * a file: plain text, ``.gz`` (one document) or ``.zip`` (one document per member, by name);
   * a directory: every file under it whose name matches ``pattern`` (recursive; hidden entries skipped);
   * a glob such as ``data/**/*.txt`` (quoted, so the shell leaves it to us);
@@ -152,7 +153,8 @@ def _enwik8(path: str, splits: tuple[tuple[str, int], ...]) -> Document:
 def read_blocks(stream: BinaryIO, block_bytes: int, limit: int | None = None) -> Iterator[bytes]:
     """Blocks of about ``block_bytes`` from ``stream`` (at most ``limit`` bytes in all), each cut just
     after its last newline so text tokenizers never see a line split in two. A block with no newline is
-    cut before a UTF-8 lead byte instead, so no character is split either. Memory: O(block_bytes)."""
+    cut before a UTF-8 lead byte instead, so no character is split either. Memory: O(block_bytes).
+    EOFError if ``limit`` is given and the stream ends before it."""
     carry = b""
     remaining = limit
     while True:
@@ -162,7 +164,7 @@ def read_blocks(stream: BinaryIO, block_bytes: int, limit: int | None = None) ->
             remaining -= len(chunk)
         if not chunk:
             if remaining:
-                raise DataError(f"input ended {remaining:,} bytes early (truncated file?)")
+                raise EOFError(f"ended {remaining:,} bytes before its expected size")
             if carry:
                 yield carry
             return

@@ -12,6 +12,7 @@ which one it was built with and anyone can rebuild it::
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,17 +24,19 @@ from reformer_dist.errors import DataError
 TOKENIZER_KINDS = ("bytes", "hf_tokenizers", "sentencepiece")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """What the data pipeline and the model's users need: text <-> ids, and the vocabulary size."""
 
     spec: dict[str, Any]
+    """The JSON-able description get_tokenizer() rebuilds this tokenizer from."""
     vocab_size: int
+    """Number of ids; every id the tokenizer emits is below it."""
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
 
     def encode_block(self, block: bytes) -> np.ndarray:
         """Token ids (int64, shape (n,)) of a block of UTF-8 text read from a corpus file.

@@ -177,6 +177,11 @@ def write_triton_repo(model: str | os.PathLike, output: str | os.PathLike, *, na
                 for extra in _external_data_files(file):
                     shutil.copy2(extra, staging / "1" / extra.name)
             (staging / "config.pbtxt").write_text(text)
+            # mkdtemp/mkstemp create owner-only modes; the server often runs as another user
+            for p in (staging, staging / "1"):
+                p.chmod(0o755)
+            for p in (*staging.glob("*.pbtxt"), *(staging / "1").iterdir()):
+                p.chmod(0o644)
             final = out / model_name
             if final.exists():
                 shutil.rmtree(final)

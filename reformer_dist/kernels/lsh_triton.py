@@ -66,10 +66,12 @@ def _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows, ok, offs_d, L, D, sqrt_d, H
                BUCKET_WINDOW: tl.constexpr, KEY_DTYPE: tl.constexpr):
     """Gather the sorted rows ``rows`` (flat sorted indices, masked by ``ok``) of one batch*head.
 
-    Returns sidx (r*L + pos), pos, key_pos (pos, or L for padding), bucket key, x = qk rows in fp32
+    Returns sidx (r*L + pos), pos, key_pos (pos, or L for padding), bucket, x = qk rows in fp32
     (BLOCK, BLOCK_D), rk = the key normalisation factor, and the normalised key rows in the input dtype.
+    Indices are narrowed to int32 (the wrapper checks n_hashes*L*D < 2**31): int64 index tiles cost
+    registers the score tiles need.
     """
-    sidx = tl.load(SIDX_bh + rows, mask=ok, other=0)
+    sidx = tl.load(SIDX_bh + rows, mask=ok, other=0).to(tl.int32)
     pos = sidx % L
     if HAS_PAD:
         real = tl.load(PAD_b + pos, mask=ok, other=0) != 0
@@ -77,9 +79,10 @@ def _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows, ok, offs_d, L, D, sqrt_d, H
     else:
         key_pos = pos
     if BUCKET_WINDOW:
-        bkey = tl.load(BKEY_bh + rows, mask=ok, other=-1)
+        # low 32 bits of the sort key (round << 32 | bucket); the round is compared separately
+        bucket = tl.load(BKEY_bh + rows, mask=ok, other=-1).to(tl.int32)
     else:
-        bkey = sidx  # unused
+        bucket = sidx  # unused
     d_ok = offs_d < D
     x = tl.load(QK_bh + pos[:, None] * D + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
     x = x.to(tl.float32)
@@ -87,7 +90,7 @@ def _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows, ok, offs_d, L, D, sqrt_d, H
     rk = tl.rsqrt(tl.sum(x * x, 1) / D + 1e-6)
     k = ((x * rk[:, None]) / sqrt_d).to(KEY_DTYPE)
     rk = rk / sqrt_d
-    return sidx, pos, key_pos, bkey, x, rk, k
+    return sidx, pos, key_pos, bucket, x, rk, k
 
 
 @triton.jit
@@ -105,7 +108,8 @@ def _masked_scores(q, k, pos_q, key_pos_k, rows_q, rows_k, bkey_q, bkey_k, k_ok,
             band = (lag >= 0) & (lag <= C)
         else:
             band = (lag >= -C) & (lag <= C)
-        valid = band & (bkey_q[:, None] == bkey_k[None, :])
+        same_round = (rows_q // L)[:, None] == (rows_k // L)[None, :]
+        valid = band & same_round & (bkey_q[:, None] == bkey_k[None, :])
         is_self = lag == 0
     else:
         if CAUSAL:
@@ -148,8 +152,11 @@ def _tile_needed(c_raw, n_chunks, t0, s0, BLOCK: tl.constexpr, C: tl.constexpr, 
     sorted order (c_raw: the unwrapped chunk) and tiles that meet the band lag = s - t in [lo, C].
     """
     if BUCKET_WINDOW:
-        lo = 0 if CAUSAL else -C
-        return (c_raw >= 0) & (c_raw < n_chunks) & (s0 - (t0 + BLOCK - 1) <= C) & (s0 + BLOCK - 1 - t0 >= lo)
+        inside = (c_raw >= 0) & (c_raw < n_chunks) & (s0 - (t0 + BLOCK - 1) <= C)
+        if CAUSAL:
+            return inside & (s0 + BLOCK - 1 - t0 >= 0)
+        else:
+            return inside & (s0 + BLOCK - 1 - t0 >= -C)
     else:
         return True
 
@@ -157,7 +164,7 @@ def _tile_needed(c_raw, n_chunks, t0, s0, BLOCK: tl.constexpr, C: tl.constexpr, 
 # ---------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _lsh_fwd_kernel(
-    QK, V, SIDX, BKEY, PAD, O, RMAX, LSUM,
+    QK, V, SIDX, BKEY, PAD, OUT, RMAX, LSUM,
     L, N, H, D, sqrt_d, n_chunks, seed32, dropout_p, masked, self_masked,
     C: tl.constexpr, BEFORE: tl.constexpr, N_OFF: tl.constexpr, N_SUB: tl.constexpr,
     BUCKET_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
@@ -167,7 +174,7 @@ def _lsh_fwd_kernel(
     """One program: BLOCK sorted query rows of one batch*head -> their per-round output and softmax stats.
 
     QK, V (BH, L, D); SIDX, BKEY (BH, N) sorted r*L+pos and (round, bucket) keys; PAD (B, L) bool;
-    O (BH, N, D) per-round outputs, RMAX and LSUM (BH, N) fp32 row max and log of the row sum (kept apart
+    OUT (BH, N, D) per-round outputs, RMAX and LSUM (BH, N) fp32 row max and log of the row sum (kept apart
     as in the reference: row maxima sit near the -1e5 self-mask, where one fp32 logsumexp loses ~1e-2),
     all at row r*L+pos (un-sorted).
     """
@@ -221,8 +228,8 @@ def _lsh_fwd_kernel(
     tl.store(LSUM + bh64 * N + sidx_q, tl.log(l_i), mask=q_ok)
     if not STATS_ONLY:
         o = acc / l_i[:, None]
-        o_ptrs = O + (bh64 * N + sidx_q[:, None]) * D + offs_d[None, :]
-        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=q_ok[:, None] & (offs_d[None, :] < D))
+        o_ptrs = OUT + (bh64 * N + sidx_q[:, None]) * D + offs_d[None, :]
+        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=q_ok[:, None] & (offs_d[None, :] < D))
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -349,6 +356,7 @@ def _launch_args(qk: Tensor, buckets: Tensor, key_padding_mask: Tensor | None, c
     b, h, length, d = qk.shape
     sorted_idx, bucket_key = sort_by_bucket(buckets)  # (B, H, n*L) each: O(n_hashes * L) integers
     n_total = sorted_idx.shape[-1]
+    torch._check(n_total * d < 2**31, lambda: f"n_hashes*L*D = {n_total * d} needs int64 indexing: over 2**31")
     offsets = window_offsets(window, chunks_before, chunks_after, causal)
     block = min(block_max, max(16, triton.next_power_of_2(chunk_len)))
     n_sub = triton.cdiv(chunk_len, block)

@@ -17,13 +17,21 @@ without it; no backend imports DeepSpeed or the training code.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
+import os
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from reformer_dist.data.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
+from reformer_dist.errors import ReformerDistError
 from reformer_dist.serve.sampling import log_softmax
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -110,16 +118,59 @@ class TorchBackend(Backend):
 
 
 class OnnxRuntimeBackend(Backend):
-    """An exported ``.onnx`` graph run by ONNX Runtime (CUDA provider first when available)."""
+    """An exported ``.onnx`` graph run by ONNX Runtime (TensorRT / CUDA providers first when installed)."""
 
     name = "onnxruntime"
 
-    def __init__(self, runner: Any, max_seq_len: int, vocab_size: int, length_multiple: int = 1):
-        self.runner = runner
-        self.max_seq_len = max_seq_len
-        self.vocab_size = vocab_size
-        self.length_multiple = length_multiple
+    def __init__(self, runner: Any):
+        self.runner = runner  # reformer_dist.export.ort_runner.OrtRunner
+        self.max_seq_len = runner.max_seq_len
+        self.vocab_size = runner.vocab_size
+        self.pad_token_id = runner.config.get("pad_token_id") or 0
 
     def forward(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        # The graph is causal: padding after a row's last token cannot change that row's logits.
-        return np.asarray(self.runner.logits(input_ids), dtype=np.float32)
+        mask = (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+        return self.runner.logits(input_ids, mask)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@dataclass
+class LoadedModel:
+    backend: Backend
+    tokenizer: Tokenizer
+    name: str
+    """Default model name in the API (the file or directory name)."""
+    eos_token_id: int | None = None
+
+
+def load_model(kind: str, path: str, device: str | None = None, threads: int | None = None) -> LoadedModel:
+    """Open ``path`` with the ``kind`` backend, plus the tokenizer recorded with the model."""
+    if kind not in BACKENDS:
+        raise ReformerDistError(f"unknown backend {kind!r}; choose from {list(BACKENDS)}")
+    if not os.path.exists(path):
+        raise ReformerDistError(f"{path}: no such file or directory")
+    name = Path(path).stem if Path(path).is_file() else Path(path).resolve().name
+    if kind == "onnxruntime":
+        if not path.endswith(".onnx"):
+            raise ReformerDistError(f"--backend onnxruntime serves an exported .onnx file, got {path}")
+        from reformer_dist.export.ort_runner import OrtRunner
+
+        runner = OrtRunner(path, threads=threads or 0)
+        return LoadedModel(OnnxRuntimeBackend(runner), tokenizer_from_metadata(runner.metadata, path), name)
+    raise ReformerDistError(f"--backend {kind} is not available yet")
+
+
+def tokenizer_from_metadata(metadata: dict[str, str], source: str) -> Tokenizer:
+    """The tokenizer an exported graph records (spec + embedded file); raw bytes if it records none."""
+    if "tokenizer" not in metadata:
+        return ByteTokenizer()
+    spec = json.loads(metadata["tokenizer"])
+    if "path" not in spec:
+        return get_tokenizer(spec)
+    if "tokenizer_file" not in metadata:
+        raise ReformerDistError(f"{source}: records a {spec.get('kind')} tokenizer but does not embed its file")
+    # The tokenizer libraries load from a path: materialise the embedded file just long enough to load it.
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / os.path.basename(spec["path"])
+        file.write_bytes(base64.b64decode(metadata["tokenizer_file"]))
+        return get_tokenizer({**spec, "path": str(file)})

@@ -108,7 +108,8 @@ def initialize_engine(model: TrainingReformerLM, ds_config: dict[str, Any], trai
         # the guarded optimizer takes over the generated optimizer block and the clipping (see its docstring)
         params = {k: v for k, v in ds_config.pop("optimizer")["params"].items() if k != "torch_adam"}
         params.pop("weight_decay", None)  # set per group
-        optimizer = GuardedAdamW(groups, max_norm=ds_config.pop("gradient_clipping", 0.0), **params)
+        optimizer = GuardedAdamW(groups, max_norm=ds_config.get("gradient_clipping", 0.0), **params)
+        ds_config["gradient_clipping"] = 0.0  # explicitly: DeepSpeed's default is 1.0
     # a scheduler in the user's DeepSpeed JSON replaces the built-in warmup + cosine
     scheduler = None if "scheduler" in ds_config else scheduler_factory(train)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,

@@ -1,0 +1,120 @@
+"""Export a trained model: ONNX graphs, TensorRT engines, and static checks of both.
+
+Examples:
+  reformer-dist export onnx --checkpoint runs/tiny --output model.onnx
+  reformer-dist export onnx --checkpoint hf-reformer-dir/ --output model.onnx --precision fp16 --flavour tensorrt
+  reformer-dist export check model.onnx --target tensorrt
+  reformer-dist export tensorrt --onnx model.onnx --output model.plan --fp16 --shapes 1x64/1x1024/4x4096
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+# ---------------------------------------------------------------------------------------------- onnx
+def _add_onnx(p: argparse.ArgumentParser) -> None:
+    from reformer_dist.export.config import ExportConfig
+
+    d = ExportConfig()
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="training run directory, native model directory / .safetensors, or HF Reformer directory")
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default=d.precision)
+    p.add_argument("--flavour", choices=["portable", "tensorrt", "ort-tensorrt"], default=d.flavour,
+                   help="portable: standard-op LSH body; tensorrt: + plugin attributes; ort-tensorrt: "
+                        "node in ONNX Runtime's trt.plugins domain")
+    p.add_argument("--sort", choices=["counting", "topk"], default=d.lsh_sort,
+                   help="sort of the LSH body: counting (TensorRT-parsable) or topk (fewer ops)")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="longest sequence the deployment accepts (default: the model's max_seq_len)")
+    p.add_argument("--opset", type=int, default=d.opset)
+    p.add_argument("--tokenizer", default=None, metavar="SPEC",
+                   help="tokenizer to record (bytes, a tokenizer.json, a .model); default: the checkpoint's")
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    from reformer_dist.export.check import check_model
+    from reformer_dist.export.loading import load_model_for_export
+    from reformer_dist.export.onnx_export import export_onnx, lsh_nodes
+
+    source = load_model_for_export(args.checkpoint)
+    tokenizer = source.tokenizer
+    if args.tokenizer is not None:
+        from reformer_dist.data.tokenizer import parse_tokenizer_arg
+
+        tokenizer = parse_tokenizer_arg(args.tokenizer)
+    proto = export_onnx(source.model, args.output, precision=args.precision, flavour=args.flavour, sort=args.sort,
+                        opset=args.opset, max_seq_len=args.max_seq_len, tokenizer=tokenizer)
+    report = check_model(proto, "onnxruntime")
+    print(f"wrote {args.output}: {len(proto.graph.node)} nodes, {len(lsh_nodes(proto))} LshAttention, "
+          f"{args.precision}, flavour {args.flavour}, {args.sort} sort ({source.kind} checkpoint {source.path})")
+    if not report.ok:
+        print(report.format())
+    return 0 if report.ok else 1
+
+
+# --------------------------------------------------------------------------------------------- check
+def _add_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--target", choices=["tensorrt", "onnxruntime"], required=True)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    import os
+
+    from reformer_dist.errors import ReformerDistError
+    from reformer_dist.export.check import check_model
+
+    if not os.path.isfile(args.model):
+        raise ReformerDistError(f"{args.model}: no such ONNX model")
+    report = check_model(args.model, args.target)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+# ------------------------------------------------------------------------------------------ tensorrt
+def _add_tensorrt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--onnx", required=True, metavar="FILE", help="an exported .onnx (portable or tensorrt flavour)")
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="the engine (.plan) to write")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="allow fp16 kernels")
+    precision.add_argument("--bf16", action="store_true", help="allow bf16 kernels")
+    p.add_argument("--shapes", default=None, metavar="MIN/OPT/MAX",
+                   help="optimisation profile as BxL triples, e.g. 1x64/1x1024/4x4096 "
+                        "(default 1xC/1x1024/1xmax_seq_len, C = the chunk multiple)")
+    p.add_argument("--timing-cache", default=None, metavar="FILE", help="read and update this timing cache")
+    p.add_argument("--workspace-gb", type=float, default=None, help="builder workspace limit")
+    p.add_argument("--plugin", default=None, metavar="FILE",
+                   help="Python file defining the LshAttention QDP plugin (default: export/tensorrt/lsh_plugin.py)")
+
+
+def _run_tensorrt(args: argparse.Namespace) -> int:
+    from reformer_dist.export.tensorrt_build import build_engine, parse_shapes
+
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    engine = build_engine(args.onnx, args.output, precision=precision,
+                          shapes=parse_shapes(args.shapes) if args.shapes else None,
+                          timing_cache=args.timing_cache, workspace_gb=args.workspace_gb, plugin=args.plugin)
+    print(f"wrote {engine}")
+    return 0
+
+
+# Sub-subcommands: name -> (one-line help, add_arguments, run). Others (triton-repo) add an entry here.
+SUBCOMMANDS = {
+    "onnx": ("export a checkpoint to an ONNX graph with one LshAttention node per LSH layer", _add_onnx, _run_onnx),
+    "check": ("list a graph's ops and flag what the target's importer rejects", _add_check, _run_check),
+    "tensorrt": ("build a TensorRT engine from an exported ONNX graph", _add_tensorrt, _run_tensorrt),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="export_command", metavar="WHAT", required=True)
+    for name, (summary, add, run) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary)
+        add(p)
+        p.set_defaults(_export_run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._export_run(args)

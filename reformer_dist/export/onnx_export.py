@@ -1,0 +1,232 @@
+"""Export a ReformerLM to ONNX: one ``reformer::LshAttention`` node per LSH layer, carrying its body.
+
+    export_onnx(model, "model.onnx", precision="fp32", flavour="portable")
+
+The graph maps ``input_ids`` (B, L) int64 and ``attention_mask`` (B, L) int64 (1 = real token, right
+padding) to ``logits`` (B, L, vocab); B and L are dynamic. L need not be a multiple of the chunk
+length: the model pads inside the graph (it is traced at a length that is *not* a multiple, so the
+padding path is the one recorded; with zero padding it is the identity).
+
+Route (see ``shared/notes/onnx-tensorrt-export.md``): ``torch.onnx.export(dynamo=True)`` with a
+``custom_translation_table`` that turns ``torch.ops.reformer.lsh_attention`` into one bare node, then
+our own pass appends the FunctionProto body (the exporter would inline any function it was given).
+Flavours:
+
+- ``portable``: node + body; ONNX Runtime inlines the body, TensorRT parses the counting-sort body.
+- ``tensorrt``: adds ``plugin_namespace``/``plugin_version``/``aot`` so TensorRT >= 10.7 uses the
+  ``reformer::LshAttention`` plugin (``export/tensorrt/lsh_plugin.py``) instead of the body.
+- ``ort-tensorrt``: the node (and its body) move to domain ``trt.plugins``, the only domain in which
+  ONNX Runtime's TensorRT provider hands nodes to TensorRT plugins; CPU/CUDA providers still inline.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from reformer_dist.errors import ReformerDistError
+from reformer_dist.export.lsh_onnx import DOMAIN, OP_TYPE, SORTS, LshSpec, lsh_function, translate_lsh_attention
+
+FLAVOURS = ("portable", "tensorrt", "ort-tensorrt")
+PRECISIONS = ("fp32", "fp16")
+TRT_PLUGIN_DOMAIN = "trt.plugins"
+PLUGIN_VERSION = "1"
+METADATA_PREFIX = "reformer_dist."
+FORMAT_VERSION = "1"  # bump when the graph's inputs/outputs or metadata keys change
+
+
+class LogitsGraph(nn.Module):
+    """What is exported: (input_ids, attention_mask) -> logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids, attention_mask=attention_mask)
+
+
+@contextlib.contextmanager
+def frozen_rotations(model: nn.Module, seed: int = 0) -> Iterator[nn.Module]:
+    """Inside: every LSH layer uses one fixed draw of random rotations and draws no dropout seed.
+
+    An exported graph needs its rotations as constants (with ``hash_seed`` unset the model draws fresh
+    ones from a private generator on every call, which torch.export cannot trace), and compare-with-
+    PyTorch tests need the same ones in eager mode. The draw uses ``hash_seed`` when the config sets it
+    (so the graph equals the model exactly), else ``seed``. Stands in for a model-side hook
+    (``ReformerLM.freeze_rotations()``) requested from the model package.
+    """
+    from reformer_dist.model import attention
+
+    lsh_layers = [m for m in model.modules() if isinstance(m, attention.LSHSelfAttention)]
+    with contextlib.ExitStack() as stack:
+        for i, layer in enumerate(lsh_layers):
+            device = next(layer.parameters()).device
+            rotations = layer.rotations(torch.Generator().manual_seed(seed + i), device)
+            layer.register_buffer("export_rotations", rotations, persistent=False)
+            stack.enter_context(mock.patch.object(layer, "rotations", lambda g, d, _l=layer: _l.export_rotations))
+            stack.callback(delattr, layer, "export_rotations")
+        stack.enter_context(mock.patch.object(attention, "draw_seed", lambda generator: 0))
+        yield model
+
+
+def export_onnx(
+    model: nn.Module,
+    output: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    flavour: str = "portable",
+    sort: str = "counting",
+    opset: int = 18,
+    max_seq_len: int | None = None,
+    tokenizer: dict | None = None,
+    rotation_seed: int = 0,
+) -> onnx.ModelProto:
+    """Export ``model`` (a ReformerLM) to ``output`` and return the saved ModelProto.
+
+    precision: fp32 | fp16 (weights and activations; hashing stays fp32). flavour: see module doc.
+    sort: the LSH body's sort, 'counting' (TensorRT-parsable) or 'topk'. max_seq_len: the longest
+    sequence the deployment promises (metadata; defaults to the model's). tokenizer: the tokenizer spec
+    (``reformer_dist.data.tokenizer``); a file tokenizer's file is embedded in the metadata.
+    rotation_seed: see :func:`frozen_rotations`.
+    """
+    if precision not in PRECISIONS:
+        raise ReformerDistError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if flavour not in FLAVOURS:
+        raise ReformerDistError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+    if sort not in SORTS:
+        raise ReformerDistError(f"sort must be one of {SORTS}, got {sort!r}")
+    config = model.config
+    max_seq_len = max_seq_len or config.max_seq_len
+    if not 1 <= max_seq_len <= config.max_seq_len:
+        raise ReformerDistError(f"--max-seq-len {max_seq_len} must be in [1, model.max_seq_len={config.max_seq_len}]")
+
+    model = copy.deepcopy(model).eval().to("cpu")
+    if precision == "fp16":
+        model = model.half()
+    # trace at a length that needs padding (see module doc), within the positional table
+    multiple = config.pad_multiple()
+    length = min(multiple + 1, config.max_seq_len) if multiple > 1 else min(2, config.max_seq_len)
+    example = (torch.zeros(2, length, dtype=torch.long), torch.ones(2, length, dtype=torch.long))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    with frozen_rotations(model, rotation_seed), torch.no_grad():
+        program = torch.onnx.export(
+            LogitsGraph(model).eval(), example, dynamo=True, opset_version=opset, verbose=False,
+            input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+            custom_translation_table={torch.ops.reformer.lsh_attention.default: translate_lsh_attention},
+        )
+    proto = program.model_proto
+    attach_lsh_function(proto, sort=sort, fp16_constants=precision == "fp16")
+    apply_flavour(proto, flavour)
+    set_metadata(proto, {
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(dataclasses.asdict(config)),
+        "precision": precision,
+        "flavour": flavour,
+        "lsh_sort": sort,
+        "max_seq_len": str(max_seq_len),
+        "pad_multiple": str(multiple),
+        "vocab_size": str(config.vocab_size),
+        "version": _package_version(),
+        **_tokenizer_metadata(tokenizer),
+    })
+    onnx.checker.check_model(proto, full_check=True)
+    save_model(proto, output)
+    return proto
+
+
+def lsh_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The graph's LshAttention nodes (either domain)."""
+    return [n for n in proto.graph.node if n.op_type == OP_TYPE and n.domain in (DOMAIN, TRT_PLUGIN_DOMAIN)]
+
+
+def attach_lsh_function(proto: onnx.ModelProto, sort: str = "counting", fp16_constants: bool = False) -> None:
+    """Append the body of ``reformer::LshAttention`` (one per model: all LSH layers share a spec)."""
+    specs = {LshSpec.from_node(n) for n in lsh_nodes(proto)}
+    if not specs:
+        return
+    if len(specs) > 1:
+        raise ReformerDistError(f"LSH layers disagree on their attention spec: {sorted(map(str, specs))}")
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    proto.functions.append(lsh_function(specs.pop(), sort=sort, fp16_constants=fp16_constants, opset=opset))
+
+
+def apply_flavour(proto: onnx.ModelProto, flavour: str) -> None:
+    """Add the TensorRT plugin attributes / move the node to ``trt.plugins`` (see module doc)."""
+    if flavour == "portable":
+        return
+    for node in lsh_nodes(proto):
+        node.attribute.extend([onnx.helper.make_attribute("plugin_namespace", DOMAIN),
+                               onnx.helper.make_attribute("plugin_version", PLUGIN_VERSION),
+                               onnx.helper.make_attribute("aot", 1)])
+    if flavour == "ort-tensorrt":
+        for node in lsh_nodes(proto):
+            node.domain = TRT_PLUGIN_DOMAIN
+        for function in proto.functions:
+            if function.domain == DOMAIN and function.name == OP_TYPE:
+                function.domain = TRT_PLUGIN_DOMAIN
+        for opset in proto.opset_import:
+            if opset.domain == DOMAIN:
+                opset.domain = TRT_PLUGIN_DOMAIN
+
+
+def set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
+    """Write ``reformer_dist.*`` entries into ``metadata_props`` (replacing existing ones)."""
+    keep = [p for p in proto.metadata_props if p.key.removeprefix(METADATA_PREFIX) not in values]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in values.items():
+        proto.metadata_props.add(key=METADATA_PREFIX + key, value=value)
+
+
+def read_metadata(proto_or_props) -> dict[str, str]:
+    """``reformer_dist.*`` metadata (prefix removed) of a ModelProto or an ORT ``custom_metadata_map``."""
+    items = proto_or_props.items() if isinstance(proto_or_props, dict) else \
+        ((p.key, p.value) for p in proto_or_props.metadata_props)
+    return {k.removeprefix(METADATA_PREFIX): v for k, v in items if k.startswith(METADATA_PREFIX)}
+
+
+def save_model(proto: onnx.ModelProto, output: str | os.PathLike) -> None:
+    """Save atomically (temp file + rename); weights above protobuf's 2 GiB limit go to ``<name>.data``."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    large = proto.ByteSize() > 2**31 - 2**24
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
+    os.close(fd)
+    try:
+        onnx.save_model(proto, tmp, save_as_external_data=large, location=f"{output.name}.data")
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _tokenizer_metadata(spec: dict | None) -> dict[str, str]:
+    if spec is None:
+        return {}
+    meta = {"tokenizer": json.dumps({k: (os.path.basename(v) if k == "path" else v) for k, v in spec.items()})}
+    if "path" in spec:  # embed the file so the .onnx alone can tokenize
+        meta["tokenizer_file"] = base64.b64encode(Path(spec["path"]).read_bytes()).decode("ascii")
+    return meta
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("reformer-dist")
+    except PackageNotFoundError:
+        return "unknown"

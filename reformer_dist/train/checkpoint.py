@@ -1,0 +1,241 @@
+"""Checkpoints that survive a crash at any moment and resume exactly.
+
+Layout of a run directory::
+
+    checkpoints/step_00000100/    DeepSpeed's files (save_checkpoint, tag = directory name),
+                                  rng_rank00000.pt ... one per rank, meta.json (written last)
+    checkpoints/universal/step_.. the same checkpoint converted for another world size / ZeRO stage
+    latest                        "step_00000100": the newest *complete* checkpoint
+
+A checkpoint is complete once rank 0 has written ``meta.json``, after every rank finished its shard and
+its RNG file; only then is ``latest`` replaced (atomically: temp file + rename). A process killed while
+writing leaves ``latest`` on the previous checkpoint, which is what ``train.resume=auto`` loads; the
+half-written directory is removed when that step is saved again, or by keep-last-K pruning.
+
+Why per-rank RNG files: DeepSpeed saves no Python/numpy/torch RNG state, and under ZeRO 0-2 the
+``client_state`` is written by rank 0 alone, so each rank stores its own streams next to its shard.
+
+Resuming on another world size or ZeRO stage goes through DeepSpeed's universal checkpoint format: rank 0
+converts the checkpoint once (``deepspeed.checkpoint.ds_to_universal``), every rank then loads it with
+``checkpoint.load_universal``, which re-partitions weights *and* optimizer states. The data position is a
+global sample count, so it carries over unchanged; ranks without an RNG file of their own take rank 0's
+(every rank starts from the same streams anyway, see ``engine.build_model``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reformer_dist.errors import CheckpointError
+from reformer_dist.train.distributed import DistInfo, barrier
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+META = "meta.json"
+CONFIG_FILE = "config.yaml"  # the resolved run config, in checkpoint and native directories alike
+FORMAT = "reformer-dist-checkpoint"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int | None:
+    """The step of a ``step_XXXXXXXX`` directory name, None for anything else."""
+    prefix, _, digits = tag.partition("_")
+    return int(digits) if prefix == "step" and digits.isdigit() else None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_torch_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The completion record of checkpoint directory ``path``; CheckpointError if it is not complete."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META}: the save was interrupted, "
+                              f"or this is not a reformer-dist checkpoint directory)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / META} is unreadable: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path / META} is not a {FORMAT} record")
+    return meta
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``run_dir/latest`` points to, None if there is no pointer yet."""
+    try:
+        tag = (run_dir / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return run_dir / CHECKPOINTS / tag
+
+
+def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint ``train.resume`` asks for: 'never' -> None, 'auto' -> this run's latest (None if
+    it has none), else a checkpoint directory or a run directory (its latest)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if (path / LATEST).is_file():
+        path = latest_checkpoint(path)  # type: ignore[assignment]
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume={resume!r}: no such checkpoint or run directory")
+    return path
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    """The checkpoint directory (``.../checkpoints/step_XXXXXXXX``)."""
+    meta: dict[str, Any]
+    """Its completion record: step, world_size, zero_stage, ..."""
+    universal: bool
+    """Load through the universal format (the world size or the ZeRO stage changed)."""
+
+    @property
+    def load_dir(self) -> Path:
+        return self.path.parent / "universal" if self.universal else self.path.parent
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+
+def plan_resume(path: Path, world_size: int, zero_stage: int) -> ResumePoint:
+    """Check that checkpoint ``path`` is complete and decide how this run can load it."""
+    meta = read_meta(path)
+    saved_ws, saved_stage = int(meta["world_size"]), int(meta["zero_stage"])
+    if saved_stage == zero_stage and (saved_ws == world_size or zero_stage == 0):
+        return ResumePoint(path, meta, universal=False)  # ZeRO-0 checkpoints hold full optimizer states
+    if saved_stage == 0 or zero_stage == 0:
+        raise CheckpointError(f"{path} was saved with deepspeed.zero_stage={saved_stage} on {saved_ws} rank(s); "
+                              f"this run has zero_stage={zero_stage} on {world_size}: converting between ZeRO-0 "
+                              f"and ZeRO >= 1 is not supported, resume with deepspeed.zero_stage={saved_stage}")
+    return ResumePoint(path, meta, universal=True)
+
+
+def convert_to_universal(point: ResumePoint) -> None:
+    """Rank 0: write the universal form of ``point`` (once; an interrupted conversion is redone)."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = point.load_dir / point.tag
+    if (out / META).is_file():
+        return
+    tmp = point.load_dir / f".{point.tag}.converting"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = type("Args", (), dict(input_folder=str(point.path), output_folder=str(tmp), num_extract_workers=1,
+                                 num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                 inject_missing_state=True))()
+    ds_to_universal(args)
+    shutil.copy(point.path / META, tmp / META)  # marks the conversion complete
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def capture_rng(model: Any) -> dict[str, Any]:
+    """Every random stream this process owns: Python, numpy, torch CPU/CUDA and the model's private ones."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "model": model.rng_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any], model: Any) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    model.set_rng_state(state["model"])
+
+
+def rng_file(path: Path, rank: int) -> Path:
+    return path / f"rng_rank{rank:05d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------- save/load
+class Checkpointer:
+    """Saves and loads a run's checkpoints (all ranks call every method; rank 0 does the bookkeeping)."""
+
+    def __init__(self, run_dir: Path, keep_last: int, dist_info: DistInfo):
+        self.run_dir, self.keep_last, self.dist = run_dir, keep_last, dist_info
+        self.root = run_dir / CHECKPOINTS
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any],
+             config_yaml: str) -> Path:
+        """Write checkpoint ``step``, mark it complete, move ``latest`` to it, prune old ones.
+        ``meta`` goes into the completion record, ``config_yaml`` (the resolved run config) next to it."""
+        tag = tag_for(step)
+        path = self.root / tag
+        if self.dist.is_main and path.exists():
+            shutil.rmtree(path)  # left by a crashed save (or a run that went further before a rollback)
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        save_torch_atomic(capture_rng(engine.module), rng_file(path, self.dist.rank))
+        barrier()  # every shard and RNG file is on disk
+        if self.dist.is_main:
+            write_text_atomic(path / CONFIG_FILE, config_yaml)
+            record = {"format": FORMAT, "version": 1, "step": step, "world_size": self.dist.world_size,
+                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
+            write_text_atomic(path / META, json.dumps(record, indent=1) + "\n")
+            write_text_atomic(self.run_dir / LATEST, tag + "\n")
+            self._prune(step)
+        return path
+
+    def _prune(self, current: int) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints up to ``current``; delete older directories
+        (complete or not) and their universal conversions. Directories past ``current`` are left alone."""
+        dirs = sorted((s, p) for p in self.root.iterdir() if (s := step_of(p.name)) is not None and s <= current)
+        complete = [s for s, p in dirs if (p / META).is_file()]
+        keep = set(complete[-self.keep_last:])
+        for s, p in dirs:
+            if s not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+                shutil.rmtree(self.root / "universal" / p.name, ignore_errors=True)
+
+    def load(self, engine: Any, point: ResumePoint) -> dict[str, Any]:
+        """Load ``point`` into ``engine`` and this rank's RNG streams; returns the client state."""
+        loaded, client = engine.load_checkpoint(str(point.load_dir), tag=point.tag)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {point.load_dir / point.tag}")
+        own = rng_file(point.path, self.dist.rank)
+        state = torch.load(own if own.is_file() else rng_file(point.path, 0), map_location="cpu", weights_only=True)
+        restore_rng(state, engine.module)
+        if self.dist.is_main and point.path.parent == self.root and latest_checkpoint(self.run_dir) != point.path:
+            # resuming from an older checkpoint of this run (a rollback): make it the resume point, so a
+            # crash before the next save comes back here, and the newer ones are overwritten as we go
+            write_text_atomic(self.run_dir / LATEST, point.tag + "\n")
+        return client

@@ -1,0 +1,43 @@
+"""Validation: mean loss over a fixed slice of the validation split, perplexity, bits per byte."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from reformer_dist.data import GlobalOrderSampler, TokenWindowDataset, next_batch
+from reformer_dist.train.distributed import DistInfo
+
+
+def evaluate(engine: Any, dataset: TokenWindowDataset, micro_batch_size: int, max_batches: int,
+             dist_info: DistInfo) -> dict[str, float]:
+    """``val_loss`` (nats/token), ``val_ppl`` and, for byte-level data, ``val_bpb`` (bits per byte).
+
+    Every evaluation reads the same windows (the split's first ones, in order, each rank its block of
+    every global micro-batch), so successive values are comparable. The model is called through the
+    engine exactly as in training, in eval mode (ZeRO-3 keeps its parameter-fetch trace). The model's
+    private random streams are restored afterwards: LSH rotations are drawn on every call, and an
+    evaluation must not change what training draws next (resumed and uninterrupted runs stay identical).
+    """
+    model = engine.module
+    saved_rng = model.rng_state()
+    per_step = micro_batch_size * dist_info.world_size
+    n_batches = max(1, min(max_batches, len(dataset) // per_step))
+    sampler = GlobalOrderSampler(len(dataset), seed=0, shuffle=False, rank=dist_info.rank,
+                                 world_size=dist_info.world_size)
+    total = torch.zeros((), dtype=torch.float64, device=dist_info.device)
+    engine.eval()
+    with torch.no_grad():
+        for _ in range(n_batches):
+            input_ids, targets = next_batch(dataset, sampler, micro_batch_size)
+            total += engine(input_ids.to(dist_info.device), targets.to(dist_info.device)).double()
+    engine.train()
+    model.set_rng_state(saved_rng)
+    torch.distributed.all_reduce(total)
+    loss = float(total) / (n_batches * dist_info.world_size)
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+    if dataset.tokenizer_spec.get("kind") == "bytes":  # one token per byte: nats/token -> bits/byte
+        out["val_bpb"] = loss / math.log(2)
+    return out
