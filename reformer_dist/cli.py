@@ -20,6 +20,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("train", "train"),
     ("serve", "serve"),
     ("export", "export"),
+    ("convert", "convert"),
+    ("generate", "generate"),
 )
 
 

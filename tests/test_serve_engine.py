@@ -176,7 +176,7 @@ def test_logprobs_report_the_model_distribution():
     expected = log_softmax(np.eye(256, dtype=np.float32)[ord("b")] * 4.0)[ord("b")]
     assert lp["tokens"] == ["b", "c"]
     assert lp["token_logprobs"][0] == pytest.approx(expected)
-    assert list(lp["top_logprobs"][0])[0] == "b" and len(lp["top_logprobs"][0]) == 2
+    assert next(iter(lp["top_logprobs"][0])) == "b" and len(lp["top_logprobs"][0]) == 2
     assert lp["text_offset"] == [0, 1]
 
 
@@ -221,3 +221,33 @@ def test_score_matches_the_model_log_likelihood():
     assert data[1]["log_likelihood"] == pytest.approx(miss + miss + miss)
     assert data[0]["bits_per_byte"] == pytest.approx(-3 * hit / math.log(2) / 3)
     assert data[0]["bits_per_token"] == data[0]["bits_per_byte"]  # one byte per token
+
+
+def test_torch_backend_cached_steps_equal_recomputation_as_sequences_join_and_leave():
+    import torch
+
+    from reformer_dist.model import ReformerConfig, ReformerLM
+    from reformer_dist.serve.backends import TorchBackend
+
+    torch.manual_seed(0)
+    cfg = ReformerConfig(vocab_size=256, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=3,
+                         attn_layers=["local", "lsh", "full"], lsh_chunk_len=4, local_chunk_len=4,
+                         max_seq_len=64, hash_seed=0)
+    backend = TorchBackend(ReformerLM(cfg))
+
+    class Seq:
+        def __init__(self, tokens):
+            self.tokens, self.cache = list(tokens), None
+
+    rng = np.random.default_rng(0)
+    arrivals = {0: [5, 9], 2: [3], 3: [9], 6: [12]}  # step -> prompt lengths joining then
+    active: list[Seq] = []
+    for step in range(12):
+        active += [Seq(rng.integers(0, 256, n)) for n in arrivals.get(step, [])]
+        cached = backend.step(active)
+        recomputed = Backend.step(backend, active)  # the generic path: whole sequences, no cache
+        np.testing.assert_allclose(cached, recomputed, atol=2e-4)
+        for s, row in zip(active, cached):
+            s.tokens.append(int(row.argmax()))
+        if step in (4, 8):  # the oldest sequence leaves
+            backend.release(active.pop(0))

@@ -24,7 +24,7 @@ def stream_text(text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], str, 
 
 
 def test_text_stream_releases_all_text_without_stops():
-    deltas, text, stopped = stream_text("hello wörld ✓")
+    _, text, stopped = stream_text("hello wörld ✓")
     assert text == "hello wörld ✓" and not stopped
 
 

@@ -86,5 +86,20 @@ def test_plan_repository_uses_the_tensorrt_platform(exported, tmp_path, monkeypa
 
 def test_rejects_unknown_model_files(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"")
-    with pytest.raises(ReformerDistError, match="expected an .onnx model or a TensorRT .plan"):
+    with pytest.raises(ReformerDistError, match=r"expected an \.onnx model or a TensorRT \.plan"):
         write_triton_repo(tmp_path / "model.pt", tmp_path / "repo")
+
+
+def test_cli_glue_writes_the_repository(exported, tmp_path, capsys):
+    import argparse
+
+    from reformer_dist.export import triton_repo
+
+    parser = argparse.ArgumentParser()
+    triton_repo.add_arguments(parser)
+    args = parser.parse_args(["--model", str(exported / "model.onnx"), "--output", str(tmp_path / "repo"),
+                              "--kind", "KIND_CPU", "--instances", "3"])
+    assert triton_repo.run(args) == 0
+    assert "reformer_decode/config.pbtxt" in capsys.readouterr().out
+    cfg = read_config(tmp_path / "repo" / "reformer")
+    assert cfg.instance_group[0].count == 3

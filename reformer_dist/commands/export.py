@@ -14,17 +14,17 @@ import argparse
 
 # ---------------------------------------------------------------------------------------------- onnx
 def _add_onnx(p: argparse.ArgumentParser) -> None:
-    from reformer_dist.export.config import ExportConfig
+    from reformer_dist.export.config import FLAVOURS, LSH_SORTS, PRECISIONS, ExportConfig
 
     d = ExportConfig()
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="training run directory, native model directory / .safetensors, or HF Reformer directory")
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="the .onnx file to write")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default=d.precision)
-    p.add_argument("--flavour", choices=["portable", "tensorrt", "ort-tensorrt"], default=d.flavour,
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument("--flavour", choices=FLAVOURS, default=d.flavour,
                    help="portable: standard-op LSH body; tensorrt: + plugin attributes; ort-tensorrt: "
                         "node in ONNX Runtime's trt.plugins domain")
-    p.add_argument("--sort", choices=["counting", "topk"], default=d.lsh_sort,
+    p.add_argument("--sort", choices=LSH_SORTS, default=d.lsh_sort,
                    help="sort of the LSH body: counting (TensorRT-parsable) or topk (fewer ops)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="longest sequence the deployment accepts (default: the model's max_seq_len)")

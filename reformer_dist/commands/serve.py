@@ -30,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda if available, else cpu); onnxruntime uses CUDA when "
                              "its CUDA provider is installed")
+    parser.add_argument("--tokenizer", default=None, metavar="SPEC",
+                        help="bytes, a tokenizer.json or a sentencepiece .model (default: the one recorded with "
+                             "the model)")
+    parser.add_argument("--eos-token-id", type=int, default=None,
+                        help="end a sequence (finish_reason 'stop') when it generates this token id")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: the runtime's choice)")
     parser.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                       max_body_bytes=args.max_body_bytes, batch_window_ms=args.batch_window_ms,
                       request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout).validate()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    loaded = load_model(args.backend, args.model, device=args.device, threads=args.threads)
+    loaded = load_model(args.backend, args.model, device=args.device, threads=args.threads,
+                        tokenizer=args.tokenizer)
     app = create_app(loaded.backend, loaded.tokenizer, cfg, args.model_name or loaded.name,
-                     eos_token_id=loaded.eos_token_id)
+                     eos_token_id=args.eos_token_id)
     return run_server(app, cfg, log_level=args.log_level)

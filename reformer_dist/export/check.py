@@ -44,7 +44,7 @@ ReverseSequence RMSNormalization RNN RoiAlign RotaryEmbedding Round STFT ScaledT
 ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign
 SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh TensorScatter ThresholdedRelu Tile TopK Transpose Trilu
 Unsqueeze Upsample Where Xor
-""".split())
+""".split())  # noqa: SIM905 (a table reads better as words)
 # ... and the inputs that must be build-time constants (input index per op)
 TRT_CONSTANT_INPUTS = {
     "CumSum": (1, "axis"), "OneHot": (1, "depth"), "Squeeze": (1, "axes"), "Unsqueeze": (1, "axes"),
@@ -55,7 +55,7 @@ TRT_FLOAT_ONLY = {"CumSum": ("FP32", "FP16", "BF16"), "NonZero": ("FP32", "FP16"
 _FLOAT_NAMES = {TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16"}
 # ops whose output is a function of constant inputs only (for constant propagation)
 _PURE = frozenset("""Identity Cast CastLike Reshape Squeeze Unsqueeze Concat Add Sub Mul Div Neg Gather Slice
-Range Mod Min Max Abs Equal Less Greater Not And Or Where ConstantOfShape Expand Transpose Flatten""".split())
+Range Mod Min Max Abs Equal Less Greater Not And Or Where ConstantOfShape Expand Transpose Flatten""".split())  # noqa: SIM905
 
 
 @dataclass

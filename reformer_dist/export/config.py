@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reformer_dist.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16")
+FLAVOURS = ("portable", "tensorrt", "ort-tensorrt")
+LSH_SORTS = ("counting", "topk")
+
 
 @dataclass
 class ExportConfig:
@@ -16,3 +22,12 @@ class ExportConfig:
     lsh_sort: str = "counting"
     """Sort inside the LSH body: 'counting' (one-hot + CumSum; TensorRT parses it; memory
     B*H*n_hashes*L*n_buckets fp32) or 'topk' (TopK; fewer ops, but TensorRT rejects K >= 3840)."""
+
+    def validate(self, prefix: str = "export") -> ExportConfig:
+        """Check every field; raise ConfigError naming the first bad one. Returns self."""
+        for name, allowed in (("precision", PRECISIONS), ("flavour", FLAVOURS), ("lsh_sort", LSH_SORTS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{prefix}.{name}", f"must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if not 18 <= self.opset <= 24:  # the exporter's range; TensorRT's parser takes 9-24
+            raise ConfigError(f"{prefix}.opset", f"must be in [18, 24], got {self.opset}")
+        return self

@@ -31,9 +31,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from reformer_dist.export.config import LSH_SORTS
+
 DOMAIN = "reformer"
 OP_TYPE = "LshAttention"
-SORTS = ("counting", "topk")
 INPUTS = ("qk", "v", "rotations", "key_padding_mask")
 OUTPUTS = ("out", "buckets")
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
@@ -151,8 +152,8 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
     constants (-1e4/-1e3) instead of -1e9/-1e5 (export of an fp16 model). ``opset`` must equal the
     model's default-domain opset (the checker rejects a mismatch).
     """
-    if sort not in SORTS:
-        raise ValueError(f"sort must be one of {SORTS}, got {sort!r}")
+    if sort not in LSH_SORTS:
+        raise ValueError(f"sort must be one of {LSH_SORTS}, got {sort!r}")
     g = _Body()
     n, c = spec.n_hashes, spec.chunk_len
     n_real = math.prod(spec.n_buckets)
@@ -265,19 +266,26 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
         is_self = g("Equal", lag, g.const(0))
     scores = g("Where", valid, scores, g.f32(masked))
     scores = g("Where", is_self, g.f32(self_masked), scores)
-    # logsumexp max-shifted by hand (TensorRT lowers ReduceLogSumExp without the shift); probabilities
-    # as exp(scores - lse) like the reference, which matters for rows of huge mask constants
-    peak = g("ReduceMax", scores, g.const([-1]), keepdims=1)
-    total = g("ReduceSum", g("Exp", g("Sub", scores, peak)), g.const([-1]), keepdims=1)
-    lse = g("Add", peak, g("Log", total))  # (B, H, nc, c, 1)
-    o_sorted = g("MatMul", g("Exp", g("Sub", scores, lse)), vk)  # (B, H, nc, c, D)
+    # softmax max-shifted by hand (TensorRT lowers ReduceLogSumExp without the shift); the logsumexp is
+    # kept as (row max, log of the shifted sum): the mask constants put row maxima near -1e5, where
+    # one fp32 logsumexp would lose ~1e-2 (the reference keeps them apart for the same reason)
+    row_max = g("ReduceMax", scores, g.const([-1]), keepdims=1)  # (B, H, nc, c, 1)
+    shifted = g("Exp", g("Sub", scores, row_max))
+    total = g("ReduceSum", shifted, g.const([-1]), keepdims=1)
+    o_sorted = g("MatMul", g("Div", shifted, total), vk)  # (B, H, nc, c, D)
 
-    # ---- 4. unsort, then combine the rounds with softmax(lse) weights
+    # ---- 4. unsort, then combine the rounds: weights softmax_r(row_max_r - max_r row_max + log_sum_r)
     o_rows = g("Add", undo, g("Mul", bh_ids, n_total))
     o = g("Gather", g("Reshape", o_sorted, flat), o_rows, axis=0)  # (B, H, n*L, D)
     o = g("Reshape", o, g.shape(b1, h1, [n, -1], d1))  # (B, H, n, L, D)
-    lse = g("GatherElements", g("Reshape", lse, g.shape(b1, h1, [-1])), undo, axis=2)
-    weights = g("Softmax", g("Reshape", lse, g.shape(b1, h1, [n, -1, 1])), axis=2)
+    per_round = g.shape(b1, h1, [n, -1, 1])
+
+    def unsort(stat: str) -> str:  # (B, H, nc, c, 1) sorted -> (B, H, n, L, 1)
+        return g("Reshape", g("GatherElements", g("Reshape", stat, g.shape(b1, h1, [-1])), undo, axis=2), per_round)
+
+    row_max, log_sum = unsort(row_max), unsort(g("Log", total))
+    top = g("ReduceMax", row_max, g.const([2]), keepdims=1)
+    weights = g("Softmax", g("Add", g("Sub", row_max, top), log_sum), axis=2)
     out = g("ReduceSum", g("Mul", o, weights), g.const([2]), keepdims=0)
     g("CastLike", out, "v", name="out")
 

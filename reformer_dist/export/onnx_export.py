@@ -14,7 +14,8 @@ Flavours:
 
 - ``portable``: node + body; ONNX Runtime inlines the body, TensorRT parses the counting-sort body.
 - ``tensorrt``: adds ``plugin_namespace``/``plugin_version``/``aot`` so TensorRT >= 10.7 uses the
-  ``reformer::LshAttention`` plugin (``export/tensorrt/lsh_plugin.py``) instead of the body.
+  ``reformer::LshAttention`` plugin (``export/tensorrt/lsh_plugin.py``) instead of the body
+  (``aot=0``: the plugin's implementation is JIT; when it is not registered the body is used).
 - ``ort-tensorrt``: the node (and its body) move to domain ``trt.plugins``, the only domain in which
   ONNX Runtime's TensorRT provider hands nodes to TensorRT plugins; CPU/CUDA providers still inline.
 """
@@ -37,10 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from reformer_dist.errors import ReformerDistError
-from reformer_dist.export.lsh_onnx import DOMAIN, OP_TYPE, SORTS, LshSpec, lsh_function, translate_lsh_attention
+from reformer_dist.export.config import ExportConfig
+from reformer_dist.export.lsh_onnx import DOMAIN, OP_TYPE, LshSpec, lsh_function, translate_lsh_attention
 
-FLAVOURS = ("portable", "tensorrt", "ort-tensorrt")
-PRECISIONS = ("fp32", "fp16")
 TRT_PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_VERSION = "1"
 METADATA_PREFIX = "reformer_dist."
@@ -102,12 +102,7 @@ def export_onnx(
     (``reformer_dist.data.tokenizer``); a file tokenizer's file is embedded in the metadata.
     rotation_seed: see :func:`frozen_rotations`.
     """
-    if precision not in PRECISIONS:
-        raise ReformerDistError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if flavour not in FLAVOURS:
-        raise ReformerDistError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
-    if sort not in SORTS:
-        raise ReformerDistError(f"sort must be one of {SORTS}, got {sort!r}")
+    ExportConfig(precision=precision, flavour=flavour, opset=opset, lsh_sort=sort).validate("export_onnx")
     config = model.config
     max_seq_len = max_seq_len or config.max_seq_len
     if not 1 <= max_seq_len <= config.max_seq_len:
@@ -171,7 +166,7 @@ def apply_flavour(proto: onnx.ModelProto, flavour: str) -> None:
     for node in lsh_nodes(proto):
         node.attribute.extend([onnx.helper.make_attribute("plugin_namespace", DOMAIN),
                                onnx.helper.make_attribute("plugin_version", PLUGIN_VERSION),
-                               onnx.helper.make_attribute("aot", 1)])
+                               onnx.helper.make_attribute("aot", 0)])  # the plugin has a JIT impl only
     if flavour == "ort-tensorrt":
         for node in lsh_nodes(proto):
             node.domain = TRT_PLUGIN_DOMAIN

@@ -20,6 +20,7 @@ importable, otherwise from the ``.onnx`` with the same stem that the plan was bu
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
@@ -191,3 +192,29 @@ def write_triton_repo(model: str | os.PathLike, output: str | os.PathLike, *, na
             raise
         written.append(final)
     return written
+
+
+# ------------------------------------------------------------- `reformer-dist export triton-repo` glue
+SUMMARY = "write a Triton Inference Server model repository for an exported .onnx or .plan"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="FILE",
+                   help="model.onnx or model.plan; model.prefill.* / model.decode.* beside it are added too")
+    p.add_argument("--output", "-o", required=True, metavar="REPO", help="the model repository directory")
+    p.add_argument("--name", default="reformer", help="model name in the repository (default reformer)")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="Triton's max_batch_size for graphs with a leading batch dimension (default 8)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per device (default 1)")
+    p.add_argument("--kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default="KIND_GPU",
+                   help="where the instances run (default KIND_GPU)")
+    p.add_argument("--queue-delay-us", type=int, default=1000,
+                   help="dynamic batching: how long Triton may hold a request to batch it (default 1000)")
+
+
+def run(args: argparse.Namespace) -> int:
+    written = write_triton_repo(args.model, args.output, name=args.name, max_batch_size=args.max_batch_size,
+                                instances=args.instances, kind=args.kind, queue_delay_us=args.queue_delay_us)
+    for directory in written:
+        print(f"wrote {directory}/config.pbtxt")
+    return 0

@@ -5,8 +5,10 @@ of a block of chunks into new tensors, builds the (chunks, c, window) score tens
 scatters the result back. Here one program instance does all of that for one block of sorted rows in
 registers: it reads the sorted index, gathers q/k/v rows straight from the (B, H, L, D) inputs,
 normalises the keys on the fly, applies the causal / padding / band / self masks, runs an online
-softmax over the window and writes the per-round output and logsumexp *unsorted* (to row
-``round*L + pos``), so nothing of size (window x L) ever reaches device memory.
+softmax over the window and writes the per-round output and softmax statistics *unsorted* (to row
+``round*L + pos``), so nothing of size (window x L) ever reaches device memory. The sort itself is
+``sort_by_bucket`` (one stable ``torch.sort`` of (B, H, n_hashes*L) int64 keys: O(n_hashes x L)
+integers); the unsort is the scattered store.
 
 Semantics are exactly the reference's (same window offsets, mask constants, wrap-around, dropout
 counter hash); the reference stays the fallback everywhere else and the spec in the tests:
@@ -20,8 +22,8 @@ tiles of the chunks at the window offsets (``window_offsets``); ``'bucket'`` win
 that lie outside the band or outside the sorted order (their scores are masked constants that add
 exactly 0 next to the always-present self score).
 
-The backward saves nothing extra: one stats-only forward pass rebuilds the per-round logsumexps, the
-rounds are merged into one logsumexp per position, and a single kernel then computes, for its tile of
+The backward saves nothing extra: one stats-only forward pass rebuilds the per-round softmax statistics,
+the rounds are merged into one logsumexp per position, and a single kernel then computes, for its tile of
 sorted rows, dK/dV (the tile as keys, looping over the query tiles whose windows contain it) and dQ (the
 tile as queries), writing both to per-round fp32 buffers that are summed over rounds at the end. No
 atomics, so gradients are deterministic.
@@ -32,7 +34,9 @@ bf16/fp16 arithmetic; loads, stores and everything else are the same code as on 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -94,7 +98,7 @@ def _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows, ok, offs_d, L, D, sqrt_d, H
 
 
 @triton.jit
-def _masked_scores(q, k, pos_q, key_pos_k, rows_q, rows_k, bkey_q, bkey_k, k_ok, L, masked, self_masked,
+def _masked_scores(q, k, pos_q, key_pos_k, rows_q, rows_k, bucket_q, bucket_k, k_ok, L, masked, self_masked,
                    C: tl.constexpr, BUCKET_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     """fp32 scores of a (query tile, key tile) with the reference's masks (``block_scores``).
 
@@ -109,7 +113,7 @@ def _masked_scores(q, k, pos_q, key_pos_k, rows_q, rows_k, bkey_q, bkey_k, k_ok,
         else:
             band = (lag >= -C) & (lag <= C)
         same_round = (rows_q // L)[:, None] == (rows_k // L)[None, :]
-        valid = band & same_round & (bkey_q[:, None] == bkey_k[None, :])
+        valid = band & same_round & (bucket_q[:, None] == bucket_k[None, :])
         is_self = lag == 0
     else:
         if CAUSAL:
@@ -141,6 +145,13 @@ def _dropout_keep(bh, N, rows_q, slots_k, seed32, dropout_p, W: tl.constexpr):
         x = x * 0x5BD1E995
         x = x ^ (x >> 16) ^ hi
     return (x & 0xFFFFFF).to(tl.float32) * (1.0 / 16777216.0) >= dropout_p
+
+
+@triton.jit
+def _wrap(chunk, n_chunks):
+    """chunk mod n_chunks in [0, n_chunks) for any sign: compiled Triton's % truncates like C, the
+    interpreter's (numpy) floors like Python, and look-back/ahead may exceed n_chunks."""
+    return (chunk % n_chunks + n_chunks) % n_chunks
 
 
 @triton.jit
@@ -190,8 +201,8 @@ def _lsh_fwd_kernel(
     slot_q = sub * BLOCK + ar
     q_ok = slot_q < C
     rows_q = cq * C + slot_q
-    sidx_q, pos_q, _kp, bkey_q, x_q, _rk, _k = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_q, q_ok, offs_d, L,
-                                                           D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
+    sidx_q, pos_q, _kp, bucket_q, x_q, _rk, _k = _load_rows(
+        SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_q, q_ok, offs_d, L, D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
     q = x_q.to(key_dtype).to(DOT_DTYPE)  # queries are qk itself (not normalised)
 
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -199,17 +210,19 @@ def _lsh_fwd_kernel(
     acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for oi in range(N_OFF):
         kc_raw = cq + oi - BEFORE
-        kc = (kc_raw + n_chunks) % n_chunks  # 'chunk' windows wrap around across rounds
+        kc = _wrap(kc_raw, n_chunks)  # 'chunk' windows wrap around across rounds
         for j in range(N_SUB):
             if _tile_needed(kc_raw, n_chunks, kc_raw * C + j * BLOCK, cq * C + sub * BLOCK, BLOCK, C,
                             BUCKET_WINDOW, CAUSAL):
                 slot_k = j * BLOCK + ar
                 k_ok = slot_k < C
                 rows_k = kc * C + slot_k
-                _s, pos_k, key_pos_k, bkey_k, _x, _rk, k = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_k, k_ok,
-                                                                      offs_d, L, D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
-                s, _allowed = _masked_scores(q, k.to(DOT_DTYPE), pos_q, key_pos_k, rows_q, rows_k, bkey_q, bkey_k,
-                                             k_ok, L, masked, self_masked, C, BUCKET_WINDOW, CAUSAL, IEEE)
+                _s, pos_k, key_pos_k, bucket_k, _x, _rk, k = _load_rows(
+                    SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_k, k_ok, offs_d, L, D, sqrt_d, HAS_PAD,
+                    BUCKET_WINDOW, key_dtype)
+                s, _allowed = _masked_scores(q, k.to(DOT_DTYPE), pos_q, key_pos_k, rows_q, rows_k, bucket_q,
+                                             bucket_k, k_ok, L, masked, self_masked, C, BUCKET_WINDOW, CAUSAL,
+                                             IEEE)
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.exp(m_i - m_new)
                 p = tl.exp(s - m_new[:, None])
@@ -219,9 +232,10 @@ def _lsh_fwd_kernel(
                         keep = _dropout_keep(bh, N, rows_q, oi * C + slot_k, seed32, dropout_p, N_OFF * C)
                         p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
                     d_ok = offs_d < D
-                    vt = tl.load(V_bh + pos_k[:, None] * D + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
-                                 other=0.0)
-                    acc = acc * alpha[:, None] + _dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), vt.to(DOT_DTYPE), IEEE)
+                    vt = tl.load(V_bh + pos_k[:, None] * D + offs_d[None, :],
+                                 mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+                    p = p.to(V.dtype.element_ty).to(DOT_DTYPE)  # the reference rounds probs to v's dtype
+                    acc = acc * alpha[:, None] + _dot(p, vt, IEEE)
                 m_i = m_new
 
     tl.store(RMAX + bh64 * N + sidx_q, m_i, mask=q_ok)
@@ -264,10 +278,10 @@ def _lsh_bwd_kernel(
     slot_o = sub * BLOCK + ar  # slot of the own rows inside their chunk
     o_ok = slot_o < C
     rows_o = cq * C + slot_o
-    sidx_o, pos_o, key_pos_o, bkey_o, x_o, rk_o, k_o = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_o, o_ok,
-                                                                  offs_d, L, D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
     tile_o = o_ok[:, None] & d_ok[None, :]
-    q_o = x_o.to(key_dtype).to(DOT_DTYPE)
+    # each phase gathers only what it uses: tiles live across both phases cost registers (spills)
+    sidx_o, pos_o, key_pos_o, bucket_o, _x, rk_o, k_o = _load_rows(
+        SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_o, o_ok, offs_d, L, D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
     k_o = k_o.to(DOT_DTYPE)
     v_o = tl.load(V_bh + pos_o[:, None] * D + offs_d[None, :], mask=tile_o, other=0.0).to(DOT_DTYPE)
 
@@ -276,23 +290,25 @@ def _lsh_bwd_kernel(
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for oi in range(N_OFF):
         qc_raw = cq - (oi - BEFORE)
-        qc = (qc_raw + n_chunks) % n_chunks
+        qc = _wrap(qc_raw, n_chunks)
         for j in range(N_SUB):
-            if _tile_needed(qc_raw, n_chunks, cq * C + sub * BLOCK, qc_raw * C + j * BLOCK, BLOCK, C, BUCKET_WINDOW,
-                            CAUSAL):
+            if _tile_needed(qc_raw, n_chunks, cq * C + sub * BLOCK, qc_raw * C + j * BLOCK, BLOCK, C,
+                            BUCKET_WINDOW, CAUSAL):
                 slot_q = j * BLOCK + ar
                 q_ok = slot_q < C
                 rows_q = qc * C + slot_q
-                _s, pos_q, _kp, bkey_q, x_q, _rk, _k = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_q, q_ok, offs_d,
-                                                                  L, D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
+                _s, pos_q, _kp, bucket_q, x_q, _rk, _k = _load_rows(
+                    SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_q, q_ok, offs_d, L, D, sqrt_d, HAS_PAD,
+                    BUCKET_WINDOW, key_dtype)
                 q = x_q.to(key_dtype).to(DOT_DTYPE)
                 tile_q = q_ok[:, None] & d_ok[None, :]
-                do = tl.load(DO_bh + pos_q[:, None] * D + offs_d[None, :], mask=tile_q, other=0.0).to(DOT_DTYPE)
+                do = tl.load(DO_bh + pos_q[:, None] * D + offs_d[None, :], mask=tile_q, other=0.0)
+                do = do.to(DOT_DTYPE)
                 top = tl.load(TOP_bh + pos_q, mask=q_ok, other=0.0)
                 logt = tl.load(LOGT_bh + pos_q, mask=q_ok, other=0.0)
                 delta = tl.load(DELTA_bh + pos_q, mask=q_ok, other=0.0)
-                s, allowed = _masked_scores(q, k_o, pos_q, key_pos_o, rows_q, rows_o, bkey_q, bkey_o, o_ok, L, masked,
-                                            self_masked, C, BUCKET_WINDOW, CAUSAL, IEEE)
+                s, allowed = _masked_scores(q, k_o, pos_q, key_pos_o, rows_q, rows_o, bucket_q, bucket_o,
+                                            o_ok, L, masked, self_masked, C, BUCKET_WINDOW, CAUSAL, IEEE)
                 p = tl.where(q_ok[:, None], tl.exp((s - top[:, None]) - logt[:, None]), 0.0)
                 dp = _dot(do, tl.trans(v_o), IEEE)
                 if DROPOUT:
@@ -304,94 +320,148 @@ def _lsh_bwd_kernel(
                 dv += _dot(tl.trans(p_drop).to(DOT_DTYPE), do, IEEE)
                 ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
                 dk += _dot(tl.trans(ds).to(DOT_DTYPE), q, IEEE)
+    out_rows = (bh64 * N + sidx_o[:, None]) * D + offs_d[None, :]
+    tl.store(DV + out_rows, dv, mask=tile_o)
+    # key normalisation backward (linear in dk, so per-round partial sums are fine):
+    # d/dx [x * rk(x)] applied to g = rk * g - rk^3 * x * (x . g)
+    x_o = tl.load(QK_bh + pos_o[:, None] * D + offs_d[None, :], mask=tile_o, other=0.0).to(tl.float32)
+    dqk = rk_o[:, None] * dk - (rk_o * rk_o * rk_o * tl.sum(x_o * dk, 1))[:, None] * x_o
 
     # ---- phase 2: own rows as queries; the same key tiles as the forward
+    q_o = x_o.to(key_dtype).to(DOT_DTYPE)
     do_o = tl.load(DO_bh + pos_o[:, None] * D + offs_d[None, :], mask=tile_o, other=0.0).to(DOT_DTYPE)
     top_o = tl.load(TOP_bh + pos_o, mask=o_ok, other=0.0)
     logt_o = tl.load(LOGT_bh + pos_o, mask=o_ok, other=0.0)
     delta_o = tl.load(DELTA_bh + pos_o, mask=o_ok, other=0.0)
-    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for oi in range(N_OFF):
         kc_raw = cq + oi - BEFORE
-        kc = (kc_raw + n_chunks) % n_chunks
+        kc = _wrap(kc_raw, n_chunks)
         for j in range(N_SUB):
             if _tile_needed(kc_raw, n_chunks, kc_raw * C + j * BLOCK, cq * C + sub * BLOCK, BLOCK, C,
                             BUCKET_WINDOW, CAUSAL):
                 slot_k = j * BLOCK + ar
                 k_ok = slot_k < C
                 rows_k = kc * C + slot_k
-                _s, pos_k, key_pos_k, bkey_k, _x, _rk, k = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_k, k_ok,
-                                                                      offs_d, L, D, sqrt_d, HAS_PAD, BUCKET_WINDOW, key_dtype)
+                _s, pos_k, key_pos_k, bucket_k, _x, _rk, k = _load_rows(
+                    SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_k, k_ok, offs_d, L, D, sqrt_d, HAS_PAD,
+                    BUCKET_WINDOW, key_dtype)
                 k = k.to(DOT_DTYPE)
                 vt = tl.load(V_bh + pos_k[:, None] * D + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
                              other=0.0).to(DOT_DTYPE)
-                s, allowed = _masked_scores(q_o, k, pos_o, key_pos_k, rows_o, rows_k, bkey_o, bkey_k, k_ok, L, masked,
-                                            self_masked, C, BUCKET_WINDOW, CAUSAL, IEEE)
+                s, allowed = _masked_scores(q_o, k, pos_o, key_pos_k, rows_o, rows_k, bucket_o, bucket_k,
+                                            k_ok, L, masked, self_masked, C, BUCKET_WINDOW, CAUSAL, IEEE)
                 p = tl.exp((s - top_o[:, None]) - logt_o[:, None])
                 dp = _dot(do_o, tl.trans(vt), IEEE)
                 if DROPOUT:
                     keep = _dropout_keep(bh, N, rows_o, oi * C + slot_k, seed32, dropout_p, N_OFF * C)
                     dp = tl.where(keep, dp * drop_scale, 0.0)
                 ds = tl.where(allowed, p * (dp - delta_o[:, None]), 0.0)
-                dq += _dot(ds.to(DOT_DTYPE), k, IEEE)
-
-    # key normalisation backward (linear in dk, so per-round partial sums are fine):
-    # d/dx [x * rk(x)] applied to g = rk * g - rk^3 * x * (x . g)
-    dx = rk_o[:, None] * dk - (rk_o * rk_o * rk_o * tl.sum(x_o * dk, 1))[:, None] * x_o
-    rows_out = (bh64 * N + sidx_o[:, None]) * D + offs_d[None, :]
-    tl.store(DQK + rows_out, dq + dx, mask=tile_o)
-    tl.store(DV + rows_out, dv, mask=tile_o)
+                dqk += _dot(ds.to(DOT_DTYPE), k, IEEE)
+    tl.store(DQK + out_rows, dqk, mask=tile_o)
 
 
 # ---------------------------------------------------------------------------------------------- launches
 def _interpreting() -> bool:
-    from triton import knobs
+    """Were the kernels decorated under TRITON_INTERPRET=1 (decided at import, like Triton does)?"""
+    from triton.runtime.interpreter import InterpretedFunction
 
-    return bool(knobs.runtime.interpret)
+    return isinstance(_lsh_fwd_kernel, InterpretedFunction)
 
 
-def _launch_args(qk: Tensor, buckets: Tensor, key_padding_mask: Tensor | None, chunk_len: int, chunks_before: int,
-                 chunks_after: int, window: str, causal: bool, dropout_p: float, dropout_seed: int, block_max: int):
-    """Sort once and collect the tensors and compile-time constants shared by both kernels."""
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the *current* CUDA device: make it the tensors' one (CPU: interpreter, no-op)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _tiles(chunk_len: int, d: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK rows, BLOCK_D, num_warps) per program.
+
+    Chosen from the sm_90 register use reported by cuobjdump for bf16 (255 registers is the cap; any
+    stack means spills): forward 64x64 tiles fit 4 warps, 128x64 and 64x128 need 8; the backward holds
+    twice the live tiles, so it takes 64 rows at D=64 and 32 rows at D=128, with 8 warps.
+    """
+    block_d = max(16, triton.next_power_of_2(d))
+    cap = (64 if d <= 64 else 32) if backward else (128 if d <= 64 else 64)
+    block = min(cap, max(16, triton.next_power_of_2(chunk_len)))
+    if backward:
+        warps = 8 if block * block_d >= 64 * 64 else 4
+    else:
+        warps = 4 if block * block_d <= 64 * 64 else 8
+    return block, block_d, warps
+
+
+class _Window(NamedTuple):
+    """The op's window arguments, in its order."""
+
+    chunk_len: int
+    chunks_before: int
+    chunks_after: int
+    window: str
+    causal: bool
+    dropout_p: float
+    dropout_seed: int
+
+
+def _launch_args(qk: Tensor, sorted_idx: Tensor, key_padding_mask: Tensor | None, w: _Window, backward: bool):
+    """Runtime scalars, compile-time constants (with num_warps) and grid shared by both kernels."""
     b, h, length, d = qk.shape
-    sorted_idx, bucket_key = sort_by_bucket(buckets)  # (B, H, n*L) each: O(n_hashes * L) integers
     n_total = sorted_idx.shape[-1]
-    torch._check(n_total * d < 2**31, lambda: f"n_hashes*L*D = {n_total * d} needs int64 indexing: over 2**31")
-    offsets = window_offsets(window, chunks_before, chunks_after, causal)
-    block = min(block_max, max(16, triton.next_power_of_2(chunk_len)))
-    n_sub = triton.cdiv(chunk_len, block)
-    n_chunks = n_total // chunk_len
+    torch._check(n_total * d < 2**31, lambda: f"n_hashes*L*D = {n_total * d} is over 2**31 (int32 indexing)")
+    offsets = window_offsets(w.window, w.chunks_before, w.chunks_after, w.causal)
+    block, block_d, num_warps = _tiles(w.chunk_len, d, backward)
+    n_sub = triton.cdiv(w.chunk_len, block)
+    n_chunks = n_total // w.chunk_len
     masked, self_masked = mask_values(qk.dtype)
-    pad = key_padding_mask.contiguous() if key_padding_mask is not None else sorted_idx  # dummy when unused
-    interp = _interpreting()
-    tensors = (sorted_idx, bucket_key, pad)
-    scalars = (length, n_total, h, d, math.sqrt(d), n_chunks, (dropout_seed ^ (dropout_seed >> 32)) & 0xFFFFFFFF,
-               float(dropout_p), masked, self_masked)
+    seed32 = (w.dropout_seed ^ (w.dropout_seed >> 32)) & 0xFFFFFFFF  # the reference's seed folding
+    scalars = (length, n_total, h, d, math.sqrt(d), n_chunks, seed32, float(w.dropout_p), masked, self_masked)
     consts = dict(
-        C=chunk_len, BEFORE=-offsets[0], N_OFF=len(offsets), N_SUB=n_sub, BUCKET_WINDOW=window == "bucket",
-        CAUSAL=causal, HAS_PAD=key_padding_mask is not None, DROPOUT=dropout_p > 0, BLOCK=block,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        DOT_DTYPE=tl.float32 if interp else _TL_DTYPES[qk.dtype], IEEE=qk.dtype == torch.float32,
+        C=w.chunk_len, BEFORE=-offsets[0], N_OFF=len(offsets), N_SUB=n_sub,
+        BUCKET_WINDOW=w.window == "bucket", CAUSAL=w.causal, HAS_PAD=key_padding_mask is not None,
+        DROPOUT=w.dropout_p > 0, BLOCK=block, BLOCK_D=block_d, IEEE=qk.dtype == torch.float32,
+        DOT_DTYPE=tl.float32 if _interpreting() else _TL_DTYPES[qk.dtype], num_warps=num_warps,
     )
-    grid = (n_chunks * n_sub, b * h)
-    return tensors, scalars, consts, grid
+    return scalars, consts, (n_chunks * n_sub, b * h)
 
 
-def _forward_rounds(qk: Tensor, v: Tensor, buckets: Tensor, key_padding_mask: Tensor | None, chunk_len: int,
-                    chunks_before: int, chunks_after: int, window: str, causal: bool, dropout_p: float,
-                    dropout_seed: int, stats_only: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+def _forward_rounds(qk: Tensor, v: Tensor, sorted_idx: Tensor, bucket_key: Tensor,
+                    key_padding_mask: Tensor | None, w: _Window,
+                    stats_only: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     """Per-round outputs (B*H, n, L, D) in v's dtype (None if stats_only) and softmax stats row_max,
     log_sum (B*H, n, L) fp32 (logsumexp = row_max + log_sum), as the reference's ``attend_sorted``."""
     b, h, length, d = qk.shape
-    n = buckets.shape[2]
-    (sidx, bkey, pad), scalars, consts, grid = _launch_args(qk, buckets, key_padding_mask, chunk_len, chunks_before,
-                                                            chunks_after, window, causal, dropout_p, dropout_seed,
-                                                            block_max=128 if d <= 64 else 64)
+    n = sorted_idx.shape[-1] // length
+    scalars, consts, grid = _launch_args(qk, sorted_idx, key_padding_mask, w, backward=False)
     row_max = torch.empty(b * h, n, length, device=qk.device, dtype=torch.float32)
     log_sum = torch.empty_like(row_max)
     o = row_max if stats_only else torch.empty(b * h, n, length, d, device=qk.device, dtype=v.dtype)
-    _lsh_fwd_kernel[grid](qk, v, sidx, bkey, pad, o, row_max, log_sum, *scalars, STATS_ONLY=stats_only, **consts)
+    pad = key_padding_mask.contiguous() if key_padding_mask is not None else sorted_idx  # dummy when unused
+    with _on_device(qk):
+        _lsh_fwd_kernel[grid](qk, v, sorted_idx, bucket_key, pad, o, row_max, log_sum, *scalars,
+                              STATS_ONLY=stats_only, **consts)
     return (None if stats_only else o), row_max, log_sum
+
+
+def _backward_rounds(qk: Tensor, v: Tensor, grad_out: Tensor, top: Tensor, log_total: Tensor, delta: Tensor,
+                     sorted_idx: Tensor, bucket_key: Tensor, key_padding_mask: Tensor | None,
+                     w: _Window) -> tuple[Tensor, Tensor]:
+    """Per-round gradients (B*H, n, L, D) fp32 of qk and v; top, log_total, delta (B*H, L) fp32."""
+    b, h, length, d = qk.shape
+    n = sorted_idx.shape[-1] // length
+    scalars, consts, grid = _launch_args(qk, sorted_idx, key_padding_mask, w, backward=True)
+    dqk = torch.empty(b * h, n, length, d, device=qk.device, dtype=torch.float32)
+    dv = torch.empty_like(dqk)
+    pad = key_padding_mask.contiguous() if key_padding_mask is not None else sorted_idx  # dummy when unused
+    with _on_device(qk):
+        _lsh_bwd_kernel[grid](qk, v, grad_out, top, log_total, delta, sorted_idx, bucket_key, pad, dqk, dv,
+                              *scalars, **consts)
+    return dqk, dv
+
+
+def _combined_softmax_stats(row_max: Tensor, log_sum: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-round stats (B*H, n, L) -> (top, log_total) (B*H, L) of one softmax over all rounds' windows,
+    P = exp((S - top) - log_total), as the reference's backward builds them."""
+    top = row_max.amax(dim=1)
+    return top, torch.logsumexp((row_max - top.unsqueeze(1)) + log_sum, dim=1)
 
 
 def lsh_attention_triton(
@@ -403,10 +473,11 @@ def lsh_attention_triton(
     as ``lsh_attention_reference``: (out (B, H, L, D) in v's dtype, buckets (B, H, n_hashes, L))."""
     _check(qk, v, chunk_len, window)
     b, h, length, d = qk.shape
+    w = _Window(chunk_len, chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
     buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
-    o, row_max, log_sum = _forward_rounds(qk.contiguous(), v.contiguous(), buckets, key_padding_mask, chunk_len,
-                                          chunks_before, chunks_after, window, causal, dropout_p, dropout_seed,
-                                          stats_only=False)
+    sorted_idx, bucket_key = sort_by_bucket(buckets)  # (B, H, n*L) each: O(n_hashes x L) integers
+    o, row_max, log_sum = _forward_rounds(qk.contiguous(), v.contiguous(), sorted_idx, bucket_key,
+                                          key_padding_mask, w, stats_only=False)
     return combine_rounds(o, row_max, log_sum).view(b, h, length, d), buckets
 
 
@@ -415,21 +486,17 @@ def lsh_attention_backward_triton(
     chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool, dropout_p: float,
     dropout_seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """Backward of the op (same arguments as ``torch.ops.reformer.lsh_attention_backward``): (grad_qk, grad_v)."""
+    """Backward of the op, same arguments as ``torch.ops.reformer.lsh_attention_backward``.
+
+    Returns (grad_qk, grad_v) in the dtypes of qk and v.
+    """
     b, h, length, d = qk.shape
-    n = buckets.shape[2]
+    w = _Window(chunk_len, chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
     qk, v, grad_out = qk.contiguous(), v.contiguous(), grad_out.contiguous()
-    _, row_max, log_sum = _forward_rounds(qk, v, buckets, key_padding_mask, chunk_len, chunks_before, chunks_after,
-                                          window, causal, dropout_p, dropout_seed, stats_only=True)
-    # one softmax over the union of all rounds' windows: P = exp((S - top) - log_total)
-    top = row_max.amax(dim=1, keepdim=True)
-    log_total = torch.logsumexp((row_max - top) + log_sum, dim=1)  # (BH, L)
-    delta = (grad_out.float() * out.float()).sum(-1).view(b * h, length)
-    (sidx, bkey, pad), scalars, consts, grid = _launch_args(qk, buckets, key_padding_mask, chunk_len, chunks_before,
-                                                            chunks_after, window, causal, dropout_p, dropout_seed,
-                                                            block_max=64)
-    dqk = torch.empty(b * h, n, length, d, device=qk.device, dtype=torch.float32)
-    dv = torch.empty_like(dqk)
-    _lsh_bwd_kernel[grid](qk, v, grad_out, top.squeeze(1).contiguous(), log_total, delta, sidx, bkey, pad, dqk, dv,
-                          *scalars, **consts)
-    return (dqk.sum(1).view(b, h, length, d).to(qk.dtype), dv.sum(1).view(b, h, length, d).to(v.dtype))
+    sorted_idx, bucket_key = sort_by_bucket(buckets)
+    _, row_max, log_sum = _forward_rounds(qk, v, sorted_idx, bucket_key, key_padding_mask, w, stats_only=True)
+    top, log_total = _combined_softmax_stats(row_max, log_sum)
+    delta = (grad_out.float() * out.float()).sum(-1).view(b * h, length)  # rowsum(dO * O)
+    dqk, dv = _backward_rounds(qk, v, grad_out, top, log_total, delta, sorted_idx, bucket_key,
+                               key_padding_mask, w)
+    return dqk.sum(1).view(b, h, length, d).to(qk.dtype), dv.sum(1).view(b, h, length, d).to(v.dtype)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -321,6 +322,19 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
 
 
+def hf_tokenizer_spec(path: str | os.PathLike, vocab_size: int) -> dict[str, Any] | None:
+    """The tokenizer of an HF model directory: its ``tokenizer.json`` or ``spiece.model`` if present;
+    otherwise raw bytes for byte-sized vocabularies (258 = google/reformer-enwik8's ``byte + 2``, 0 = pad;
+    256 = plain bytes); None if unknown."""
+    path = Path(path)
+    for file, kind in (("tokenizer.json", "hf_tokenizers"), ("spiece.model", "sentencepiece")):
+        if (path / file).is_file():
+            return {"kind": kind, "path": str(path / file)}
+    if vocab_size in (256, 258):
+        return {"kind": "bytes", "offset": vocab_size - 256}
+    return None
+
+
 def from_hf(path: str | os.PathLike) -> ReformerLM:
     """A ReformerLM (eval mode, fp32) with the weights of the HF Reformer LM directory ``path``."""
     from reformer_dist.model.reformer import ReformerLM
@@ -344,8 +358,9 @@ def _atomic_write(target: Path, write) -> None:
         raise
 
 
-def save_hf(model: ReformerLM, path: str | os.PathLike) -> None:
-    """Write ``config.json`` + ``model.safetensors`` for ``transformers``' ``from_pretrained``.
+def save_hf(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str, Any] | None = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` for ``transformers``' ``from_pretrained``, plus the
+    tokenizer file (``spiece.model`` / ``tokenizer.json``) if ``tokenizer`` names one.
 
     Each file is written atomically; the config goes last, so a directory with a config is complete.
     """
@@ -356,8 +371,11 @@ def save_hf(model: ReformerLM, path: str | os.PathLike) -> None:
     path.mkdir(parents=True, exist_ok=True)
     state = state_dict_to_hf(model)
     _atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    if tokenizer is not None and "path" in tokenizer:
+        name = {"sentencepiece": "spiece.model", "hf_tokenizers": "tokenizer.json"}[tokenizer["kind"]]
+        _atomic_write(path / name, lambda tmp: shutil.copyfile(tokenizer["path"], tmp))
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
     _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
-__all__ = ["config_from_hf", "config_to_hf", "from_hf", "hf_auto_buckets", "is_hf_dir", "save_hf"]
+__all__ = ["config_from_hf", "config_to_hf", "from_hf", "hf_auto_buckets", "hf_tokenizer_spec", "is_hf_dir", "save_hf"]

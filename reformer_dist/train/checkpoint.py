@@ -3,23 +3,25 @@
 Layout of a run directory::
 
     checkpoints/step_00000100/    DeepSpeed's files (save_checkpoint, tag = directory name),
-                                  rng_rank00000.pt ... one per rank, meta.json (written last)
-    checkpoints/universal/step_.. the same checkpoint converted for another world size / ZeRO stage
+                                  rng_rank00000.pt ... one per rank, config.yaml, meta.json (written last)
     latest                        "step_00000100": the newest *complete* checkpoint
+    universal/step_00000100/      a checkpoint converted for another world size / ZeRO stage (transient)
 
 A checkpoint is complete once rank 0 has written ``meta.json``, after every rank finished its shard and
 its RNG file; only then is ``latest`` replaced (atomically: temp file + rename). A process killed while
-writing leaves ``latest`` on the previous checkpoint, which is what ``train.resume=auto`` loads; the
-half-written directory is removed when that step is saved again, or by keep-last-K pruning.
+writing leaves ``latest`` on the previous checkpoint, which is what ``train.resume=auto`` loads; the next
+launch deletes the incomplete directory before training. ``train.resume=never`` refuses a run directory
+that already holds checkpoints rather than overwrite them.
 
 Why per-rank RNG files: DeepSpeed saves no Python/numpy/torch RNG state, and under ZeRO 0-2 the
 ``client_state`` is written by rank 0 alone, so each rank stores its own streams next to its shard.
 
 Resuming on another world size or ZeRO stage goes through DeepSpeed's universal checkpoint format: rank 0
-converts the checkpoint once (``deepspeed.checkpoint.ds_to_universal``), every rank then loads it with
-``checkpoint.load_universal``, which re-partitions weights *and* optimizer states. The data position is a
-global sample count, so it carries over unchanged; ranks without an RNG file of their own take rank 0's
-(every rank starts from the same streams anyway, see ``engine.build_model``).
+converts the checkpoint once into ``universal/`` (``deepspeed.checkpoint.ds_to_universal``), every rank
+loads it with ``checkpoint.load_universal``, which re-partitions weights *and* optimizer states, and the
+conversion is deleted after this run's first checkpoint. The data position is a global sample count, so
+it carries over unchanged; ranks without an RNG file of their own take rank 0's (every rank starts from
+the same streams anyway, see ``engine.build_model``). Only ZeRO-0 <-> ZeRO >= 1 is not convertible.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
 CONFIG_FILE = "config.yaml"  # the resolved run config, in checkpoint and native directories alike
+UNIVERSAL = "universal"
 FORMAT = "reformer-dist-checkpoint"
 
 
@@ -98,6 +101,10 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     """The checkpoint ``train.resume`` asks for: 'never' -> None, 'auto' -> this run's latest (None if
     it has none), else a checkpoint directory or a run directory (its latest)."""
     if resume == "never":
+        if (run_dir / LATEST).is_file():
+            raise CheckpointError(f"train.resume=never, but {run_dir} already holds checkpoints (latest: "
+                                  f"{latest_checkpoint(run_dir)}): use a new train.output_dir, delete this one, "
+                                  f"or resume with train.resume=auto")
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)
@@ -115,29 +122,29 @@ class ResumePoint:
     """The checkpoint directory (``.../checkpoints/step_XXXXXXXX``)."""
     meta: dict[str, Any]
     """Its completion record: step, world_size, zero_stage, ..."""
-    universal: bool
-    """Load through the universal format (the world size or the ZeRO stage changed)."""
+    universal_dir: Path | None
+    """Where its universal conversion goes when the world size or the ZeRO stage changed, else None."""
 
     @property
     def load_dir(self) -> Path:
-        return self.path.parent / "universal" if self.universal else self.path.parent
+        return self.universal_dir if self.universal_dir is not None else self.path.parent
 
     @property
     def tag(self) -> str:
         return self.path.name
 
 
-def plan_resume(path: Path, world_size: int, zero_stage: int) -> ResumePoint:
+def plan_resume(path: Path, world_size: int, zero_stage: int, run_dir: Path) -> ResumePoint:
     """Check that checkpoint ``path`` is complete and decide how this run can load it."""
     meta = read_meta(path)
     saved_ws, saved_stage = int(meta["world_size"]), int(meta["zero_stage"])
     if saved_stage == zero_stage and (saved_ws == world_size or zero_stage == 0):
-        return ResumePoint(path, meta, universal=False)  # ZeRO-0 checkpoints hold full optimizer states
+        return ResumePoint(path, meta, None)  # ZeRO-0 checkpoints hold whole optimizer states
     if saved_stage == 0 or zero_stage == 0:
         raise CheckpointError(f"{path} was saved with deepspeed.zero_stage={saved_stage} on {saved_ws} rank(s); "
                               f"this run has zero_stage={zero_stage} on {world_size}: converting between ZeRO-0 "
                               f"and ZeRO >= 1 is not supported, resume with deepspeed.zero_stage={saved_stage}")
-    return ResumePoint(path, meta, universal=True)
+    return ResumePoint(path, meta, run_dir / UNIVERSAL)
 
 
 def convert_to_universal(point: ResumePoint) -> None:
@@ -147,6 +154,7 @@ def convert_to_universal(point: ResumePoint) -> None:
     out = point.load_dir / point.tag
     if (out / META).is_file():
         return
+    point.load_dir.mkdir(parents=True, exist_ok=True)
     tmp = point.load_dir / f".{point.tag}.converting"
     shutil.rmtree(tmp, ignore_errors=True)
     args = type("Args", (), dict(input_folder=str(point.path), output_folder=str(tmp), num_extract_workers=1,
@@ -194,14 +202,21 @@ class Checkpointer:
         self.run_dir, self.keep_last, self.dist = run_dir, keep_last, dist_info
         self.root = run_dir / CHECKPOINTS
 
+    def discard_incomplete(self) -> None:
+        """Rank 0, before training: delete checkpoint directories a killed save left without ``meta.json``."""
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if step_of(p.name) is not None and not (p / META).is_file():
+                    shutil.rmtree(p)
+
     def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any],
              config_yaml: str) -> Path:
         """Write checkpoint ``step``, mark it complete, move ``latest`` to it, prune old ones.
         ``meta`` goes into the completion record, ``config_yaml`` (the resolved run config) next to it."""
         tag = tag_for(step)
         path = self.root / tag
-        if self.dist.is_main and path.exists():
-            shutil.rmtree(path)  # left by a crashed save (or a run that went further before a rollback)
+        if self.dist.is_main and (path / META).is_file():
+            shutil.rmtree(path)  # a complete checkpoint of a branch abandoned by resuming from an older one
         barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         save_torch_atomic(capture_rng(engine.module), rng_file(path, self.dist.rank))
@@ -212,19 +227,17 @@ class Checkpointer:
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
             write_text_atomic(path / META, json.dumps(record, indent=1) + "\n")
             write_text_atomic(self.run_dir / LATEST, tag + "\n")
+            shutil.rmtree(self.run_dir / UNIVERSAL, ignore_errors=True)  # a resume conversion is now obsolete
             self._prune(step)
         return path
 
     def _prune(self, current: int) -> None:
-        """Keep the newest ``keep_last`` complete checkpoints up to ``current``; delete older directories
-        (complete or not) and their universal conversions. Directories past ``current`` are left alone."""
-        dirs = sorted((s, p) for p in self.root.iterdir() if (s := step_of(p.name)) is not None and s <= current)
-        complete = [s for s, p in dirs if (p / META).is_file()]
-        keep = set(complete[-self.keep_last:])
-        for s, p in dirs:
-            if s not in keep:
-                shutil.rmtree(p, ignore_errors=True)
-                shutil.rmtree(self.root / "universal" / p.name, ignore_errors=True)
+        """Keep the newest ``keep_last`` complete checkpoints up to ``current``; delete the older ones.
+        Directories past ``current`` (a branch abandoned by a rollback) are left to be overwritten."""
+        complete = sorted(s for p in self.root.iterdir()
+                          if (s := step_of(p.name)) is not None and s <= current and (p / META).is_file())
+        for s in complete[:-self.keep_last]:
+            shutil.rmtree(self.root / tag_for(s), ignore_errors=True)
 
     def load(self, engine: Any, point: ResumePoint) -> dict[str, Any]:
         """Load ``point`` into ``engine`` and this rank's RNG streams; returns the client state."""

@@ -56,7 +56,7 @@ class TokenFlops:
 
 
 def token_flops(cfg: ReformerConfig, seq_len: int) -> TokenFlops:
-    d, inner, dh = cfg.d_model, cfg.n_heads * cfg.d_head, cfg.d_head
+    d, inner = cfg.d_model, cfg.n_heads * cfg.d_head
     layers = hashing = 0.0
     for kind in cfg.layer_kinds():
         if kind == "lsh":

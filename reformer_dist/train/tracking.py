@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,8 @@ class Tracker:
         self._wandb = self._progress = self._task = None
         if not active:
             return
-        self._jsonl = open(run_dir / METRICS_FILE, "a")  # a resumed run appends; readers keep the last per step
+        # open for the whole run (closed in close()); a resumed run appends, readers keep the last per step
+        self._jsonl = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115
         log: LoggingConfig = cfg.logging
         if log.progress_bar and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -81,7 +83,7 @@ class Tracker:
         from omegaconf import OmegaConf
 
         id_file = self.run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else secrets.token_hex(6)
         write_text_atomic(id_file, run_id + "\n")
         w = cfg.logging.wandb
         return wandb.init(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags) or None,
@@ -105,7 +107,7 @@ class Tracker:
         self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
         self._jsonl.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k not in ("step", "memory_gib")
+            self._wandb.log({k: v for k, v in record.items() if k not in ("step", "time", "memory_gib")
                              and isinstance(v, (int, float)) and math.isfinite(v)} |
                             {f"memory_gib/rank{i}": m for i, m in enumerate(record.get("memory_gib", []))},
                             step=record["step"])

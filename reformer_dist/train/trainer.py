@@ -83,18 +83,20 @@ class Trainer:
 
         # where to resume from, decided before the engine exists (a universal load is an engine option)
         found = ckpt.find_checkpoint(t.resume, self.run_dir)
-        self.resume = None if found is None else ckpt.plan_resume(found, dist_info.world_size, cfg.deepspeed.zero_stage)
+        self.resume = None if found is None else \
+            ckpt.plan_resume(found, dist_info.world_size, cfg.deepspeed.zero_stage, self.run_dir)
+        self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_last, dist_info)
         engine_config = dict(self.ds_config)
-        if self.resume is not None and self.resume.universal:
-            if dist_info.is_main:
-                self.resume.load_dir.mkdir(parents=True, exist_ok=True)
-                ckpt.convert_to_universal(self.resume)
-            barrier()
+        if self.resume is not None and self.resume.universal_dir is not None:
             engine_config["checkpoint"] = {**engine_config.get("checkpoint", {}), "load_universal": True}
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpointer.discard_incomplete()
+            if self.resume is not None and self.resume.universal_dir is not None:
+                ckpt.convert_to_universal(self.resume)
             save_config(cfg, self.run_dir / "config.yaml")
             ckpt.write_text_atomic(self.run_dir / "ds_config.json", json.dumps(engine_config, indent=2) + "\n")
+        barrier()
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # our readout replaces its INFO chatter
         self.model = build_model(cfg.model, t.seed)
@@ -102,7 +104,6 @@ class Trainer:
         self.sampler = GlobalOrderSampler(len(train_ds), seed=t.seed, shuffle=cfg.data.shuffle,
                                           rank=dist_info.rank, world_size=dist_info.world_size)
         self.state = TrainState()
-        self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_last, dist_info)
         self.last_saved = -1
         if self.resume is not None:
             self._load(self.resume)

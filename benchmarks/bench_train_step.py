@@ -1,0 +1,167 @@
+"""Training-step benchmark: this Reformer vs HF transformers, lucidrains' reformer-pytorch and plain SDPA.
+
+Each (implementation, length) runs in a fresh process: build the model (seeded), one warm-up step, then
+``--steps`` timed forward+backward steps at batch 1, fp32, 2 threads. The parent records the median step
+time and the child's peak RSS (``ru_maxrss`` from ``wait4``), prints a markdown table with the ratios to
+HF, and writes the table (.md), the raw numbers (.json) and a log-log plot (.png) to ``--out``.
+
+    python benchmarks/bench_train_step.py                       # 1K..64K all four, then ours at 256K, 1M
+    python benchmarks/bench_train_step.py --lengths 1024,4096 --impls ours,hf --ours-lengths ''
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+IMPLS = ("ours", "hf", "lucidrains", "sdpa")
+
+
+def child(impl: str, length: int, steps: int, threads: int) -> None:
+    """Run in the fresh process: print one JSON line with the step times."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from train_step_impls import BUILDERS
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    _, step = BUILDERS[impl](length)
+    ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(1))
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        step(ids).backward()
+        if i:  # the first step is a warm-up (allocator, lazy imports)
+            times.append(time.perf_counter() - start)
+        print(json.dumps({"partial": True, "times": times}), flush=True)
+    print(json.dumps({"times": times}), flush=True)
+
+
+def measure(impl: str, length: int, steps: int, threads: int, timeout: float) -> dict:
+    """Run one child; return its times, peak RSS (its own ru_maxrss, via wait4) and status."""
+    cmd = [sys.executable, __file__, "--child", impl, str(length), str(steps), str(threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        _, wait_status, usage = os.wait4(proc.pid, 0)  # reap it ourselves to get its rusage
+        timer.cancel()
+        code = os.waitstatus_to_exitcode(wait_status)
+        proc.returncode = code
+        out.seek(0)
+        err.seek(0)
+        lines = [json.loads(line) for line in out.read().splitlines() if line.startswith("{")]
+        error = (err.read().strip().splitlines() or ["?"])[-1][:120]
+    times = lines[-1]["times"] if lines else []
+    status = "ok" if code == 0 else ("timeout" if code == -signal.SIGKILL else f"error: {error}")
+    return {"impl": impl, "length": length, "times": times, "median_s": statistics.median(times) if times else None,
+            "peak_rss_gib": usage.ru_maxrss / 2**20, "status": status}
+
+
+def fmt_cell(r: dict) -> str:
+    if r["median_s"] is None:
+        return f"{r['status']} (peak {r['peak_rss_gib']:.2f} GiB)"
+    note = "" if r["status"] == "ok" else f" ({r['status']}, n={len(r['times'])})"
+    return f"{r['median_s']:.3g} s / {r['peak_rss_gib']:.2f} GiB{note}"
+
+
+def table(results: list[dict]) -> str:
+    lengths = sorted({r["length"] for r in results})
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in results)]
+    get = {(r["impl"], r["length"]): r for r in results}
+    head = "| impl | " + " | ".join(f"{n:,}" for n in lengths) + " |"
+    rows = [head, "|" + "---|" * (len(lengths) + 1)]
+    for impl in impls:
+        rows.append(f"| {impl} | " + " | ".join(fmt_cell(get[(impl, n)]) if (impl, n) in get else "-"
+                                                 for n in lengths) + " |")
+    for impl in impls:
+        if impl == "hf":
+            continue
+        cells = []
+        for n in lengths:
+            a, b = get.get((impl, n)), get.get(("hf", n))
+            if a and b and a["median_s"] and b["median_s"]:
+                cells.append(f"{a['median_s'] / b['median_s']:.2f}x / {a['peak_rss_gib'] / b['peak_rss_gib']:.2f}x")
+            else:
+                cells.append("-")
+        if any(c != "-" for c in cells):
+            rows.append(f"| {impl} / hf (time / mem) | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl in IMPLS:
+        pts = sorted((r["length"], r["median_s"], r["peak_rss_gib"]) for r in results
+                     if r["impl"] == impl and r["median_s"] is not None)
+        if pts:
+            xs = [p[0] for p in pts]
+            ax_t.plot(xs, [p[1] for p in pts], "o-", label=impl)
+            ax_m.plot(xs, [p[2] for p in pts], "o-", label=impl)
+    for ax, label in ((ax_t, "median step time (s)"), (ax_m, "peak RSS (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("Training step (fwd+bwd), batch 1, fp32, 2 CPU threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=4, metavar=("IMPL", "LENGTH", "STEPS", "THREADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    parser.add_argument("--lengths", default="1024,4096,16384,65536", help="lengths for every impl")
+    parser.add_argument("--ours-lengths", default="262144,1048576", help="extra lengths for ours alone")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (median reported)")
+    parser.add_argument("--long-steps", type=int, default=1, help="timed steps at lengths >= 65536")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per (impl, length) process")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for .md/.json/.png")
+    parser.add_argument("--tag", default="train_step", help="file name stem of the outputs")
+    args = parser.parse_args()
+    if args.child:
+        impl, length, steps, threads = args.child
+        child(impl, int(length), int(steps), int(threads))
+        return
+
+    plan = [(i, int(n)) for n in args.lengths.split(",") if n for i in args.impls.split(",") if i]
+    plan += [("ours", int(n)) for n in args.ours_lengths.split(",") if n]
+    results = []
+    for impl, length in plan:
+        steps = args.long_steps if length >= 65536 else args.steps
+        r = measure(impl, length, steps, args.threads, args.timeout)
+        results.append(r)
+        print(f"{impl:>10} {length:>8}: {fmt_cell(r)}", flush=True)
+    md = table(results)
+    print("\n" + md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:])
+    (args.out / f"{args.tag}.md").write_text(f"Command: `{cmd}`\n\n{md}\n")
+    (args.out / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / f"{args.tag}.png")
+    print(f"\nwrote {args.out / (args.tag + '.md')}, .json and .png")
+
+
+if __name__ == "__main__":
+    main()

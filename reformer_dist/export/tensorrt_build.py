@@ -1,0 +1,201 @@
+"""TensorRT engines from exported ONNX graphs, and a runner for them.
+
+    build_engine("model.onnx", "model.plan", precision="fp16", shapes=parse_shapes("1x64/1x1024/4x4096"))
+    TensorRTRunner("model.plan").logits(input_ids)
+
+The builder goes through TensorRT's ONNX parser with one optimisation profile over (batch, length) of
+``input_ids``/``attention_mask``. ``reformer::LshAttention`` nodes become the QDP plugin of
+``export/tensorrt/lsh_plugin.py`` when the graph is the ``tensorrt`` flavour (the plugin file is
+imported first, which registers it), or plain layers from the node's counting-sort body otherwise
+(``portable`` flavour: the engine then needs no Python at run time).
+
+TensorRT cannot be installed on CPU-only machines; everything here imports it lazily and is tested
+where ``import tensorrt`` and a GPU work (pytest marker ``tensorrt``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from reformer_dist.errors import ReformerDistError
+
+DEFAULT_PLUGIN = Path(__file__).resolve().parents[2] / "export" / "tensorrt" / "lsh_plugin.py"
+INPUTS = ("input_ids", "attention_mask")
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """(batch, length) minimum / optimum / maximum of the engine's optimisation profile."""
+
+    min: tuple[int, int]
+    opt: tuple[int, int]
+    max: tuple[int, int]
+
+
+def parse_shapes(text: str) -> ShapeProfile:
+    """'1x64/1x1024/4x4096' -> ShapeProfile; ReformerDistError on anything else."""
+    try:
+        triple = [tuple(int(n) for n in part.split("x")) for part in text.split("/")]
+    except ValueError:
+        triple = []
+    if len(triple) != 3 or any(len(t) != 2 for t in triple):
+        raise ReformerDistError(f"--shapes must be MIN/OPT/MAX, each BATCHxLENGTH (e.g. 1x64/1x1024/4x4096), "
+                                f"got {text!r}")
+    profile = ShapeProfile(*triple)
+    if not all(1 <= profile.min[i] <= profile.opt[i] <= profile.max[i] for i in range(2)):
+        raise ReformerDistError(f"--shapes needs 1 <= min <= opt <= max in batch and length, got {text!r}")
+    return profile
+
+
+def default_shapes(metadata: dict[str, str]) -> ShapeProfile:
+    """Batch 1; lengths from the chunk multiple to the exported max_seq_len, optimised for 1024."""
+    multiple, longest = int(metadata.get("pad_multiple", 1)), int(metadata.get("max_seq_len", 4096))
+    return ShapeProfile((1, multiple), (1, min(1024, longest)), (1, longest))
+
+
+def load_plugin(path: str | os.PathLike | None = None) -> None:
+    """Import the QDP plugin definitions (registers ``reformer::LshAttention`` with TensorRT)."""
+    path = Path(path) if path else DEFAULT_PLUGIN
+    if not path.is_file():
+        raise ReformerDistError(f"{path}: no such plugin file")
+    spec = importlib.util.spec_from_file_location("reformer_lsh_trt_plugin", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+def _trt():
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise ReformerDistError(f"TensorRT is not importable ({e}); install the 'gpu' extra on a CUDA machine") \
+            from None
+    return trt
+
+
+def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, *, precision: str = "fp32",
+                 shapes: ShapeProfile | None = None, timing_cache: str | os.PathLike | None = None,
+                 workspace_gb: float | None = None, plugin: str | os.PathLike | None = None) -> Path:
+    """Parse ``onnx_path``, build a serialized engine with one profile, write it atomically to ``output``.
+
+    precision: fp32 | fp16 | bf16 (builder flags allowing lower-precision kernels; an fp16-exported
+    graph is fp16 regardless). timing_cache: a file read if present and rewritten after the build.
+    """
+    import onnx
+
+    from reformer_dist.export.onnx_export import read_metadata
+
+    trt = _trt()
+    onnx_path, output = Path(onnx_path), Path(output)
+    if not onnx_path.is_file():
+        raise ReformerDistError(f"{onnx_path}: no such ONNX model")
+    metadata = read_metadata(onnx.load(str(onnx_path), load_external_data=False))
+    shapes = shapes or default_shapes(metadata)
+    if metadata.get("flavour") == "tensorrt":
+        load_plugin(plugin)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ReformerDistError(f"{onnx_path}: TensorRT's ONNX parser failed:\n{errors}")
+
+    config = builder.create_builder_config()
+    if workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    elif precision != "fp32":
+        raise ReformerDistError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+    profile = builder.create_optimization_profile()
+    for name in INPUTS:
+        profile.set_shape(name, shapes.min, shapes.opt, shapes.max)
+    config.add_optimization_profile(profile)
+    cache_path = Path(timing_cache) if timing_cache else None
+    if cache_path is not None:
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ReformerDistError(f"TensorRT could not build an engine from {onnx_path} (see the log above)")
+    _write_atomic(output, bytes(serialized))
+    _write_atomic(output.with_suffix(output.suffix + ".json"), json.dumps(
+        {**metadata, "trt_precision": precision, "trt_shapes": [shapes.min, shapes.opt, shapes.max]}).encode())
+    if cache_path is not None:
+        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    return output
+
+
+class TensorRTRunner:
+    """Run a built engine: ``logits(input_ids, attention_mask=None)`` like :class:`OrtRunner`.
+
+    The export metadata is read from ``<engine>.json`` (written by :func:`build_engine`). Device buffers
+    are torch CUDA tensors; the plugin file is imported when the engine was built from the tensorrt
+    flavour (its JIT implementation runs in this process).
+    """
+
+    def __init__(self, path: str | os.PathLike, plugin: str | os.PathLike | None = None):
+        import torch
+
+        trt = _trt()
+        path = Path(path)
+        if not path.is_file():
+            raise ReformerDistError(f"{path}: no such TensorRT engine")
+        sidecar = path.with_suffix(path.suffix + ".json")
+        self.metadata: dict = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        if self.metadata.get("flavour") == "tensorrt":
+            load_plugin(plugin)
+        self._torch = torch
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise ReformerDistError(f"{path}: TensorRT cannot deserialize the engine (other TensorRT version/GPU?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self._logits_dtype = getattr(torch, np.dtype(trt.nptype(self.engine.get_tensor_dtype("logits"))).name)
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.engine.get_tensor_profile_shape("input_ids", 0)[2][1])
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(self.engine.get_tensor_profile_shape("input_ids", 0)[2][0])
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """(B, L) int64 [+ (B, L) mask, 1 = real] -> (B, L, vocab) float32, within the engine's profile."""
+        torch = self._torch
+        ids = torch.as_tensor(np.ascontiguousarray(input_ids, dtype=np.int64)).cuda()
+        mask = torch.ones_like(ids) if attention_mask is None else \
+            torch.as_tensor(np.ascontiguousarray(attention_mask, dtype=np.int64)).cuda()
+        lo, _, hi = self.engine.get_tensor_profile_shape("input_ids", 0)
+        if not all(lo[i] <= ids.shape[i] <= hi[i] for i in range(2)):
+            raise ReformerDistError(f"input shape {tuple(ids.shape)} outside the engine's profile {lo}..{hi}")
+        for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        out = torch.empty(tuple(self.context.get_tensor_shape("logits")), dtype=self._logits_dtype, device="cuda")
+        self.context.set_tensor_address("logits", out.data_ptr())
+        torch.cuda.current_stream().synchronize()  # inputs copied before the engine's stream reads them
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise ReformerDistError("TensorRT execution failed (see the log above)")
+        self.stream.synchronize()
+        return out.float().cpu().numpy()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -1,0 +1,477 @@
+"""Cached incremental decoding: ``prefill`` a prompt once, then ``decode_step`` one token at a time.
+
+The cache is a flat ``dict[str, Tensor]`` (keys ``"<layer>.<name>"``) of fixed-shape tensors, and both
+functions are pure tensor code — no ``.item()``, no Python branch on tensor values — so the export
+engineer can trace them into ONNX prefill / decode graphs. Each layer's cache depends on its kind:
+
+``local``  a ring of the last ``(chunks_before + 1) * chunk_len`` keys/values (``k`` already divided by
+           sqrt(D), as the model's local attention does) with their positions ``pos`` (-1 = empty). A query
+           at position p sees the ring entries at positions ``>= (p // c - chunks_before) * c``: exactly the
+           keys of its own chunk and the chunks before it, as in the uncached model.
+``full``   a ring of keys/values of capacity ``max_cache_len`` (default: the whole generation). Exact
+           while the sequence fits; beyond it, a sliding window over the most recent tokens.
+``lsh``, ``lsh_window="bucket"``
+           per (batch, head, round, bucket) a ring of the last ``chunk_len`` keys (unit-normalised) and
+           values and their positions, plus ``count`` tokens seen per bucket and the layer's rotations
+           ``rot``. The new token is hashed with the same rotations, attends to its bucket's ring plus
+           itself (self-masked, so only when the ring is empty), rounds are combined by logsumexp weights,
+           then it replaces the bucket's oldest entry. Bounded by ``n_buckets * chunk_len`` per round, and
+           equal to recomputation because a bucket window only ever looks at earlier tokens.
+``lsh``, ``lsh_window="chunk"`` (imported HF checkpoints)
+           HF's cached algorithm (``ReformerDynamicCache`` / ``_get_relevant_hid_states_and_buckets``)
+           in fixed shapes: every token's key/value and HF-style bucket value (round offsets included),
+           and per round the positions in bucket-sorted order. The new token is hashed, placed into the
+           sorted order by counting (no re-sort), and attends its sorted chunk plus ``chunks_before``
+           chunks (wrapping modulo the length, duplicates included, as HF); while HF would not have cached
+           buckets yet (the first ``chunk_len`` tokens) it attends to everything, as HF does. The softmax
+           and round combination use HF's fp32 formulas ``exp(s - logsumexp(s))``, so greedy tokens equal
+           HF's own cached ``generate``. Recomputing the sequence would differ by construction: later
+           tokens move the chunk boundaries of the sorted order.
+
+Batches hold prompts of different lengths **right-padded** (``attention_mask`` 1 = real token, then 0s):
+every row continues at its own position (``position`` is per row), so the decode step needs no padding
+at all, and the strictly causal kinds prefill exactly as if each row were alone. With ``chunk`` windows
+the prefill of a padded batch follows HF's padded forward (padding in its own bucket), which moves chunk
+boundaries slightly versus a row alone. (HF's own cached ``generate`` mixes up rows for batch > 1: it
+gathers every row's hidden states from row 0; batch 1 is the parity reference.)
+
+Sampling draws from a private ``torch.Generator`` seeded by ``seed``; the global RNG is never touched.
+LSH rotations are drawn once per ``generate`` call (``hash_seed`` fixes them, as in training) and held in
+the cache, so prefill and every step hash alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reformer_dist.errors import ConfigError
+from reformer_dist.model.attention import merge_heads, split_heads
+from reformer_dist.model.lsh_attention import hash_vectors, mask_values, normalize_keys, round_weights
+
+if TYPE_CHECKING:
+    from reformer_dist.model.reformer import ReformerLM
+
+Cache = dict[str, Tensor]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _ring_from_sequence(x: Tensor, lengths: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """The last ``size`` entries of each row of x (B, H, L, D) as a ring indexed by ``position % size``.
+
+    Returns (ring (B, H, size, D), pos (B, size)), pos = -1 where a slot is still empty.
+    """
+    slot = torch.arange(size, device=x.device)
+    # newest position p < length with p % size == slot
+    pos = slot + size * torch.div(lengths[:, None] - 1 - slot, size, rounding_mode="floor")  # (B, size)
+    pos = torch.where(pos >= 0, pos, -1)
+    index = pos.clamp(min=0)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
+    return torch.gather(x, 2, index), pos
+
+
+def _ring_write(ring: Tensor, pos: Tensor, new: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
+    """Write new (B, H, 1, D) at slot ``position % size`` of ring (B, H, size, D); pos (B, size)."""
+    size = ring.shape[2]
+    hit = torch.arange(size, device=ring.device)[None, :] == (position % size)[:, None]  # (B, size)
+    return torch.where(hit[:, None, :, None], new, ring), torch.where(hit, position[:, None], pos)
+
+
+def _fit(x: Tensor, dim: int, size: int, fill: int) -> Tensor:
+    """x cropped or padded (with ``fill``) along ``dim`` to ``size``."""
+    if x.shape[dim] >= size:
+        return x.narrow(dim, 0, size)
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, size - x.shape[dim]]
+    return F.pad(x, pad, value=fill)
+
+
+def _axial_at(model: ReformerLM, position: Tensor) -> Tensor:
+    """Axial positional embedding rows at ``position`` (B,): (B, d_model), as the model's table."""
+    emb = model.embeddings.position_embeddings
+    pos = position % math.prod(emb.shape)
+    parts, stride = [], math.prod(emb.shape)
+    for n, weight in zip(emb.shape, emb.weights):
+        stride //= n
+        parts.append(weight[torch.div(pos, stride, rounding_mode="floor") % n])
+    return torch.cat(parts, dim=-1)
+
+
+def _hf_prefill_layout(model: ReformerLM, length: int) -> tuple[int, bool]:
+    """HF's padded length for a prompt of ``length`` and whether HF pads it (it pads to the lcm of the
+    chunk lengths only beyond the smallest chunk length)."""
+    cfg = model.config
+    kinds = set(cfg.layer_kinds())
+    chunks = [c for kind, c in (("lsh", cfg.lsh_chunk_len), ("local", cfg.local_chunk_len)) if kind in kinds]
+    lcm = math.lcm(*chunks, 1)
+    if not chunks or length <= min(chunks) or length % lcm == 0:
+        return length, False
+    return math.ceil(length / lcm) * lcm, True
+
+
+# ------------------------------------------------------------------------------------------ prefill
+def _prefill_local(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: int, full: bool):
+    k, v = split_heads(sa.key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
+    out = sa(h, mask, None, None)[0]  # the model's own attention (its generator is unused in eval)
+    if full:
+        size = capacity
+    else:
+        size = (sa.chunks_before + 1) * sa.chunk_len
+        k = k / math.sqrt(k.shape[-1])
+    k_ring, pos = _ring_from_sequence(k, lengths, size)
+    v_ring, _ = _ring_from_sequence(v, lengths, size)
+    return out, {"k": k_ring, "v": v_ring, "pos": pos}
+
+
+def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: int, rot: Tensor,
+                 hf_stride_pad: int, hf_hashed: bool):
+    qk, v = split_heads(sa.query_key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
+    out, buckets = torch.ops.reformer.lsh_attention(
+        qk, v, rot, mask, None, sa.n_buckets, sa.chunk_len, sa.chunks_before, sa.chunks_after, sa.window,
+        sa.causal, 0.0, 0)
+    out = merge_heads(out)
+    k = normalize_keys(qk)
+    b, n_heads, n_hashes, length = buckets.shape
+    nb = math.prod(sa.n_buckets)
+    pos = torch.arange(length, device=h.device)
+    real = pos[None, :] < lengths[:, None]  # (B, L)
+    if sa.window == "chunk":
+        rounds = torch.arange(n_hashes, device=h.device).view(1, 1, n_hashes, 1)
+        value = buckets + rounds * (nb + hf_stride_pad)
+        value = torch.where(real[:, None, None, :], value, n_hashes * (nb + 2))  # padding sorts last
+        order = torch.sort(value * length + pos, dim=-1).indices  # keys are unique: a stable order
+        # positions past a row's length are padding: cropping or extending them to capacity is safe
+        cache = {
+            "rot": rot,
+            "k": _fit(k, 2, capacity, 0),
+            "v": _fit(v, 2, capacity, 0),
+            "bucket": _fit(value, 3, capacity, n_hashes * (nb + 2)),
+            "order": _fit(order, 3, capacity, 0),
+            "hashed": torch.full((b,), hf_hashed, dtype=torch.bool, device=h.device),
+        }
+        return out, cache
+    # bucket window: per bucket, the last chunk_len tokens, at ring slot (rank within bucket) % chunk_len
+    c = sa.chunk_len
+    order = torch.sort(buckets * length + pos, dim=-1).indices  # (B, H, n, L) positions by (bucket, pos)
+    sorted_b = torch.gather(buckets, 3, order)
+    counts = torch.zeros(b, n_heads, n_hashes, nb + 1, dtype=torch.long, device=h.device)
+    counts = counts.scatter_add(3, buckets, torch.ones_like(buckets))
+    starts = torch.cumsum(counts, dim=-1) - counts
+    rank = pos - torch.gather(starts, 3, sorted_b)
+    keep = (sorted_b < nb) & (rank >= torch.gather(counts, 3, sorted_b) - c)
+    slot = torch.where(keep, sorted_b * c + rank % c, nb * c)  # nb * c: a discard slot, dropped below
+    d = k.shape[-1]
+    flat = order.flatten(2)  # (B, H, n*L)
+
+    def scatter(x: Tensor) -> Tensor:
+        gathered = torch.gather(x, 2, flat[..., None].expand(-1, -1, -1, d)).view(b, n_heads, n_hashes, length, d)
+        buf = x.new_zeros(b, n_heads, n_hashes, nb * c + 1, d)
+        return buf.scatter(3, slot[..., None].expand(-1, -1, -1, -1, d), gathered)[:, :, :, : nb * c]
+
+    pos_buf = torch.full((b, n_heads, n_hashes, nb * c + 1), -1, dtype=torch.long, device=h.device)
+    cache = {
+        "rot": rot,
+        "k": scatter(k),
+        "v": scatter(v),
+        "pos": pos_buf.scatter(3, slot, order)[..., : nb * c],
+        "count": counts[..., :nb],
+    }
+    return out, cache
+
+
+def draw_rotations(model: ReformerLM, generator: torch.Generator) -> list[Tensor | None]:
+    """Each LSH layer's rotations for one generation (its ``hash_seed`` ones if set), None elsewhere."""
+    device = model.lm_head.weight.device
+    return [layer.attention.self_attention.rotations(generator, device) if layer.attention.kind == "lsh"
+            else None for layer in model.layers]
+
+
+def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None = None,
+            rotations: list[Tensor | None] | None = None, max_len: int | None = None,
+            max_cache_len: int | None = None) -> tuple[Tensor, Cache]:
+    """Run the prompt and build the cache.
+
+    input_ids (B, L) right-padded, attention_mask (B, L) 1 = real token (None: all real); rotations from
+    :func:`draw_rotations` (default: drawn from a generator seeded 0); max_len = the longest sequence the
+    cache must hold (default max_seq_len); max_cache_len bounds full-attention caches.
+    Returns the logits of each row's last real token (B, vocab) and the cache; the next token of row b
+    goes to position ``lengths[b]``.
+    """
+    cfg = model.config
+    batch, length = input_ids.shape
+    if rotations is None:
+        rotations = draw_rotations(model, torch.Generator().manual_seed(0))
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    full_len = max_len if max_cache_len is None else min(max_len, max_cache_len)
+    lengths = (torch.full((batch,), length, device=input_ids.device) if attention_mask is None
+               else attention_mask.long().sum(-1))
+    # as ReformerLM.hidden_states: right-pad to the chunk multiple, padding masked out
+    padded = math.ceil(length / cfg.pad_multiple()) * cfg.pad_multiple()
+    mask = None if attention_mask is None else attention_mask.bool()
+    if padded != length:
+        input_ids = F.pad(input_ids, (0, padded - length))
+        real = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device) if mask is None else mask
+        mask = F.pad(real, (0, padded - length), value=False)
+    hf_len, hf_padded = _hf_prefill_layout(model, length)
+    hf_stride_pad = int(hf_padded or attention_mask is not None)  # HF's extra padding bucket widens rounds
+    hf_hashed = hf_len > cfg.lsh_chunk_len
+
+    x = model.embeddings(input_ids)
+    x1, x2, cache = x, x, {}
+    for i, layer in enumerate(model.layers):
+        block = layer.attention
+        h = block.layer_norm(x2)
+        if block.kind == "lsh":
+            out, layer_cache = _prefill_lsh(block.self_attention, h, mask, lengths, max_len, rotations[i],
+                                            hf_stride_pad, hf_hashed)
+        else:
+            out, layer_cache = _prefill_local(block.self_attention, h, mask, lengths, full_len,
+                                              block.kind == "full")
+        cache.update({f"{i}.{name}": t for name, t in layer_cache.items()})
+        x1 = x1 + block.output(out).to(x1.dtype)
+        x2 = x2 + layer.feed_forward(x1)
+    last = (lengths - 1)[:, None, None].expand(-1, 1, x1.shape[-1])
+    hidden = torch.cat([torch.gather(x1, 1, last), torch.gather(x2, 1, last)], dim=-1)[:, 0]
+    return model.lm_head(model.final_norm(hidden)), cache
+
+
+# ------------------------------------------------------------------------------------------ decode
+def _step_local(sa, h: Tensor, position: Tensor, c: Cache, full: bool) -> tuple[Tensor, Cache]:
+    q, k, v = (split_heads(proj(h), sa.n_heads) for proj in (sa.query, sa.key, sa.value))  # (B, H, 1, D)
+    d = q.shape[-1]
+    if not full:
+        k = k / math.sqrt(d)
+    keys, pos = _ring_write(c["k"], c["pos"], k, position)
+    values, _ = _ring_write(c["v"], c["pos"], v, position)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # (B, H, 1, W)
+    if full:
+        scores = scores / math.sqrt(d)
+        allowed = pos >= 0
+    else:
+        first = (torch.div(position, sa.chunk_len, rounding_mode="floor") - sa.chunks_before) * sa.chunk_len
+        allowed = (pos >= 0) & (pos >= first[:, None])
+    scores = scores.masked_fill(~allowed[:, None, None, :], mask_values(q.dtype)[0])
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), values)
+    return merge_heads(out), {"k": keys, "v": values, "pos": pos}
+
+
+def _step_lsh_bucket(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache) -> tuple[Tensor, Cache]:
+    """Bucket window: attend the bucket's ring (last chunk_len tokens) plus self, then join the ring."""
+    b, n_heads, _, d = qk.shape
+    width = sa.chunk_len
+    buckets = hash_vectors(qk, c["rot"], sa.n_buckets, None)[..., 0]  # (B, H, n)
+    n_hashes = buckets.shape[-1]
+    k = normalize_keys(qk)
+    slots = buckets[..., None] * width + torch.arange(width, device=qk.device)  # (B, H, n, c)
+    ring_k = torch.gather(c["k"], 3, slots[..., None].expand(-1, -1, -1, -1, d))  # (B, H, n, c, D)
+    ring_v = torch.gather(c["v"], 3, slots[..., None].expand(-1, -1, -1, -1, d))
+    ring_pos = torch.gather(c["pos"], 3, slots)
+    masked, self_masked = mask_values(qk.dtype)
+    scores = torch.einsum("bhqd,bhnkd->bhnk", qk, ring_k).float().masked_fill(ring_pos < 0, masked)
+    scores = torch.cat([scores, scores.new_full((b, n_heads, n_hashes, 1), self_masked)], dim=-1)
+    values = torch.cat([ring_v, v[:, :, None].expand(-1, -1, n_hashes, -1, -1)], dim=3)  # (B, H, n, c+1, D)
+    # per-round softmax kept as (max, log-sum) and combined as the model's LSH op does
+    top = scores.amax(dim=-1, keepdim=True)
+    probs = torch.exp(scores - top)
+    total = probs.sum(dim=-1, keepdim=True)
+    o = torch.einsum("bhnk,bhnkd->bhnd", (probs / total).to(v.dtype), values)
+    weights = round_weights(top.flatten(0, 1), total.log().flatten(0, 1)).view(b, n_heads, n_hashes, 1)
+    out = (o * weights.to(o.dtype)).sum(dim=2, keepdim=True).transpose(1, 2)  # (B, 1, H, D)
+
+    # the new token replaces the oldest entry of its bucket's ring
+    seen = torch.gather(c["count"], 3, buckets[..., None])  # (B, H, n, 1)
+    slot = buckets[..., None] * width + seen % width
+    new = {
+        "rot": c["rot"],
+        "k": c["k"].scatter(3, slot[..., None].expand(-1, -1, -1, -1, d), k[:, :, None].expand(-1, -1, n_hashes, -1, -1)),
+        "v": c["v"].scatter(3, slot[..., None].expand(-1, -1, -1, -1, d), v[:, :, None].expand(-1, -1, n_hashes, -1, -1)),
+        "pos": c["pos"].scatter(3, slot, position[:, None, None, None].expand(-1, n_heads, n_hashes, 1)),
+        "count": c["count"].scatter_add(3, buckets[..., None], torch.ones_like(seen)),
+    }
+    return out.reshape(b, 1, n_heads * d), new
+
+
+def _hf_softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """HF's fp32 softmax ``exp(s - logsumexp(s))`` and its logsumexp (not renormalised: at the -1e5
+    self-mask scale the rounding of the logsumexp is visible, and parity needs the same rounding)."""
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.exp(scores - lse), lse
+
+
+def _step_lsh_chunk(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache) -> tuple[Tensor, Cache]:
+    """HF's cached LSH step (chunk window) on fixed-capacity buffers."""
+    b, n_heads, _, d = qk.shape
+    capacity = c["k"].shape[2]
+    chunk, before, after = sa.chunk_len, sa.chunks_before, sa.chunks_after
+    nb = math.prod(sa.n_buckets)
+    masked, self_masked = mask_values(qk.dtype)
+    slot = torch.arange(capacity, device=qk.device)
+    past = slot[None, :] < position[:, None]  # (B, C) tokens already cached
+    here = (slot[None, :] == position[:, None])[:, None, :, None]  # (B, 1, C, 1) the new token's slot
+    keys = torch.where(here, normalize_keys(qk), c["k"])
+    values = torch.where(here, v, c["v"])
+
+    # bucket value of the new token, with HF's round offsets: HF widens them by one when the cached
+    # buckets reveal a padding bucket (a padded prefill), detected from their maximum
+    raw = hash_vectors(qk, c["rot"], sa.n_buckets, None)  # (B, H, n, 1)
+    n_hashes = raw.shape[2]
+    cached_max = torch.where(past[:, None, None, :], c["bucket"], -1).amax(dim=(1, 2, 3))  # (B,)
+    stride = nb + (cached_max > n_hashes * nb - 1).long()
+    value = raw + torch.arange(n_hashes, device=qk.device).view(1, 1, -1, 1) * stride.view(-1, 1, 1, 1)
+    # its rank in each round's sorted order: cached entries with a smaller or equal value come first
+    rank = ((c["bucket"] <= value) & past[:, None, None, :]).sum(-1, keepdim=True)  # (B, H, n, 1)
+    shifted = torch.gather(c["order"], 3, (slot - (slot > rank).long()).clamp(min=0).expand_as(c["order"]))
+    order = torch.where(slot == rank, position.view(-1, 1, 1, 1), shifted)
+    bucket = torch.where(slot.view(1, 1, 1, -1) == position.view(-1, 1, 1, 1), value, c["bucket"])
+
+    # window: the new token's sorted chunk and its neighbours, modulo the current length (HF wraps)
+    width = chunk * (1 + before + after)
+    start = (torch.div(rank, chunk, rounding_mode="floor") - before) * chunk
+    sorted_idx = (start + torch.arange(width, device=qk.device)) % (position + 1).view(-1, 1, 1, 1)
+    win_pos = torch.gather(order, 3, sorted_idx)  # (B, H, n, W) token positions
+    flat = win_pos.flatten(2)[..., None].expand(-1, -1, -1, d)
+    win_k = torch.gather(keys, 2, flat).view(b, n_heads, n_hashes, width, d)
+    win_v = torch.gather(values, 2, flat).view(b, n_heads, n_hashes, width, d)
+    scores = torch.einsum("bhqd,bhnkd->bhnk", qk, win_k).float()
+    scores = scores.masked_fill(win_pos == position.view(-1, 1, 1, 1), self_masked)
+    probs, lse = _hf_softmax(scores)  # lse (B, H, n, 1)
+    o = torch.einsum("bhnk,bhnkd->bhnd", probs.to(v.dtype), win_v)
+    windowed = (o * torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True))).sum(dim=2)  # (B, H, D)
+
+    # before HF caches buckets (fewer than chunk_len tokens so far) it attends to every token
+    first = min(capacity, chunk + 1)
+    scores = torch.einsum("bhqd,bhkd->bhk", qk, keys[:, :, :first]).float()
+    scores = scores.masked_fill(slot[None, None, :first] > position.view(-1, 1, 1), masked)
+    scores = scores.masked_fill(slot[None, None, :first] == position.view(-1, 1, 1), self_masked)
+    probs, _ = _hf_softmax(scores)
+    everything = torch.einsum("bhk,bhkd->bhd", probs.to(v.dtype), values[:, :, :first])
+
+    out = torch.where(c["hashed"].view(-1, 1, 1), windowed, everything)
+    new = {"rot": c["rot"], "k": keys, "v": values, "bucket": bucket, "order": order,
+           "hashed": c["hashed"] | (position + 1 >= chunk)}
+    return out.reshape(b, 1, n_heads * d), new
+
+
+def decode_step(model: ReformerLM, token: Tensor, position: Tensor, cache: Cache) -> tuple[Tensor, Cache]:
+    """One new token per row: token (B,) int64 at position (B,) int64 -> (logits (B, vocab), new cache)."""
+    x = (model.embeddings.word_embeddings(token) + _axial_at(model, position))[:, None]  # (B, 1, d_model)
+    x1, x2, new_cache = x, x, {}
+    for i, layer in enumerate(model.layers):
+        block = layer.attention
+        sa = block.self_attention
+        c = {key.split(".", 1)[1]: t for key, t in cache.items() if key.split(".", 1)[0] == str(i)}
+        h = block.layer_norm(x2)
+        if block.kind == "lsh":
+            qk, v = split_heads(sa.query_key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
+            step = _step_lsh_chunk if sa.window == "chunk" else _step_lsh_bucket
+            out, layer_cache = step(sa, qk, v, position, c)
+        else:
+            out, layer_cache = _step_local(sa, h, position, c, block.kind == "full")
+        new_cache.update({f"{i}.{name}": t for name, t in layer_cache.items()})
+        x1 = x1 + block.output(out).to(x1.dtype)
+        x2 = x2 + layer.feed_forward(x1)
+    return model.lm_head(model.final_norm(torch.cat([x1, x2], dim=-1)))[:, 0], new_cache
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator) -> Tensor:
+    """Next tokens (B,) from logits (B, V): greedy when temperature == 0, else softmax(logits / T)
+    restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    device = logits.device
+    logits = logits.float().cpu() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+    return choice.to(device)
+
+
+# ------------------------------------------------------------------------------------------ generate
+def _check_request(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None,
+                   max_new_tokens: int, temperature: float, top_p: float | None) -> Tensor:
+    cfg = model.config
+    if not cfg.causal:
+        raise ConfigError("model.causal", "generation needs a causal model")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ConfigError("input_ids", f"must be (batch, length >= 1), got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ConfigError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError("top_p", f"must be in (0, 1], got {top_p}")
+    lengths = torch.full((input_ids.shape[0],), input_ids.shape[1]) if attention_mask is None \
+        else attention_mask.long().sum(-1).cpu()
+    if attention_mask is not None:
+        expected = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
+        if not torch.equal(attention_mask.bool().cpu(), expected) or int(lengths.min()) < 1:
+            raise ConfigError("attention_mask", "must mark each row's prompt as 1s followed by 0s (right "
+                                                "padding, at least one real token per row)")
+    total = int(lengths.max()) + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise ConfigError("max_new_tokens", f"prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) "
+                                            f"exceeds model.max_seq_len={cfg.max_seq_len}")
+    return lengths
+
+
+@torch.no_grad()
+def stream_generate(
+    model: ReformerLM, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+    top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
+    attention_mask: Tensor | None = None, max_cache_len: int | None = None,
+) -> Iterator[Tensor]:
+    """Yield the next token of every row (B,) per step; rows that produced ``eos_token_id`` keep
+    yielding it. Stops after max_new_tokens steps or once every row has finished."""
+    lengths = _check_request(model, input_ids, attention_mask, max_new_tokens, temperature, top_p)
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()  # fresh entropy from the OS, not from the global RNG
+    else:
+        generator.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        rotations = draw_rotations(model, generator)
+        max_len = int(lengths.max()) + max_new_tokens
+        logits, cache = prefill(model, input_ids, attention_mask, rotations, max_len, max_cache_len)
+        position = lengths.to(input_ids.device)
+        done = torch.zeros_like(position, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator).to(input_ids.device)
+            if eos_token_id is not None:
+                token = torch.where(done, eos_token_id, token)
+                done = done | (token == eos_token_id)
+            yield token
+            if step + 1 == max_new_tokens or bool(done.all()):
+                return
+            logits, cache = decode_step(model, token, position, cache)
+            position = position + 1
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: ReformerLM, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+    top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
+    attention_mask: Tensor | None = None, max_cache_len: int | None = None,
+) -> Tensor:
+    """Cached generation: the new tokens (B, n) with n <= max_new_tokens (fewer once every row hit
+    ``eos_token_id``; a finished row repeats it). temperature 0 = greedy. Prompts of different lengths
+    are right-padded with ``attention_mask`` (1 = real). ``max_cache_len`` bounds full-attention caches."""
+    steps = list(stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
+                                 attention_mask, max_cache_len))
+    return torch.stack(steps, dim=1)
+
+
+__all__ = ["decode_step", "draw_rotations", "generate", "prefill", "sample", "stream_generate"]

@@ -1,0 +1,101 @@
+"""The native model directory: what training consolidates to and export, serving and generation load.
+
+::
+
+    model.safetensors   fp32 tensors named exactly as ReformerLM.state_dict(); metadata format=reformer-dist-native
+    config.yaml         a run config whose ``model:`` section is the ReformerConfig (other sections ignored)
+    tokenizer.json      optional tokenizer spec ({"kind": "bytes", "offset": 2}, or a kind plus a "path"
+                        relative to the directory naming a tokenizer file copied next to it)
+
+The same layout as ``reformer_dist.train.consolidate.write_native`` writes; this module is the model
+package's own reader/writer, so code that must not import training (export, serving) can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from reformer_dist.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from reformer_dist.model.reformer import ReformerLM
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.json"
+NATIVE_FORMAT = "reformer-dist-native"
+# copied tokenizer files keep a fixed name per kind ("tokenizer.json" is the spec itself)
+TOKENIZER_FILES = {"sentencepiece": "spiece.model", "hf_tokenizers": "hf_tokenizer.json"}
+
+
+def is_native_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / WEIGHTS).is_file() and (Path(path) / CONFIG).is_file()
+
+
+def save_native(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (and its tokenizer spec, copying a tokenizer file) as a native directory.
+
+    The directory is assembled under a temporary name and renamed into place only when complete, so
+    an interrupted save leaves any previous directory at ``path`` intact.
+    """
+    import yaml
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.writing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": NATIVE_FORMAT, "version": "1"})
+    (tmp / CONFIG).write_text(yaml.safe_dump({"model": asdict(model.config)}, sort_keys=False))
+    if tokenizer is not None:
+        spec = dict(tokenizer)
+        if "path" in spec:  # the directory must stand alone: copy the file in
+            name = TOKENIZER_FILES.get(spec["kind"], Path(spec["path"]).name)
+            shutil.copy(spec["path"], tmp / name)
+            spec["path"] = name
+        (tmp / TOKENIZER).write_text(json.dumps(spec, indent=1) + "\n")
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def from_native(path: str | os.PathLike) -> ReformerLM:
+    """The ReformerLM (fp32, eval mode) of a native directory; CheckpointError names what is wrong."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from reformer_dist.model.config import ReformerConfig
+    from reformer_dist.model.reformer import ReformerLM
+
+    path = Path(path)
+    if not is_native_dir(path):
+        raise CheckpointError(f"{path}: not a native model directory ({WEIGHTS} + {CONFIG})")
+    try:
+        config = ReformerConfig(**yaml.safe_load((path / CONFIG).read_text())["model"])
+    except (KeyError, TypeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path / CONFIG}: no valid model section ({e})") from None
+    model = ReformerLM(config)
+    try:
+        model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path / WEIGHTS}: weights do not match {CONFIG}: {e}") from None
+    return model.eval()
+
+
+def native_tokenizer(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The tokenizer spec of a native directory (file paths made absolute), or None if it has none."""
+    file = Path(path) / TOKENIZER
+    if not file.is_file():
+        return None
+    spec = json.loads(file.read_text())
+    if "path" in spec:
+        spec["path"] = str(Path(path) / spec["path"])
+    return spec

@@ -1,0 +1,272 @@
+"""ONNX export: ONNX Runtime (CPU) equals PyTorch, one LshAttention node per LSH layer with a working
+body, the kernel override path, flavours, metadata, and the checkpoints the exporter loads."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from reformer_dist import ReformerConfig, ReformerLM
+from reformer_dist.cli import main
+from reformer_dist.errors import CheckpointError
+from reformer_dist.export import lsh_onnx
+from reformer_dist.export.check import check_model
+from reformer_dist.export.loading import load_model_for_export
+from reformer_dist.export.onnx_export import (
+    TRT_PLUGIN_DOMAIN,
+    apply_flavour,
+    export_onnx,
+    frozen_rotations,
+    lsh_nodes,
+    read_metadata,
+    save_model,
+)
+from reformer_dist.export.ort_kernels import STATE
+from reformer_dist.export.ort_runner import OrtRunner
+from reformer_dist.model.lsh_attention import lsh_attention_reference
+
+TINY = dict(vocab_size=64, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=2, lsh_chunk_len=64,
+            local_chunk_len=64, lsh_n_hashes=2, max_seq_len=8192, init_std=0.1)
+MODELS = {  # name -> config; 8192 tokens with automatic buckets gives factorised [16, 16] buckets
+    "mixed": ReformerConfig(**TINY, attn_layers=["local", "lsh"]),
+    "lsh_chunk": ReformerConfig(**{**TINY, "lsh_n_hashes": 4}, attn_layers=["lsh"], lsh_window="chunk"),
+    "local": ReformerConfig(**TINY, attn_layers=["local"]),
+}
+
+
+def build(config: ReformerConfig, seed: int = 0) -> ReformerLM:
+    torch.manual_seed(seed)
+    return ReformerLM(config).eval()
+
+
+def torch_logits(model: ReformerLM, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    with frozen_rotations(model), torch.no_grad():
+        m = None if mask is None else torch.from_numpy(mask)
+        return model(torch.from_numpy(ids), attention_mask=m).numpy()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (model, path, ModelProto), exported once per module (fp32, portable, counting sort)."""
+    out = {}
+    root = tmp_path_factory.mktemp("onnx")
+    for name, config in MODELS.items():
+        model = build(config)
+        path = root / f"{name}.onnx"
+        out[name] = (model, path, export_onnx(model, path, tokenizer={"kind": "bytes", "offset": 0}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runners(exported):
+    return {name: OrtRunner(path, threads=2) for name, (_, path, _) in exported.items()}
+
+
+CASES = [("mixed", 1, 64), ("mixed", 3, 64), ("mixed", 1, 1000), ("mixed", 3, 1000), ("mixed", 1, 8192),
+         ("mixed", 3, 8192), ("lsh_chunk", 1, 64), ("lsh_chunk", 3, 1000), ("lsh_chunk", 1, 8192),
+         ("local", 3, 100), ("local", 1, 8192)]
+
+
+@pytest.mark.parametrize(("name", "batch", "length"), CASES)
+def test_onnxruntime_logits_equal_pytorch(exported, runners, name, batch, length):
+    # lengths 1000 and 8192 need in-graph padding / give n_hashes * L > 3840 (TopK's TensorRT limit)
+    model = exported[name][0]
+    ids = np.random.default_rng(length + batch).integers(0, 64, (batch, length))
+    expected = torch_logits(model, ids)
+    got = runners[name].logits(ids)
+    assert got.shape == (batch, length, 64)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_right_padded_batch_matches_pytorch(exported, runners):
+    model = exported["mixed"][0]
+    ids = np.random.default_rng(1).integers(0, 64, (3, 200))
+    mask = np.ones_like(ids)
+    mask[1, 150:] = 0
+    mask[2, 7:] = 0
+    np.testing.assert_allclose(runners["mixed"].logits(ids, mask), torch_logits(model, ids, mask), atol=1e-4, rtol=0)
+
+
+def test_fp16_export_is_finite_and_close_to_fp32(exported, tmp_path):
+    model = exported["mixed"][0]
+    path = tmp_path / "fp16.onnx"
+    export_onnx(model, path, precision="fp16")
+    ids = np.random.default_rng(2).integers(0, 64, (2, 1000))
+    got = OrtRunner(path, threads=2).logits(ids)
+    expected = torch_logits(model, ids)
+    assert np.isfinite(got).all()
+    # relative to the whole tensor: rounding qk to fp16 moves a few tokens to other buckets (PyTorch's own
+    # fp16 model differs from fp32 the same way), so single logits can differ by more than 2e-2
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) <= 2e-2
+    assert read_metadata(onnx.load(path))["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_one_lsh_attention_node_per_lsh_layer(exported, name):
+    model, _, proto = exported[name]
+    nodes = lsh_nodes(proto)
+    assert len(nodes) == model.config.layer_kinds().count("lsh")
+    assert all(n.domain == lsh_onnx.DOMAIN and len(n.input) == 4 for n in nodes)  # mask: the graph pads
+    bodies = [f for f in proto.functions if (f.domain, f.name) == (lsh_onnx.DOMAIN, lsh_onnx.OP_TYPE)]
+    assert len(bodies) == (1 if nodes else 0)
+    for node in nodes:
+        spec = lsh_onnx.LshSpec.from_node(node)
+        cfg = model.config
+        assert (spec.window, spec.chunk_len, spec.n_hashes, list(spec.n_buckets), spec.causal) == \
+            (cfg.lsh_window, cfg.lsh_chunk_len, cfg.lsh_n_hashes, cfg.lsh_bucket_factors(), cfg.causal)
+    onnx.checker.check_model(proto, full_check=True)
+
+
+def test_registered_ort_kernel_is_used_instead_of_the_body(exported, runners):
+    _, path, _ = exported["mixed"]
+    with_kernel = OrtRunner(path, lsh_kernel=True, threads=2)
+    ids = np.random.default_rng(3).integers(0, 64, (2, 300))
+    before = STATE.calls
+    got = with_kernel.logits(ids)
+    assert STATE.calls - before == 1  # the graph's one LSH layer ran through the Python kernel
+    np.testing.assert_allclose(got, runners["mixed"].logits(ids), atol=1e-5, rtol=0)
+
+
+# ids avoid the bare word "tensorrt": it is also the marker that skips tests without TensorRT
+@pytest.mark.parametrize("flavour", ["portable", "tensorrt"], ids=["portable-flavour", "trt-plugin-flavour"])
+def test_static_check_passes_on_exported_flavours(exported, flavour):
+    proto = copy.deepcopy(exported["mixed"][2])
+    apply_flavour(proto, flavour)
+    report = check_model(proto, "tensorrt")
+    assert report.ok, report.format()
+    assert report.ops["CumSum"] > 0 and "TopK" not in report.ops  # the counting-sort body
+    if flavour == "tensorrt":
+        assert any(f.level == "info" and "plugin reformer::LshAttention" in f.message for f in report.findings)
+    assert check_model(proto, "onnxruntime").ok
+
+
+def test_ort_tensorrt_flavour_runs_on_cpu_through_its_body(exported, runners, tmp_path):
+    proto = copy.deepcopy(exported["mixed"][2])
+    apply_flavour(proto, "ort-tensorrt")
+    assert {n.domain for n in lsh_nodes(proto)} == {TRT_PLUGIN_DOMAIN}
+    onnx.checker.check_model(proto, full_check=True)
+    save_model(proto, tmp_path / "ort_trt.onnx")
+    ids = np.random.default_rng(4).integers(0, 64, (1, 256))
+    np.testing.assert_allclose(OrtRunner(tmp_path / "ort_trt.onnx").logits(ids), runners["mixed"].logits(ids),
+                               atol=1e-6, rtol=0)
+
+
+def test_metadata_records_config_tokenizer_and_flavour(exported, runners):
+    model, _, proto = exported["mixed"]
+    meta = read_metadata(proto)
+    assert json.loads(meta["config"]) == json.loads(json.dumps(dataclasses.asdict(model.config)))
+    assert json.loads(meta["tokenizer"]) == {"kind": "bytes", "offset": 0}
+    assert (meta["flavour"], meta["precision"], meta["lsh_sort"]) == ("portable", "fp32", "counting")
+    assert int(meta["max_seq_len"]) == 8192 and int(meta["vocab_size"]) == 64 and int(meta["pad_multiple"]) == 64
+    runner = runners["mixed"]
+    assert (runner.max_seq_len, runner.vocab_size, runner.tokenizer_spec) == (8192, 64, {"kind": "bytes", "offset": 0})
+
+
+# ------------------------------------------------------------------------------------ the LSH body alone
+def _op_inputs(spec: lsh_onnx.LshSpec, b: int, h: int, length: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    qk, v = torch.randn(b, h, length, d, generator=g), torch.randn(b, h, length, d, generator=g)
+    rot = torch.randn(h, d, spec.n_hashes, sum(spec.n_buckets) // 2, generator=g)
+    mask = None
+    if spec.has_padding_mask:
+        mask = torch.ones(b, length, dtype=torch.bool)
+        mask[0, length - length // 3:] = False
+    return qk, v, rot, mask
+
+
+BODY_CASES = [  # window, causal, n_hashes, factors, chunk, before, after, mask, (B, H, L, D)
+    ("bucket", True, 2, (8,), 4, 1, 0, True, (2, 2, 32, 8)),
+    ("bucket", False, 3, (4, 4), 8, 1, 0, False, (1, 2, 64, 16)),
+    ("chunk", True, 2, (8,), 4, 1, 0, True, (2, 2, 32, 8)),
+    ("chunk", False, 3, (4, 4), 8, 2, 1, True, (1, 2, 64, 16)),
+    ("chunk", True, 1, (4,), 8, 3, 0, False, (1, 2, 8, 16)),  # look-back wider than the sequence
+    ("bucket", True, 2, (64,), 64, 1, 0, False, (1, 2, 2048, 16)),  # n_hashes * L = 4096 > 3840
+]
+
+
+@pytest.mark.parametrize("sort", ["counting", "topk"])
+@pytest.mark.parametrize("case", BODY_CASES, ids=lambda c: f"{c[0]}-causal{int(c[1])}-n{c[2]}-L{c[8][2]}")
+def test_lsh_body_equals_the_reference_op(case, sort):
+    import onnxruntime as ort
+
+    window, causal, n, factors, c, before, after, mask, shape = case
+    spec = lsh_onnx.LshSpec(n, factors, c, before, after, window, causal, mask)
+    proto = lsh_onnx.node_model(spec, sort)
+    onnx.checker.check_model(proto, full_check=True)
+    qk, v, rot, kpm = _op_inputs(spec, *shape)
+    feeds = {"qk": qk.numpy(), "v": v.numpy(), "rotations": rot.numpy()}
+    if mask:
+        feeds["key_padding_mask"] = kpm.numpy()
+    out, buckets = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    ref_out, ref_buckets = lsh_attention_reference(qk, v, rot, kpm, None, list(factors), c, before, after, window,
+                                                   causal)
+    np.testing.assert_array_equal(buckets, ref_buckets.numpy())
+    np.testing.assert_allclose(out, ref_out.numpy(), atol=1e-5, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+SMALL = ReformerConfig(vocab_size=40, d_model=16, n_heads=2, d_head=8, d_ff=32, n_layers=2, attn_layers=["local", "lsh"],
+                       lsh_chunk_len=8, local_chunk_len=8, max_seq_len=128, init_std=0.1)
+
+
+def write_run_dir(model: ReformerLM, run_dir) -> None:
+    """What training leaves behind: RUN_DIR/latest and the consolidated RUN_DIR/native directory."""
+    from reformer_dist.configuration import JobConfig, config_to_yaml
+    from reformer_dist.train.consolidate import write_native
+
+    run_dir.mkdir()
+    (run_dir / "latest").write_text("step_00000002\n")
+    job = JobConfig(model=model.config)
+    write_native(model.state_dict(), config_to_yaml(job), {"kind": "bytes", "offset": 0}, run_dir / "native")
+
+
+def test_cli_exports_a_training_run_directory(tmp_path, capsys):
+    model = build(SMALL, seed=1)
+    write_run_dir(model, tmp_path / "run")
+    out = tmp_path / "model.onnx"
+    assert main(["export", "onnx", "--checkpoint", str(tmp_path / "run"), "--output", str(out)]) == 0
+    assert "1 LshAttention" in capsys.readouterr().out
+    assert main(["export", "check", str(out), "--target", "tensorrt"]) == 0
+    runner = OrtRunner(out)
+    assert runner.tokenizer_spec == {"kind": "bytes", "offset": 0}
+    ids = np.random.default_rng(5).integers(0, 40, (2, 50))
+    np.testing.assert_allclose(runner.logits(ids), torch_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_hf_checkpoint_exports(tmp_path):
+    from reformer_dist.model.hf_interop import save_hf
+
+    config = dataclasses.replace(SMALL, lsh_window="chunk")  # what HF checkpoints use
+    save_hf(build(config, seed=2), tmp_path / "hf")
+    source = load_model_for_export(tmp_path / "hf")
+    assert source.kind == "hf"
+    export_onnx(source.model, tmp_path / "hf.onnx")
+    ids = np.random.default_rng(6).integers(0, 40, (1, 100))
+    np.testing.assert_allclose(OrtRunner(tmp_path / "hf.onnx").logits(ids), torch_logits(source.model, ids),
+                               atol=1e-4, rtol=0)
+
+
+def test_loader_accepts_native_dir_and_safetensors_file(tmp_path):
+    model = build(SMALL, seed=3)
+    write_run_dir(model, tmp_path / "run")
+    for path in (tmp_path / "run" / "native", tmp_path / "run" / "native" / "model.safetensors"):
+        source = load_model_for_export(path)
+        assert source.kind == "native" and source.tokenizer == {"kind": "bytes", "offset": 0}
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(source.model.state_dict()[name], tensor), name
+
+
+def test_loader_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_model_for_export(tmp_path / "nope")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest").write_text("step_00000001\n")
+    with pytest.raises(CheckpointError, match="without a consolidated model"):
+        load_model_for_export(tmp_path / "run")
+    assert main(["export", "onnx", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x.onnx")]) == 2
