@@ -74,7 +74,7 @@ def _suggest(key: str, node: Any) -> str:
         node = node[part]
     if not isinstance(node, DictConfig):
         return ""
-    close = difflib.get_close_matches(parts[-1], [str(k) for k in node.keys()], n=1, cutoff=0.6)
+    close = difflib.get_close_matches(parts[-1], [str(k) for k in node], n=1, cutoff=0.6)
     prefix = ".".join(parts[:-1])
     return f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
 
@@ -155,12 +155,13 @@ def field_docs(section: type) -> dict[str, str]:
     """Field name → docstring of a section dataclass (read from the attribute docstrings in its source)."""
     import ast
     import inspect
+    import itertools
     import textwrap
 
     tree = ast.parse(textwrap.dedent(inspect.getsource(section)))
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in itertools.pairwise(body):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
     return docs

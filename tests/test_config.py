@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from reformer_dist.configuration import (JobConfig, config_from_dict, config_to_yaml, field_docs,
-                                         load_config, save_config)
+from reformer_dist.configuration import (
+    JobConfig,
+    config_from_dict,
+    config_to_yaml,
+    field_docs,
+    load_config,
+    save_config,
+)
 from reformer_dist.errors import ConfigError
 from reformer_dist.train.config import WandbConfig
 
@@ -109,6 +115,6 @@ def test_cli_prints_merged_config_and_reports_errors_without_traceback():
     run = [sys.executable, "-m", "reformer_dist", "config", "--config", "tiny", "train.max_steps=42"]
     out = subprocess.run(run, capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert "max_steps: 42" in out and "d_model: 128" in out
-    bad = subprocess.run(run[:-1] + ["train.max_steps=-1"], capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run([*run[:-1], "train.max_steps=-1"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2
     assert "train.max_steps" in bad.stderr and "Traceback" not in bad.stderr

@@ -41,13 +41,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 WINDOWS = ("bucket", "chunk")
 
-# Score elements per block of chunks (all batch*heads together). ~8 MiB of fp32 scores: big enough to
+# Score elements per block of chunks (all batch*heads together). ~2 MiB of fp32 scores: big enough to
 # amortise Python overhead, small enough to stay cache-friendly and bounded at 1M tokens.
-BLOCK_SCORES = 1 << 21
+BLOCK_SCORES = 1 << 19
 # Positions per hashing block (the rotated (B, H, n_hashes, L, R/2) tensor is bounded by this).
 HASH_BLOCK = 1 << 15
 
@@ -123,7 +124,7 @@ def _normalize_keys_backward(qk: Tensor, grad_k: Tensor) -> Tensor:
 class SortedLayout:
     """Everything about one sort that the attention blocks need, flattened over batch*heads.
 
-    sorted_idx (BH, N) with N = n*L holds ``r*L + pos``; ``pos`` (BH, N) the original positions;
+    ``sorted_idx`` (BH, N) with N = n*L holds ``r*L + pos``; ``pos`` (BH, N) the original positions;
     ``flat_pos`` (BH, N) the row of each sorted entry in a (BH*L, D) view of qk / v; ``bucket_key`` (BH, N)
     the (round, bucket) id; ``key_pos`` (BH, N) the position, or L for padding (so ``q_pos >= key_pos`` is
     the causal-and-not-padding test and ``key_pos < L`` the padding test).
@@ -148,66 +149,74 @@ class SortedLayout:
 
 
 def window_offsets(window: str, chunks_before: int, chunks_after: int, causal: bool) -> list[int]:
-    """Chunk offsets (relative to a query's chunk) whose keys a query may see."""
+    """Chunk offsets (relative to a query's chunk) whose keys a query may see. For 'bucket' the query's
+    own chunk is always the second entry, so its self key sits at window column ``c + i``."""
     if window == "bucket":
         return [-1, 0] if causal else [-1, 0, 1]
     return list(range(-chunks_before, chunks_after + 1))
 
 
-def block_scores(
-    layout: SortedLayout,
-    q: Tensor,
-    k: Tensor,
-    first_chunk: int,
-    last_chunk: int,
-    offsets: list[int],
-    window: str,
-    causal: bool,
-    masked: float,
-    self_masked: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Masked fp32 scores of the query chunks [first_chunk, last_chunk) against their key windows.
+class Block:
+    """One block of query chunks [first, last) of the sorted order and its key windows.
 
-    q (BH*L, D) queries and k (BH*L, D) keys in original order (flattened rows). Returns
-    ``scores`` (BH, nb, c, W) fp32, ``allowed`` (bool, broadcastable: entries whose score is the real dot
-    product, i.e. neither masked nor self-masked; their gradient flows), ``q_rows`` (BH, nb*c) and
-    ``k_rows`` (BH, nb, W) — the rows of q/k/v in the flat original layout.
+    ``q_rows`` (BH, nb*c) and ``k_rows`` (BH, nb, W) are the rows of the flat (BH*L, D) inputs that the
+    queries and window keys come from. ``is_self`` marks the self entries of the (BH, nb, c, W) scores:
+    a bool tensor for 'chunk' (a position can recur in a look-back chunk from another round), None for
+    'bucket' (the self entry is always the diagonal of the own-chunk columns).
     """
-    c, nc = layout.chunk_len, layout.n_chunks
-    nb = last_chunk - first_chunk
-    dev = q.device
-    chunk_ids = torch.arange(first_chunk, last_chunk, device=dev)
-    # key chunk of every (query chunk, offset); wrap-around as HF for 'chunk', masked for 'bucket'
-    raw_chunks = chunk_ids[:, None] + torch.tensor(offsets, device=dev)[None, :]  # (nb, n_off)
-    key_chunks = raw_chunks % nc
-    slot = torch.arange(c, device=dev)
-    key_sidx = (key_chunks[:, :, None] * c + slot).flatten(1)  # (nb, W) sorted index of each key
-    q_sidx = (chunk_ids[:, None] * c + slot).view(nb, c)  # (nb, c)
 
-    q_rows = layout.flat_pos[:, first_chunk * c : last_chunk * c]  # (BH, nb*c)
-    k_rows = layout.flat_pos[:, key_sidx.flatten()].view(layout.bh, nb, -1)  # (BH, nb, W)
-    qb = q.index_select(0, q_rows.flatten()).view(layout.bh, nb, c, -1)
-    kb = k.index_select(0, k_rows.flatten()).view(layout.bh, nb, k_rows.shape[-1], -1)
-    scores = torch.matmul(qb, kb.transpose(-1, -2)).to(_acc_dtype(q.dtype))  # (BH, nb, c, W)
+    def __init__(self, layout: SortedLayout, first: int, last: int, offsets: list[int], window: str, causal: bool):
+        c, nc, dev = layout.chunk_len, layout.n_chunks, layout.sorted_idx.device
+        self.first, self.last, self.nb, self.c = first, last, last - first, c
+        chunk_ids = torch.arange(first, last, device=dev)
+        raw_chunks = chunk_ids[:, None] + torch.tensor(offsets, device=dev)[None, :]  # (nb, n_off)
+        slot = torch.arange(c, device=dev)
+        key_sidx = ((raw_chunks % nc)[:, :, None] * c + slot).flatten(1)  # (nb, W), wrapped around
+        rows = slice(first * c, last * c)
+        self.q_rows = layout.flat_pos[:, rows]
+        self.k_rows = layout.flat_pos[:, key_sidx.flatten()].view(layout.bh, self.nb, -1)
+        shape_q, shape_k = (layout.bh, self.nb, c, 1), (layout.bh, self.nb, 1, key_sidx.shape[1])
+        if window == "chunk":  # HF: causal on original positions, padding keys masked, wrap-around
+            q_pos = layout.pos[:, rows].reshape(shape_q)
+            k_pos = layout.key_pos[:, key_sidx.flatten()].view(shape_k)
+            self.valid = q_pos >= k_pos if causal else k_pos < layout.length
+            self.is_self = q_pos == layout.pos[:, key_sidx.flatten()].view(shape_k)
+        else:  # same (round, bucket) and at most c sorted slots back (or ahead, if not causal)
+            raw_sidx = (raw_chunks[:, :, None] * c + slot).flatten(1)[:, None, :]  # (nb, 1, W), unwrapped
+            lag = (chunk_ids[:, None] * c + slot)[:, :, None] - raw_sidx  # (nb, c, W)
+            band = (raw_sidx >= 0) & (raw_sidx < layout.n_total) & (lag <= c) & (lag >= (0 if causal else -c))
+            q_key = layout.bucket_key[:, rows].reshape(shape_q)
+            self.valid = (q_key == layout.bucket_key[:, key_sidx.flatten()].view(shape_k)) & band
+            self.is_self = None
 
-    if window == "chunk":
-        q_pos = layout.pos[:, first_chunk * c : last_chunk * c].view(layout.bh, nb, c, 1)
-        k_pos = layout.key_pos[:, key_sidx.flatten()].view(layout.bh, nb, 1, -1)
-        valid = q_pos >= k_pos if causal else k_pos < layout.length
-        is_self = q_pos == k_pos
+    def fill_self(self, t: Tensor, value: float) -> Tensor:
+        """Set the self entries of a (BH, nb, c, W) tensor to ``value`` (in place when allowed)."""
+        if self.is_self is not None:
+            return t.masked_fill_(self.is_self, value) if not t.requires_grad else t.masked_fill(self.is_self, value)
+        if t.requires_grad:  # the reference path: out of place, for autograd
+            eye = torch.eye(self.c, dtype=torch.bool, device=t.device)
+            return t.masked_fill(F.pad(eye, (self.c, t.shape[-1] - 2 * self.c)), value)
+        t[..., self.c : 2 * self.c].diagonal(dim1=-2, dim2=-1).fill_(value)
+        return t
+
+
+def block_scores(block: Block, q: Tensor, k: Tensor, self_masked: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Scores (BH, nb, c, W) in the accumulation dtype of one block, plus its gathered queries and keys.
+
+    Masked entries are -inf (exactly HF's -1e9 after the softmax: every row holds its self entry, so no
+    row is all-masked, and exp of -inf is fast where exp of -1e9 hits slow denormal paths); self entries
+    are ``self_masked`` (HF's -1e5), so a token attends itself only when nothing else is allowed.
+    """
+    bh, nb, c, d = block.q_rows.shape[0], block.nb, block.c, q.shape[-1]
+    acc = _acc_dtype(q.dtype)
+    qb = q.index_select(0, block.q_rows.flatten()).view(bh, nb, c, d)
+    kb = k.index_select(0, block.k_rows.flatten()).view(bh, nb, -1, d)
+    scores = torch.matmul(qb, kb.transpose(-1, -2)).to(acc)
+    if scores.requires_grad:
+        scores = scores.masked_fill(~block.valid, -math.inf)
     else:
-        qk_key = layout.bucket_key[:, first_chunk * c : last_chunk * c].view(layout.bh, nb, c, 1)
-        kk_key = layout.bucket_key[:, key_sidx.flatten()].view(layout.bh, nb, 1, -1)
-        raw_sidx = (raw_chunks[:, :, None] * c + slot).flatten(1)[:, None, :]  # (nb, 1, W), unwrapped
-        lag = q_sidx[:, :, None] - raw_sidx  # (nb, c, W) how far back in sorted order
-        in_range = (raw_sidx >= 0) & (raw_sidx < layout.n_total)
-        band = in_range & (lag >= 0 if causal else lag >= -c) & (lag <= c)
-        valid = band & (qk_key == kk_key)
-        is_self = lag == 0
-    scores.masked_fill_(~valid, masked)
-    scores.masked_fill_(is_self, self_masked)
-    allowed = valid & ~is_self
-    return scores, allowed, q_rows, k_rows
+        scores.masked_fill_(block.valid.logical_not_(), -math.inf)  # valid is not needed again
+    return block.fill_self(scores, self_masked), qb, kb
 
 
 def dropout_keep(seed: int, bh: int, n_total: int, first_row: int, shape: tuple[int, ...], p: float,
@@ -215,7 +224,7 @@ def dropout_keep(seed: int, bh: int, n_total: int, first_row: int, shape: tuple[
     """Keep-mask (BH, nb, c, W) of attention dropout from a counter hash: no state, any block size.
 
     The counter is (bh, sorted query index, window slot); two rounds of multiply-xorshift (all
-    intermediate products < 2**63) turn it into 32 uniform bits.
+    intermediate products < 2**63) turn it into 24 uniform bits.
     """
     bh_, nb, c, w = shape
     m32 = 0xFFFFFFFF
@@ -232,19 +241,18 @@ def dropout_keep(seed: int, bh: int, n_total: int, first_row: int, shape: tuple[
     return (x & 0xFFFFFF).float() * (1.0 / (1 << 24)) >= p
 
 
-def _chunk_blocks(layout: SortedLayout, width: int):
-    """Yield [first, last) chunk ranges so one block's scores stay near BLOCK_SCORES elements."""
-    per_chunk = layout.bh * layout.chunk_len * width
+def _blocks(layout: SortedLayout, offsets: list[int], window: str, causal: bool):
+    """Yield the Blocks of the sorted order, each holding about BLOCK_SCORES score elements."""
+    per_chunk = layout.bh * layout.chunk_len * layout.chunk_len * len(offsets)
     step = max(1, BLOCK_SCORES // per_chunk)
     for first in range(0, layout.n_chunks, step):
-        yield first, min(first + step, layout.n_chunks)
+        yield Block(layout, first, min(first + step, layout.n_chunks), offsets, window, causal)
 
 
 def attend_sorted(
     qk: Tensor,
     v: Tensor,
     layout: SortedLayout,
-    chunk_len: int,
     chunks_before: int,
     chunks_after: int,
     window: str,
@@ -256,36 +264,36 @@ def attend_sorted(
 
     Returns per-round outputs ``o`` (BH, n, L, D) in v's dtype and the per-round softmax statistics
     ``row_max`` and ``log_sum`` (BH, n, L) (logsumexp = row_max + log_sum), all un-sorted to
-    (round, position). The statistics are kept apart because the mask constants put row maxima near
-    -1e5: folding them into one logsumexp would lose ~1e-2 in fp32. Differentiable with ordinary
-    autograd (the reference); the op's forward runs it under no_grad.
+    (round, position). The statistics are kept apart because row maxima sit at -1e5 for rows that only
+    see themselves: one fp32 logsumexp there would lose ~4e-3. Differentiable with ordinary autograd
+    (the reference); the op's forward runs it under no_grad, where it works in place.
     """
     d = qk.shape[-1]
     q = qk.reshape(-1, d)
     k = normalize_keys(qk).reshape(-1, d)
     vf = v.reshape(-1, d)
     offsets = window_offsets(window, chunks_before, chunks_after, causal)
-    masked, self_masked = mask_values(qk.dtype)
-    c = chunk_len
+    self_masked = mask_values(qk.dtype)[1]
     acc = _acc_dtype(qk.dtype)
     # un-sorted destinations: sorted entry j of row r lands at row r, (round, pos) = sorted_idx[r, j]
-    dest = (torch.arange(layout.bh, device=qk.device).unsqueeze(1) * layout.n_total + layout.sorted_idx)
+    dest = torch.arange(layout.bh, device=qk.device).unsqueeze(1) * layout.n_total + layout.sorted_idx
     o = torch.empty(layout.bh * layout.n_total, d, device=qk.device, dtype=v.dtype)
     row_max = torch.empty(layout.bh * layout.n_total, device=qk.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
-    for first, last in _chunk_blocks(layout, c * len(offsets)):
-        scores, _, _, k_rows = block_scores(layout, q, k, first, last, offsets, window, causal, masked, self_masked)
-        m = scores.amax(dim=-1, keepdim=True).detach()  # (BH, nb, c, 1); a shift, not differentiated
-        probs = torch.exp(scores - m)
+    for block in _blocks(layout, offsets, window, causal):
+        scores, _, _ = block_scores(block, q, k, self_masked)
+        m = scores.detach().amax(dim=-1, keepdim=True)  # a shift, not differentiated
+        probs = torch.exp(scores - m) if scores.requires_grad else scores.sub_(m).exp_()
         total = probs.sum(dim=-1, keepdim=True)
-        probs = probs / total
         if dropout_p > 0:
-            keep = dropout_keep(dropout_seed, layout.bh, layout.n_total, first * c, tuple(probs.shape), dropout_p,
-                                probs.device)
+            keep = dropout_keep(dropout_seed, layout.bh, layout.n_total, block.first * block.c,
+                                tuple(probs.shape), dropout_p, probs.device)
             probs = probs * keep / (1.0 - dropout_p)
-        vb = vf.index_select(0, k_rows.flatten()).view(*k_rows.shape, d)
-        rows = dest[:, first * c : last * c].flatten()
-        o.index_copy_(0, rows, torch.matmul(probs.to(v.dtype), vb).flatten(0, 2))
+        vb = vf.index_select(0, block.k_rows.flatten()).view(*block.k_rows.shape, d)
+        # normalise the (c, D) output rather than the (c, W) probabilities
+        ob = torch.matmul(probs.to(v.dtype), vb) / total.to(v.dtype)
+        rows = dest[:, block.first * block.c : block.last * block.c].flatten()
+        o.index_copy_(0, rows, ob.flatten(0, 2))
         row_max.index_copy_(0, rows, m.flatten())
         log_sum.index_copy_(0, rows, total.log().flatten())
     shape = (layout.bh, layout.n_hashes, layout.length)
@@ -332,8 +340,8 @@ def lsh_attention_reference(
     b, h, length, d = qk.shape
     buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
     layout = SortedLayout(buckets, key_padding_mask, chunk_len)
-    o, row_max, log_sum = attend_sorted(qk.contiguous(), v.contiguous(), layout, chunk_len, chunks_before,
-                                        chunks_after, window, causal, dropout_p, dropout_seed)
+    o, row_max, log_sum = attend_sorted(qk.contiguous(), v.contiguous(), layout, chunks_before, chunks_after,
+                                        window, causal, dropout_p, dropout_seed)
     return combine_rounds(o, row_max, log_sum).view(b, h, length, d), buckets
 
 
@@ -404,56 +412,51 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks
     k = normalize_keys(qk).reshape(-1, d)
     vf = v.reshape(-1, d)
     offsets = window_offsets(window, chunks_before, chunks_after, causal)
-    masked, self_masked = mask_values(qk.dtype)
-    c = chunk_len
-    blocks = list(_chunk_blocks(layout, c * len(offsets)))
+    self_masked = mask_values(qk.dtype)[1]
+    acc = _acc_dtype(qk.dtype)
+    c, bh = chunk_len, layout.bh
 
     # pass 1: per-position softmax statistics over all rounds' windows: P = exp(S - top - log_total)
-    acc = _acc_dtype(qk.dtype)
-    row_max = torch.empty(layout.bh, layout.n_total, device=qk.device, dtype=acc)
+    row_max = torch.empty(bh, layout.n_total, device=qk.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
-    for first, last in blocks:
-        scores, _, _, _ = block_scores(layout, q, k, first, last, offsets, window, causal, masked, self_masked)
+    for block in _blocks(layout, offsets, window, causal):
+        scores, _, _ = block_scores(block, q, k, self_masked)
         m = scores.amax(dim=-1, keepdim=True)
-        row_max[:, first * c : last * c] = m.flatten(1)
-        log_sum[:, first * c : last * c] = torch.exp(scores - m).sum(-1).log().flatten(1)
-    shape = (layout.bh, layout.n_hashes, length)
+        row_max[:, block.first * c : block.last * c] = m.flatten(1)
+        log_sum[:, block.first * c : block.last * c] = scores.sub_(m).exp_().sum(-1).log_().flatten(1)
+    shape = (bh, layout.n_hashes, length)
     row_max = torch.empty_like(row_max).scatter_(1, layout.sorted_idx, row_max).view(shape)
     log_sum = torch.empty_like(log_sum).scatter_(1, layout.sorted_idx, log_sum).view(shape)
     top = row_max.amax(dim=1, keepdim=True)
     log_total = torch.logsumexp((row_max - top) + log_sum, dim=1).flatten()  # (BH*L,)
     top = top.flatten()
 
-    go = grad_out.reshape(-1, d).to(acc)
-    delta = (go * out.reshape(-1, d).to(acc)).sum(-1)  # (BH*L,) rowsum(dO * O)
-    dq = torch.zeros(layout.bh * length, d, device=qk.device, dtype=acc)
+    go = grad_out.reshape(-1, d)
+    delta = (go.to(acc) * out.reshape(-1, d).to(acc)).sum(-1)  # (BH*L,) rowsum(dO * O)
+    dq = torch.zeros(bh * length, d, device=qk.device, dtype=acc)
     dk = torch.zeros_like(dq)
     dv = torch.zeros_like(dq)
-    # pass 2: P = exp(S - LSE) over the union of windows; dS = P * (dP - delta), zero where masked
-    for first, last in blocks:
-        scores, allowed, q_rows, k_rows = block_scores(layout, q, k, first, last, offsets, window, causal, masked,
-                                                       self_masked)
-        nb = last - first
-        q_flat = q_rows.flatten()
-        shift = (top[q_flat].view(layout.bh, nb, c, 1), log_total[q_flat].view(layout.bh, nb, c, 1))
-        probs = torch.exp((scores - shift[0]) - shift[1])
-        go_b = go.index_select(0, q_flat).view(layout.bh, nb, c, d)
-        vb = vf.index_select(0, k_rows.flatten()).view(*k_rows.shape, d).to(acc)
-        dp = torch.matmul(go_b, vb.transpose(-1, -2))  # (BH, nb, c, W)
+    # pass 2: P = exp(S - LSE) over the union of windows; dS = P * (dP - delta), zero on self entries
+    for block in _blocks(layout, offsets, window, causal):
+        scores, qb, kb = block_scores(block, q, k, self_masked)
+        q_flat, k_flat = block.q_rows.flatten(), block.k_rows.flatten()
+        row_shape = (bh, block.nb, c, 1)
+        probs = scores.sub_(top[q_flat].view(row_shape)).sub_(log_total[q_flat].view(row_shape)).exp_()
+        go_b = go.index_select(0, q_flat).view(bh, block.nb, c, d)
+        vb = vf.index_select(0, k_flat).view(*block.k_rows.shape, d)
+        dp = torch.matmul(go_b, vb.transpose(-1, -2)).to(acc)  # (BH, nb, c, W)
         if dropout_p > 0:
-            keep = dropout_keep(dropout_seed, layout.bh, layout.n_total, first * c, tuple(probs.shape), dropout_p,
+            keep = dropout_keep(dropout_seed, bh, layout.n_total, block.first * c, tuple(probs.shape), dropout_p,
                                 probs.device).to(acc) / (1.0 - dropout_p)
-            dp = dp * keep
+            dp.mul_(keep)
             p_drop = probs * keep
         else:
             p_drop = probs
-        k_flat = k_rows.flatten()
-        dv.index_add_(0, k_flat, torch.matmul(p_drop.transpose(-1, -2), go_b).flatten(0, 2))
-        ds = (probs * (dp - delta[q_flat].view(layout.bh, nb, c, 1))) * allowed
-        kb = k.index_select(0, k_flat).view(*k_rows.shape, d).to(acc)
-        qb = q.index_select(0, q_flat).view(layout.bh, nb, c, d).to(acc)
-        dq.index_add_(0, q_flat, torch.matmul(ds, kb).flatten(0, 2))
-        dk.index_add_(0, k_flat, torch.matmul(ds.transpose(-1, -2), qb).flatten(0, 2))
+        dv.index_put_((k_flat,), torch.matmul(p_drop.transpose(-1, -2).to(go.dtype), go_b).flatten(0, 2).to(acc),
+                      accumulate=True)
+        ds = block.fill_self(dp.sub_(delta[q_flat].view(row_shape)).mul_(probs), 0.0).to(qk.dtype)
+        dq.index_put_((q_flat,), torch.matmul(ds, kb).flatten(0, 2).to(acc), accumulate=True)
+        dk.index_put_((k_flat,), torch.matmul(ds.transpose(-1, -2), qb).flatten(0, 2).to(acc), accumulate=True)
     dqk = dq + _normalize_keys_backward(q, dk)
     return dqk.view(b, h, length, d).to(qk.dtype), dv.view(b, h, length, d).to(v.dtype)
 

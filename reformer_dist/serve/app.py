@@ -235,6 +235,15 @@ def create_app(backend: Backend, tokenizer: Tokenizer, cfg: ServeConfig, model_n
                 s.cancelled = True
         return JSONResponse({**head, "choices": choices, "usage": usage()})
 
+    # The engine enforces request_timeout_s itself; this backstop only fires if its worker stopped.
+    stall_timeout = cfg.request_timeout_s + 10.0
+
+    async def next_event(events: asyncio.Queue[Event]) -> Event:
+        try:
+            return await asyncio.wait_for(events.get(), stall_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(500, "the engine stopped producing tokens", "server_error") from None
+
     def logprobs_block(tokens: list, text_start: int) -> dict:
         """OpenAI's legacy logprobs object for some generated tokens."""
         strings = [tokenizer.decode([t.token_id]) for t in tokens]
@@ -256,7 +265,7 @@ def create_app(backend: Backend, tokenizer: Tokenizer, cfg: ServeConfig, model_n
         tokens = {s.index: [] for s in seqs}
         finish: dict[int, str] = {}
         while len(finish) < len(seqs):
-            event = await events.get()
+            event = await next_event(events)
             if event.error is not None:
                 raise event.error
             texts[event.index].append(event.text)
@@ -278,7 +287,10 @@ def create_app(backend: Backend, tokenizer: Tokenizer, cfg: ServeConfig, model_n
         want_logprobs = seqs[0].params.logprobs is not None
         try:
             while running:
-                event = await events.get()
+                try:
+                    event = await next_event(events)
+                except ApiError as e:
+                    event = Event(-1, error=e)
                 if event.error is not None:
                     # Headers (200) are already sent: report in-band, as OpenAI does, and end the stream.
                     metrics.errors.labels("/v1/completions", str(event.error.status)).inc()

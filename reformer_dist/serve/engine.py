@@ -78,6 +78,7 @@ class Sequence:
         self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
         self.cache: Any = None  # backend-owned decoding state (None until the backend's first step)
         self.cancelled = False  # set from the event loop when the client went away
+        self.finished = False  # left the engine (guards the admission count against double release)
         self.admitted_at = 0.0
         self.deadline = 0.0
         self.first_token_at: float | None = None
@@ -179,8 +180,8 @@ class Engine:
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last THROUGHPUT_WINDOW_S seconds."""
         now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent) if now - t <= THROUGHPUT_WINDOW_S]
-        return sum(n for _, n in recent) / THROUGHPUT_WINDOW_S
+        with self._cv:
+            return sum(n for t, n in self._recent if now - t <= THROUGHPUT_WINDOW_S) / THROUGHPUT_WINDOW_S
 
     # ------------------------------------------------------------------ the worker thread
     def _run(self) -> None:
@@ -192,9 +193,15 @@ class Engine:
             for job in scores:
                 self._score(job)
             active.extend(joining)
-            active = self._drop_finished_early(active)
-            if active:
-                active = self._step(active)
+            try:
+                active = self._drop_finished_early(active)
+                if active:
+                    active = self._step(active)
+            except Exception:  # a bug must cost this batch, not the server: the worker keeps running
+                log.exception("engine step failed; failing the %d sequences of the batch", len(active))
+                for s in active:
+                    self._finish(s, error=ApiError(500, "internal error while generating", "server_error"))
+                active = []
             self.metrics.active_sequences.set(len(active))
 
     def _wait_for_work(self, active: list[Sequence]) -> tuple[list[Sequence] | None, list[ScoreJob]]:
@@ -253,9 +260,10 @@ class Engine:
         self.metrics.step_seconds.observe(now - t0)
         self.metrics.batch_size.observe(len(active))
         self.metrics.generated_tokens.inc(len(active))
-        self._recent.append((now, len(active)))
-        while self._recent and now - self._recent[0][0] > THROUGHPUT_WINDOW_S:
-            self._recent.popleft()
+        with self._cv:
+            self._recent.append((now, len(active)))
+            while self._recent and now - self._recent[0][0] > THROUGHPUT_WINDOW_S:
+                self._recent.popleft()
 
         running = []
         for s, row in zip(active, logits):
@@ -316,6 +324,9 @@ class Engine:
 
     def _finish(self, s: Sequence, error: ApiError | None = None) -> None:
         """The sequence leaves the engine (its final event, if any, was sent or is ``error``)."""
+        if s.finished:
+            return
+        s.finished = True
         if error is not None:
             self._fail(s, error)
         self.backend.release(s)

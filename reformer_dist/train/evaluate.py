@@ -16,12 +16,13 @@ def evaluate(engine: Any, dataset: TokenWindowDataset, micro_batch_size: int, ma
     """``val_loss`` (nats/token), ``val_ppl`` and, for byte-level data, ``val_bpb`` (bits per byte).
 
     Every evaluation reads the same windows (the split's first ones, in order, each rank its block of
-    every global micro-batch), so successive values are comparable. The model is called through the
-    engine exactly as in training, in eval mode (ZeRO-3 keeps its parameter-fetch trace). The model's
+    every global micro-batch), so successive values are comparable. ``engine`` is the DeepSpeed engine
+    (called exactly as in training, in eval mode: ZeRO-3 keeps its parameter-fetch trace) or, on one
+    process, a bare ``TrainingReformerLM``. The model's
     private random streams are restored afterwards: LSH rotations are drawn on every call, and an
     evaluation must not change what training draws next (resumed and uninterrupted runs stay identical).
     """
-    model = engine.module
+    model = getattr(engine, "module", engine)  # a DeepSpeed engine or a bare TrainingReformerLM
     saved_rng = model.rng_state()
     per_step = micro_batch_size * dist_info.world_size
     n_batches = max(1, min(max_batches, len(dataset) // per_step))
@@ -35,7 +36,8 @@ def evaluate(engine: Any, dataset: TokenWindowDataset, micro_batch_size: int, ma
             total += engine(input_ids.to(dist_info.device), targets.to(dist_info.device)).double()
     engine.train()
     model.set_rng_state(saved_rng)
-    torch.distributed.all_reduce(total)
+    if dist_info.world_size > 1:
+        torch.distributed.all_reduce(total)
     loss = float(total) / (n_batches * dist_info.world_size)
     out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
     if dataset.tokenizer_spec.get("kind") == "bytes":  # one token per byte: nats/token -> bits/byte

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ from reformer_dist.errors import ConfigError, ReformerDistError
 from reformer_dist.train import checkpoint as ckpt
 from reformer_dist.train.consolidate import consolidate
 from reformer_dist.train.deepspeed_config import build_deepspeed_config
-from reformer_dist.train.distributed import DistInfo, all_gather_float, barrier, init_distributed, shutdown
+from reformer_dist.train.distributed import (DistInfo, all_gather_float, barrier, init_distributed, rank_from_env,
+                                             shutdown)
 from reformer_dist.train.engine import build_model, initialize_engine
 from reformer_dist.train.evaluate import evaluate
 from reformer_dist.train.flops import peak_flops, token_flops
@@ -64,7 +66,9 @@ def open_datasets(cfg: JobConfig) -> tuple[TokenWindowDataset, TokenWindowDatase
 
 def train(cfg: JobConfig) -> int:
     """Run (or resume) the training job ``cfg`` on this rank; returns the exit status."""
+    # user errors (data, batch triple, DeepSpeed JSON) surface before any process group is formed
     train_ds, val_ds = open_datasets(cfg)
+    build_deepspeed_config(cfg, rank_from_env(os.environ)[2])
     dist_info = init_distributed(cfg.deepspeed.collective_timeout_s)
     try:
         return Trainer(cfg, dist_info, train_ds, val_ds).train()
