@@ -18,6 +18,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("config", "config"),
     ("prepare-data", "prepare_data"),
     ("train", "train"),
+    ("eval", "eval"),
     ("serve", "serve"),
     ("export", "export"),
     ("convert", "convert"),

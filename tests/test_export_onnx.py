@@ -18,13 +18,13 @@ from reformer_dist.errors import CheckpointError
 from reformer_dist.export import lsh_onnx
 from reformer_dist.export.check import check_model
 from reformer_dist.export.loading import load_model_for_export
+from reformer_dist.export.metadata import read_metadata
 from reformer_dist.export.onnx_export import (
     TRT_PLUGIN_DOMAIN,
     apply_flavour,
     export_onnx,
     frozen_rotations,
     lsh_nodes,
-    read_metadata,
     save_model,
 )
 from reformer_dist.export.ort_kernels import STATE
@@ -213,30 +213,57 @@ def test_lsh_body_equals_the_reference_op(case, sort):
 # -------------------------------------------------------------------------------------------- checkpoints
 SMALL = ReformerConfig(vocab_size=40, d_model=16, n_heads=2, d_head=8, d_ff=32, n_layers=2, attn_layers=["local", "lsh"],
                        lsh_chunk_len=8, local_chunk_len=8, max_seq_len=128, init_std=0.1)
+TRAIN_CONFIG = """
+model: {vocab_size: 256, d_model: 32, n_heads: 2, d_head: 16, d_ff: 64, n_layers: 2, attn_layers: [local, lsh],
+        lsh_chunk_len: 16, local_chunk_len: 16, max_seq_len: 64, axial_pos_shape: [8, 8]}
+train: {max_steps: 2, seq_len: 64, micro_batch_size: 2, eval_every: 0, save_every: 0, log_every: 1}
+logging: {wandb: {mode: disabled}}
+deepspeed: {zero_stage: 3}
+"""
 
 
-def write_run_dir(model: ReformerLM, run_dir) -> None:
-    """What training leaves behind: RUN_DIR/latest and the consolidated RUN_DIR/native directory."""
-    from reformer_dist.configuration import JobConfig, config_to_yaml
-    from reformer_dist.train.consolidate import write_native
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    """A run directory left by `reformer-dist train` with ZeRO stage 3 (2 steps, one process)."""
+    import os
+    import subprocess
+    import sys
 
-    run_dir.mkdir()
-    (run_dir / "latest").write_text("step_00000002\n")
-    job = JobConfig(model=model.config)
-    write_native(model.state_dict(), config_to_yaml(job), {"kind": "bytes", "offset": 0}, run_dir / "native")
+    from reformer_dist.data import prepare_corpus
+
+    work = tmp_path_factory.mktemp("train")
+    (work / "corpus").mkdir()
+    rng = np.random.default_rng(0)
+    words = ["the", "reformer", "hashes", "queries", "into", "buckets"]
+    (work / "corpus" / "a.txt").write_text("".join(" ".join(rng.choice(words, 12)) + ".\n" for _ in range(200)))
+    prepare_corpus([str(work / "corpus")], str(work / "data"), val_fraction=0.1)
+    (work / "micro.yaml").write_text(TRAIN_CONFIG + f"data: {{path: {work / 'data'}}}\n")
+    cmd = [sys.executable, "-m", "reformer_dist", "train", "--config", str(work / "micro.yaml"),
+           f"train.output_dir={work / 'run'}"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return work / "run"
 
 
-def test_cli_exports_a_training_run_directory(tmp_path, capsys):
-    model = build(SMALL, seed=1)
-    write_run_dir(model, tmp_path / "run")
+def test_cli_exports_a_zero3_training_run(zero3_run, tmp_path, capsys):
     out = tmp_path / "model.onnx"
-    assert main(["export", "onnx", "--checkpoint", str(tmp_path / "run"), "--output", str(out)]) == 0
+    assert main(["export", "onnx", "--checkpoint", str(zero3_run), "--output", str(out)]) == 0
     assert "1 LshAttention" in capsys.readouterr().out
     assert main(["export", "check", str(out), "--target", "tensorrt"]) == 0
     runner = OrtRunner(out)
     assert runner.tokenizer_spec == {"kind": "bytes", "offset": 0}
-    ids = np.random.default_rng(5).integers(0, 40, (2, 50))
+    model = load_model_for_export(zero3_run).model
+    ids = np.random.default_rng(5).integers(0, 256, (2, 50))
     np.testing.assert_allclose(runner.logits(ids), torch_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_loader_accepts_run_dir_native_dir_and_safetensors_file(zero3_run):
+    sources = [load_model_for_export(p) for p in (zero3_run, zero3_run / "native",
+                                                  zero3_run / "native" / "model.safetensors")]
+    assert all(s.kind == "native" and s.tokenizer == {"kind": "bytes", "offset": 0} for s in sources)
+    for name, tensor in sources[0].model.state_dict().items():
+        assert all(torch.equal(s.model.state_dict()[name], tensor) for s in sources[1:]), name
 
 
 def test_hf_checkpoint_exports(tmp_path):
@@ -252,18 +279,8 @@ def test_hf_checkpoint_exports(tmp_path):
                                atol=1e-4, rtol=0)
 
 
-def test_loader_accepts_native_dir_and_safetensors_file(tmp_path):
-    model = build(SMALL, seed=3)
-    write_run_dir(model, tmp_path / "run")
-    for path in (tmp_path / "run" / "native", tmp_path / "run" / "native" / "model.safetensors"):
-        source = load_model_for_export(path)
-        assert source.kind == "native" and source.tokenizer == {"kind": "bytes", "offset": 0}
-        for name, tensor in model.state_dict().items():
-            assert torch.equal(source.model.state_dict()[name], tensor), name
-
-
 def test_loader_errors_name_what_is_missing(tmp_path):
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load_model_for_export(tmp_path / "nope")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "latest").write_text("step_00000001\n")

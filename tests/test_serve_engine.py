@@ -251,3 +251,21 @@ def test_torch_backend_cached_steps_equal_recomputation_as_sequences_join_and_le
             s.tokens.append(int(row.argmax()))
         if step in (4, 8):  # the oldest sequence leaves
             backend.release(active.pop(0))
+
+
+def test_a_failing_model_step_fails_its_batch_with_500_and_the_server_carries_on():
+    class FailsOnBang(CountingBackend):
+        def forward(self, input_ids, lengths):
+            if (input_ids == ord("!")).any():
+                raise RuntimeError("kernel exploded")
+            return super().forward(input_ids, lengths)
+
+    async def go(client):
+        bad = await complete(client, prompt="boom!", max_tokens=3)
+        good = await complete(client, prompt="a", max_tokens=3)
+        return bad, good, await client.get("/health")
+
+    bad, good, health = run_app(FailsOnBang(), go)
+    assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+    assert good.json()["choices"][0]["text"] == "bcd"
+    assert health.json() == {"status": "ok"}

@@ -147,6 +147,7 @@ def reformer_dist_generate(checkpoint: Path, prompt: str, n: int) -> str:
 
 
 def test_openai_client_plain_and_streamed_greedy_text_equals_generate(server, checkpoint):
+    assert server.url.startswith("http://127.0.0.1:")  # loopback unless told otherwise
     expected = reformer_dist_generate(checkpoint, "def main():", 24)
     assert expected == greedy_reference(checkpoint, "def main():", 24)  # cached == recomputed decoding
     c = client(server)
@@ -311,6 +312,19 @@ def test_sigterm_drains_in_flight_streams_then_exits_cleanly(checkpoint):
     assert sorted(results) == [("length", 200, True)] * 4
     with pytest.raises(httpx.ConnectError):
         httpx.get(s.url + "/health")
+
+
+def test_serving_path_imports_neither_deepspeed_nor_the_training_code(checkpoint):
+    # (the servers above run poisoned too; this names the property on its own)
+    probe = (f"import sys\nfor name in {POISONED!r}:\n    sys.modules[name] = None\n"
+             "from reformer_dist.serve.app import create_app\n"
+             "from reformer_dist.serve.backends import load_model\n"
+             "from reformer_dist.serve.config import ServeConfig\n"
+             f"loaded = load_model('torch', {str(checkpoint)!r})\n"
+             "create_app(loaded.backend, loaded.tokenizer, ServeConfig(), loaded.name)\n"
+             "print('clean')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "clean", out.stderr
 
 
 def test_listening_socket_is_tcp_so_connections_get_nodelay():

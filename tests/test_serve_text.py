@@ -96,3 +96,27 @@ def test_invalid_requests_are_400_naming_the_field(body, param):
     assert e.value.status == 400
     assert e.value.param == param
     assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_serve_flags_override_the_config_file_which_overrides_the_defaults(tmp_path):
+    import argparse
+
+    from reformer_dist.commands import serve
+    from reformer_dist.errors import ConfigError
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {d_model: 64}\nserve: {max_batch_size: 4, port: 9000, request_timeout_s: 5}\n")
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--model", "m.onnx", "--backend", "onnxruntime", "--config", str(config),
+                              "--port", "9001"])
+    cfg = serve.serve_config(args)
+    assert (cfg.max_batch_size, cfg.port, cfg.request_timeout_s, cfg.host) == (4, 9001, 5.0, "127.0.0.1")
+
+    config.write_text("serve: {max_batch_sise: 4}\n")
+    with pytest.raises(ConfigError, match=r"serve\.max_batch_sise"):
+        serve.serve_config(args)
+    config.write_text("serve: {port: -1}\n")
+    args.port = None
+    with pytest.raises(ConfigError, match=r"serve\.port"):
+        serve.serve_config(args)

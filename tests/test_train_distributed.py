@@ -25,6 +25,7 @@ from wandb_records import history_rows, read_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
+REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 STEPS = 20
 MICRO_CONFIG = """
@@ -52,8 +53,10 @@ train:
   save_every: 10
   log_every: 1
 """
-# ranks use one thread each: 2 ranks x N threads on a 2-core runner only adds contention
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+# ranks use one thread each: 2 ranks x N threads on a 2-core runner only adds contention; the launch/
+# scripts find `deepspeed` and `python` on PATH, as in an activated virtual environment
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
+       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def free_port() -> int:
@@ -73,12 +76,12 @@ def launcher(ranks: int, config: Path, run_dir: Path, *overrides: str) -> list[s
 
 
 def single(config: Path, run_dir: Path, *overrides: str) -> list[str]:
-    """One process without a launcher: a world of one, or a rank of a world described by RANK/WORLD_SIZE."""
+    """One process without a launcher: a world of one."""
     return [sys.executable, "-m", "reformer_dist", *train_args(config, run_dir, overrides)[2:]]
 
 
-def run_ok(cmd: list[str], timeout: float = 300) -> str:
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run_ok(cmd: list[str], timeout: float = 300, env: dict[str, str] = ENV) -> str:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}"
     return out
@@ -192,14 +195,16 @@ def reference(config: Path, workdir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def zero_run(config: Path, workdir: Path):
-    """2 ranks x micro-batch 1 at ZeRO stage s (cached per stage): the run directory."""
+    """2 ranks x micro-batch 1 at ZeRO stage s (cached per stage), started with launch/train_single_node.sh."""
     done: dict[int, Path] = {}
 
     def run(stage: int) -> Path:
         if stage not in done:
             run_dir = workdir / f"zero{stage}"
-            run_ok(launcher(2, config, run_dir, "train.micro_batch_size=1", f"deepspeed.zero_stage={stage}",
-                            f"deepspeed.config_file={workdir / 'zero3.json'}"))
+            run_ok(["bash", str(REPO / "launch" / "train_single_node.sh"), str(config), f"train.output_dir={run_dir}",
+                    "train.micro_batch_size=1", f"deepspeed.zero_stage={stage}",
+                    f"deepspeed.config_file={workdir / 'zero3.json'}"],
+                   env={**ENV, "NUM_GPUS": "2", "MASTER_PORT": str(free_port())})
             done[stage] = run_dir
         return done[stage]
 
@@ -207,22 +212,36 @@ def zero_run(config: Path, workdir: Path):
 
 
 # --------------------------------------------------------------------------------------------- tests
+def native_weights(run_dir: Path) -> dict:
+    """The consolidated model written at the end of training, loaded into a plain ReformerLM."""
+    from safetensors.torch import load_file
+
+    from reformer_dist.configuration import load_config
+    from reformer_dist.model import ReformerLM
+
+    model = ReformerLM(load_config([str(run_dir / "native" / "config.yaml")]).model)
+    model.load_state_dict(load_file(str(run_dir / "native" / "model.safetensors")), strict=True)
+    return model.state_dict()
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_two_ranks_match_one_process_at_zero_stage(stage, zero_run, reference):
+def test_two_ranks_match_one_process_at_zero_stage(stage, zero_run, reference, workdir):
     run_dir = zero_run(stage)
     assert max_diff(step_losses(run_dir), reference, range(1, STEPS + 1)) <= 1e-5
-    assert (run_dir / "native" / "model.safetensors").is_file()  # consolidated at the end, any stage
+    # the consolidated fp32 weights (gathered from 2 ranks' partitions) are the single process's weights
+    ours, ref = native_weights(run_dir), native_weights(workdir / "ref")
+    assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-4
 
 
 def test_two_launcher_nodes_with_hostfile_train_zero1_like_one_process(config, workdir, reference):
     # two "nodes" on loopback addresses, one rank each, each started by its own launcher without ssh
+    # (launch/train_multi_node.sh with NODE_RANK), rendezvous on the first
     hostfile = workdir / "hostfile"
     hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
     port, run_dir = free_port(), workdir / "two-nodes"
-    overrides = ("train.micro_batch_size=1", "deepspeed.zero_stage=1")
-    jobs = [Job([DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-                 "--master_addr", "127.0.0.1", "--master_port", str(port), *train_args(config, run_dir, overrides)],
-                workdir / f"node{node}.log")
+    jobs = [Job(["bash", str(REPO / "launch" / "train_multi_node.sh"), str(config), f"train.output_dir={run_dir}",
+                 "train.micro_batch_size=1", "deepspeed.zero_stage=1"], workdir / f"node{node}.log",
+                env={**ENV, "HOSTFILE": str(hostfile), "NODE_RANK": str(node), "MASTER_PORT": str(port)})
             for node in (0, 1)]
     for job in jobs:
         assert job.wait(timeout=300) == 0, job.output()
@@ -302,13 +321,13 @@ def test_sigterm_and_kill_during_checkpoint_resume_exactly_with_one_wandb_run(co
 
 
 def test_killed_rank_makes_the_other_exit_nonzero_within_timeout(config, workdir):
-    # two ranks started directly, as `srun` does (RANK/WORLD_SIZE in the environment, no launcher to clean
-    # up): the survivor must notice the dead peer in a collective and fail by itself
+    # two ranks started directly, as `srun` starts them (launch/slurm_task.sh with SLURM's task variables):
+    # no launcher cleans up, the survivor must notice the dead peer in a collective and fail by itself
     run_dir, port = workdir / "dead-rank", free_port()
-    cmd = single(config, run_dir, "train.max_steps=100000", "train.micro_batch_size=1", "train.eval_every=0",
-                 "train.save_every=0")
-    jobs = [Job(cmd, workdir / f"dead{rank}.log", env={**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                                        "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+    cmd = ["bash", str(REPO / "launch" / "slurm_task.sh"), "--config", str(config), f"train.output_dir={run_dir}",
+           "train.max_steps=100000", "train.micro_batch_size=1", "train.eval_every=0", "train.save_every=0"]
+    jobs = [Job(cmd, workdir / f"dead{rank}.log", env={**ENV, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                                                        "SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1",
                                                         "MASTER_PORT": str(port)})
             for rank in (0, 1)]
     try:

@@ -5,7 +5,7 @@ or a TensorRT .plan (--backend tensorrt). The server binds 127.0.0.1 unless --ho
 drains in-flight requests on SIGTERM before exiting.
 
 Examples:
-  reformer-dist serve --model runs/tiny/checkpoints/final --backend torch
+  reformer-dist serve --model runs/tiny --backend torch            # a run directory (its native/ model)
   reformer-dist serve --model runs/export/model.onnx --backend onnxruntime --port 8080
   curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\
        -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'
@@ -19,12 +19,27 @@ from reformer_dist.serve.config import ServeConfig
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
+# ServeConfig field -> (flag, type, help). Defaults: ServeConfig's, or the serve: section of --config.
+SERVE_FLAGS = (
+    ("host", "--host", str, "address to bind"),
+    ("port", "--port", int, "TCP port, 0 = any free one"),
+    ("max_batch_size", "--max-batch-size", int, "sequences decoded together"),
+    ("max_tokens_cap", "--max-tokens-cap", int, "largest max_tokens a request may ask for"),
+    ("max_concurrency", "--max-concurrency", int, "sequences queued + running before requests get 429"),
+    ("max_body_bytes", "--max-body-bytes", int, "largest request body"),
+    ("batch_window_ms", "--batch-window-ms", float, "how long an idle server waits to batch arrivals"),
+    ("request_timeout_s", "--request-timeout", float, "per-sequence time limit in seconds"),
+    ("drain_timeout_s", "--drain-timeout", float, "on SIGTERM, seconds in-flight requests may still run"),
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServeConfig()
     parser.add_argument("--model", required=True, metavar="PATH",
                         help="native checkpoint directory (torch), model.onnx (onnxruntime) or model.plan (tensorrt)")
     parser.add_argument("--backend", required=True, choices=BACKENDS, help="inference runtime")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a run config YAML whose serve: section sets the defaults of the flags below")
     parser.add_argument("--model-name", default=None,
                         help="name in /v1/models and the 'model' field (default: the file or directory name)")
     parser.add_argument("--device", default=None,
@@ -37,23 +52,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="end a sequence (finish_reason 'stop') when it generates this token id")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model (default: the runtime's choice)")
-    parser.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
-    parser.add_argument("--port", type=int, default=d.port, help=f"TCP port, 0 = any free one (default {d.port})")
-    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
-                        help=f"sequences decoded together (default {d.max_batch_size})")
-    parser.add_argument("--max-tokens-cap", type=int, default=d.max_tokens_cap,
-                        help=f"largest max_tokens a request may ask for (default {d.max_tokens_cap})")
-    parser.add_argument("--max-concurrency", type=int, default=d.max_concurrency,
-                        help=f"sequences queued + running before requests get 429 (default {d.max_concurrency})")
-    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
-                        help=f"largest request body (default {d.max_body_bytes})")
-    parser.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms,
-                        help=f"how long an idle server waits to batch arrivals (default {d.batch_window_ms})")
-    parser.add_argument("--request-timeout", type=float, default=d.request_timeout_s, metavar="SECONDS",
-                        help=f"per-sequence time limit (default {d.request_timeout_s:g})")
-    parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, metavar="SECONDS",
-                        help=f"on SIGTERM, how long in-flight requests may still run (default {d.drain_timeout_s:g})")
+    for field, flag, kind, text in SERVE_FLAGS:
+        parser.add_argument(flag, dest=field, type=kind, default=None, metavar=flag[2:].upper().replace("-", "_"),
+                            help=f"{text} (default {getattr(d, field)})")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """ServeConfig defaults < the serve: section of --config < flags given on the command line."""
+    from dataclasses import fields
+
+    from reformer_dist.errors import ConfigError
+
+    values = {}
+    if args.config is not None:
+        # read here rather than through reformer_dist.configuration, which imports the training configs
+        import yaml
+
+        try:
+            with open(args.config) as f:
+                section = (yaml.safe_load(f) or {}).get("serve") or {}
+        except (OSError, yaml.YAMLError, AttributeError) as e:
+            raise ConfigError(args.config, f"cannot read a run config with a serve: section ({e})") from None
+        types = {f.name: type(f.default) for f in fields(ServeConfig)}
+        for key, value in section.items():
+            if key not in types:
+                raise ConfigError(f"serve.{key}", f"unknown key in {args.config}; known: {sorted(types)}")
+            if not isinstance(value, types[key]) and not (types[key] is float and type(value) is int):
+                raise ConfigError(f"serve.{key}", f"must be {types[key].__name__}, got {value!r}")
+            values[key] = value
+    values.update({field: getattr(args, field) for field, *_ in SERVE_FLAGS if getattr(args, field) is not None})
+    return ServeConfig(**values).validate()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,10 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from reformer_dist.serve.backends import load_model
     from reformer_dist.serve.server import run_server
 
-    cfg = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                      max_tokens_cap=args.max_tokens_cap, max_concurrency=args.max_concurrency,
-                      max_body_bytes=args.max_body_bytes, batch_window_ms=args.batch_window_ms,
-                      request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout).validate()
+    cfg = serve_config(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     loaded = load_model(args.backend, args.model, device=args.device, threads=args.threads,
                         tokenizer=args.tokenizer)

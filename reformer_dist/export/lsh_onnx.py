@@ -7,19 +7,21 @@ Runtime always does; TensorRT does when no plugin is registered). The body compu
 
 1. hash    ``argmax(cat[x R, -x R])`` per bucket factor in fp32, padding in the extra bucket;
 2. sort    per round by (bucket, position), either by counting (one-hot + CumSum: no TopK, so TensorRT's
-           parser takes it; memory B*H*n_hashes*L*n_buckets fp32) or by TopK (fewer ops, faster on ORT CPU
-           for short sequences; TensorRT rejects it once n_hashes... L >= 3840);
+           parser takes it; memory B*H*n_hashes*L*(n_buckets+1) fp32) or by TopK over the sequence (fewer
+           ops; TensorRT rejects a TopK whose K, here L, can reach 3840);
 3. attend  in chunks of ``chunk_len`` over the sorted order, the key window of each chunk gathered with
            one index (wrap-around across rounds as the reference), 'chunk' or 'bucket' masks, fp32 softmax;
-4. unsort  and combine the rounds with softmax(lse) weights.
+4. unsort  and combine the rounds with softmax weights of their logsumexps.
 
 Node inputs: qk (B, H, L, D), v (B, H, L, D), rotations (H, D, n_hashes, sum(n_buckets)//2) fp32 and an
 optional key_padding_mask (B, L) bool (True = real). Outputs: out (B, H, L, D) in v's type and buckets
 (B, H, n_hashes, L) int64 (no round offsets, padding = prod(n_buckets)). L must be a multiple of
 chunk_len: the model pads inside the graph.
 
-The body works in fp32 whatever the input precision (counts stay exact, mask constants finite); only
-the mask constants follow the reference's precision rule (fp16: -1e4/-1e3, else -1e9/-1e5).
+The body works in fp32 whatever the input precision (counts stay exact). Masked scores are -1e9 (-1e4
+for an fp16 model) and self scores -1e5 (-1e3), HF's constants; the reference masks with -inf, which
+gives the same softmax because every row holds its self entry. Finite constants keep TensorRT and fp16
+engines away from inf - inf.
 """
 
 from __future__ import annotations
@@ -246,7 +248,8 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
         q_pos = g("Reshape", order, q_shape)
         k_pos = g("Reshape", g("Gather", key_pos, key_sidx, axis=2), k_shape)
         valid = g("GreaterOrEqual", q_pos, k_pos) if spec.causal else g("Less", k_pos, l1)
-        is_self = g("Equal", q_pos, k_pos)
+        # self = the query's own position, in any round (padding queries included): every row has one
+        is_self = g("Equal", q_pos, g("Reshape", g("Gather", order, key_sidx, axis=2), k_shape))
     else:  # 'bucket': same (round, bucket), sorted index within chunk_len before (or after) the query
         round_keys = g("Add", buckets, g.const(np.arange(n).reshape(n, 1) * n_slots))  # (B, H, n, L)
         slot_round = g("Mul", g("Div", g.arange(n_total), length), length)  # (n*L,): r*L of every slot

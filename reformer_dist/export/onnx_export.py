@@ -40,11 +40,10 @@ from torch import Tensor, nn
 from reformer_dist.errors import ReformerDistError
 from reformer_dist.export.config import ExportConfig
 from reformer_dist.export.lsh_onnx import DOMAIN, OP_TYPE, LshSpec, lsh_function, translate_lsh_attention
+from reformer_dist.export.metadata import FORMAT_VERSION, set_metadata
 
 TRT_PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_VERSION = "1"
-METADATA_PREFIX = "reformer_dist."
-FORMAT_VERSION = "1"  # bump when the graph's inputs/outputs or metadata keys change
 
 
 class LogitsGraph(nn.Module):
@@ -176,22 +175,6 @@ def apply_flavour(proto: onnx.ModelProto, flavour: str) -> None:
         for opset in proto.opset_import:
             if opset.domain == DOMAIN:
                 opset.domain = TRT_PLUGIN_DOMAIN
-
-
-def set_metadata(proto: onnx.ModelProto, values: dict[str, str]) -> None:
-    """Write ``reformer_dist.*`` entries into ``metadata_props`` (replacing existing ones)."""
-    keep = [p for p in proto.metadata_props if p.key.removeprefix(METADATA_PREFIX) not in values]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    for key, value in values.items():
-        proto.metadata_props.add(key=METADATA_PREFIX + key, value=value)
-
-
-def read_metadata(proto_or_props) -> dict[str, str]:
-    """``reformer_dist.*`` metadata (prefix removed) of a ModelProto or an ORT ``custom_metadata_map``."""
-    items = proto_or_props.items() if isinstance(proto_or_props, dict) else \
-        ((p.key, p.value) for p in proto_or_props.metadata_props)
-    return {k.removeprefix(METADATA_PREFIX): v for k, v in items if k.startswith(METADATA_PREFIX)}
 
 
 def save_model(proto: onnx.ModelProto, output: str | os.PathLike) -> None:

@@ -74,7 +74,7 @@ class OrtRunner:
             self.session = ort.InferenceSession(self.path, options, providers=self.providers)
         except Exception as e:  # ORT raises its own exception types for malformed models
             raise ReformerDistError(f"{path}: ONNX Runtime cannot load the model: {e}") from None
-        from reformer_dist.export.onnx_export import read_metadata
+        from reformer_dist.export.metadata import read_metadata
 
         self.metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.config: dict[str, Any] = json.loads(self.metadata.get("config", "{}"))

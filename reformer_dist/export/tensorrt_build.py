@@ -89,7 +89,7 @@ def build_engine(onnx_path: str | os.PathLike, output: str | os.PathLike, *, pre
     """
     import onnx
 
-    from reformer_dist.export.onnx_export import read_metadata
+    from reformer_dist.export.metadata import read_metadata
 
     trt = _trt()
     onnx_path, output = Path(onnx_path), Path(output)

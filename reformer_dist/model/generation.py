@@ -74,11 +74,10 @@ def _ring_from_sequence(x: Tensor, lengths: Tensor, size: int) -> tuple[Tensor, 
     return torch.gather(x, 2, index), pos
 
 
-def _ring_write(ring: Tensor, pos: Tensor, new: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
-    """Write new (B, H, 1, D) at slot ``position % size`` of ring (B, H, size, D); pos (B, size)."""
-    size = ring.shape[2]
-    hit = torch.arange(size, device=ring.device)[None, :] == (position % size)[:, None]  # (B, size)
-    return torch.where(hit[:, None, :, None], new, ring), torch.where(hit, position[:, None], pos)
+def _write(buf: Tensor, dim: int, index: Tensor, src: Tensor, inplace: bool) -> Tensor:
+    """``buf`` with ``src`` scattered along ``dim`` at ``index`` (shaped like src). In place for eager
+    generation, so a step does not copy the whole cache; out of place (a pure function) for tracing."""
+    return buf.scatter_(dim, index, src) if inplace else buf.scatter(dim, index, src)
 
 
 def _fit(x: Tensor, dim: int, size: int, fill: int) -> Tensor:
@@ -127,7 +126,7 @@ def _prefill_local(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity
 
 
 def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: int, rot: Tensor,
-                 hf_stride_pad: int, hf_hashed: bool):
+                 hf_stride_pad: Tensor, hf_hashed: bool):
     qk, v = split_heads(sa.query_key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
     out, buckets = torch.ops.reformer.lsh_attention(
         qk, v, rot, mask, None, sa.n_buckets, sa.chunk_len, sa.chunks_before, sa.chunks_after, sa.window,
@@ -140,7 +139,7 @@ def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: 
     real = pos[None, :] < lengths[:, None]  # (B, L)
     if sa.window == "chunk":
         rounds = torch.arange(n_hashes, device=h.device).view(1, 1, n_hashes, 1)
-        value = buckets + rounds * (nb + hf_stride_pad)
+        value = buckets + rounds * (nb + hf_stride_pad.long())
         value = torch.where(real[:, None, None, :], value, n_hashes * (nb + 2))  # padding sorts last
         order = torch.sort(value * length + pos, dim=-1).indices  # keys are unique: a stable order
         # positions past a row's length are padding: cropping or extending them to capacity is safe
@@ -215,9 +214,13 @@ def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None 
         input_ids = F.pad(input_ids, (0, padded - length))
         real = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device) if mask is None else mask
         mask = F.pad(real, (0, padded - length), value=False)
+    # HF's prefill state for 'chunk' windows: a padded forward (its own chunk padding or padded rows) adds
+    # a padding bucket, which widens the round offsets of the cached buckets by one
     hf_len, hf_padded = _hf_prefill_layout(model, length)
-    hf_stride_pad = int(hf_padded or attention_mask is not None)  # HF's extra padding bucket widens rounds
-    hf_hashed = hf_len > cfg.lsh_chunk_len
+    hf_stride_pad = torch.tensor(hf_padded, device=input_ids.device)
+    if attention_mask is not None:
+        hf_stride_pad = hf_stride_pad | (attention_mask == 0).any()
+    hf_hashed = hf_len > cfg.lsh_chunk_len  # HF hashes a prompt only if it is longer than one chunk
 
     x = model.embeddings(input_ids)
     x1, x2, cache = x, x, {}
@@ -239,13 +242,15 @@ def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None 
 
 
 # ------------------------------------------------------------------------------------------ decode
-def _step_local(sa, h: Tensor, position: Tensor, c: Cache, full: bool) -> tuple[Tensor, Cache]:
+def _step_local(sa, h: Tensor, position: Tensor, c: Cache, full: bool, inplace: bool) -> tuple[Tensor, Cache]:
     q, k, v = (split_heads(proj(h), sa.n_heads) for proj in (sa.query, sa.key, sa.value))  # (B, H, 1, D)
-    d = q.shape[-1]
+    _, n_heads, _, d = q.shape
     if not full:
         k = k / math.sqrt(d)
-    keys, pos = _ring_write(c["k"], c["pos"], k, position)
-    values, _ = _ring_write(c["v"], c["pos"], v, position)
+    slot = position % c["k"].shape[2]  # (B,) ring slot of the new token
+    index = slot.view(-1, 1, 1, 1).expand(-1, n_heads, 1, d)
+    keys, values = _write(c["k"], 2, index, k, inplace), _write(c["v"], 2, index, v, inplace)
+    pos = _write(c["pos"], 1, slot[:, None], position[:, None], inplace)
     scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # (B, H, 1, W)
     if full:
         scores = scores / math.sqrt(d)
@@ -258,7 +263,7 @@ def _step_local(sa, h: Tensor, position: Tensor, c: Cache, full: bool) -> tuple[
     return merge_heads(out), {"k": keys, "v": values, "pos": pos}
 
 
-def _step_lsh_bucket(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache) -> tuple[Tensor, Cache]:
+def _step_lsh_bucket(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache, inplace: bool) -> tuple[Tensor, Cache]:
     """Bucket window: attend the bucket's ring (last chunk_len tokens) plus self, then join the ring."""
     b, n_heads, _, d = qk.shape
     width = sa.chunk_len
@@ -284,12 +289,13 @@ def _step_lsh_bucket(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache) -> t
     # the new token replaces the oldest entry of its bucket's ring
     seen = torch.gather(c["count"], 3, buckets[..., None])  # (B, H, n, 1)
     slot = buckets[..., None] * width + seen % width
+    index = slot[..., None].expand(-1, -1, -1, -1, d)
     new = {
         "rot": c["rot"],
-        "k": c["k"].scatter(3, slot[..., None].expand(-1, -1, -1, -1, d), k[:, :, None].expand(-1, -1, n_hashes, -1, -1)),
-        "v": c["v"].scatter(3, slot[..., None].expand(-1, -1, -1, -1, d), v[:, :, None].expand(-1, -1, n_hashes, -1, -1)),
-        "pos": c["pos"].scatter(3, slot, position[:, None, None, None].expand(-1, n_heads, n_hashes, 1)),
-        "count": c["count"].scatter_add(3, buckets[..., None], torch.ones_like(seen)),
+        "k": _write(c["k"], 3, index, k[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace),
+        "v": _write(c["v"], 3, index, v[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace),
+        "pos": _write(c["pos"], 3, slot, position.view(-1, 1, 1, 1).expand_as(slot), inplace),
+        "count": _write(c["count"], 3, buckets[..., None], seen + 1, inplace),
     }
     return out.reshape(b, 1, n_heads * d), new
 
@@ -301,7 +307,7 @@ def _hf_softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
     return torch.exp(scores - lse), lse
 
 
-def _step_lsh_chunk(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache) -> tuple[Tensor, Cache]:
+def _step_lsh_chunk(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache, inplace: bool) -> tuple[Tensor, Cache]:
     """HF's cached LSH step (chunk window) on fixed-capacity buffers."""
     b, n_heads, _, d = qk.shape
     capacity = c["k"].shape[2]
@@ -310,9 +316,6 @@ def _step_lsh_chunk(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache) -> tu
     masked, self_masked = mask_values(qk.dtype)
     slot = torch.arange(capacity, device=qk.device)
     past = slot[None, :] < position[:, None]  # (B, C) tokens already cached
-    here = (slot[None, :] == position[:, None])[:, None, :, None]  # (B, 1, C, 1) the new token's slot
-    keys = torch.where(here, normalize_keys(qk), c["k"])
-    values = torch.where(here, v, c["v"])
 
     # bucket value of the new token, with HF's round offsets: HF widens them by one when the cached
     # buckets reveal a padding bucket (a padded prefill), detected from their maximum
@@ -325,7 +328,11 @@ def _step_lsh_chunk(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache) -> tu
     rank = ((c["bucket"] <= value) & past[:, None, None, :]).sum(-1, keepdim=True)  # (B, H, n, 1)
     shifted = torch.gather(c["order"], 3, (slot - (slot > rank).long()).clamp(min=0).expand_as(c["order"]))
     order = torch.where(slot == rank, position.view(-1, 1, 1, 1), shifted)
-    bucket = torch.where(slot.view(1, 1, 1, -1) == position.view(-1, 1, 1, 1), value, c["bucket"])
+    # store the new token (its slot is its position)
+    index = position.view(-1, 1, 1, 1).expand(-1, n_heads, 1, d)
+    keys = _write(c["k"], 2, index, normalize_keys(qk), inplace)
+    values = _write(c["v"], 2, index, v, inplace)
+    bucket = _write(c["bucket"], 3, position.view(-1, 1, 1, 1).expand_as(value), value, inplace)
 
     # window: the new token's sorted chunk and its neighbours, modulo the current length (HF wraps)
     width = chunk * (1 + before + after)
@@ -355,8 +362,12 @@ def _step_lsh_chunk(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache) -> tu
     return out.reshape(b, 1, n_heads * d), new
 
 
-def decode_step(model: ReformerLM, token: Tensor, position: Tensor, cache: Cache) -> tuple[Tensor, Cache]:
-    """One new token per row: token (B,) int64 at position (B,) int64 -> (logits (B, vocab), new cache)."""
+def decode_step(model: ReformerLM, token: Tensor, position: Tensor, cache: Cache,
+                inplace: bool = False) -> tuple[Tensor, Cache]:
+    """One new token per row: token (B,) int64 at position (B,) int64 -> (logits (B, vocab), new cache).
+
+    A pure function by default (the input cache is left as it was); ``inplace=True`` writes the new
+    entries into the input cache's tensors instead of copying them, which eager generation uses."""
     x = (model.embeddings.word_embeddings(token) + _axial_at(model, position))[:, None]  # (B, 1, d_model)
     x1, x2, new_cache = x, x, {}
     for i, layer in enumerate(model.layers):
@@ -367,9 +378,9 @@ def decode_step(model: ReformerLM, token: Tensor, position: Tensor, cache: Cache
         if block.kind == "lsh":
             qk, v = split_heads(sa.query_key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
             step = _step_lsh_chunk if sa.window == "chunk" else _step_lsh_bucket
-            out, layer_cache = step(sa, qk, v, position, c)
+            out, layer_cache = step(sa, qk, v, position, c, inplace)
         else:
-            out, layer_cache = _step_local(sa, h, position, c, block.kind == "full")
+            out, layer_cache = _step_local(sa, h, position, c, block.kind == "full", inplace)
         new_cache.update({f"{i}.{name}": t for name, t in layer_cache.items()})
         x1 = x1 + block.output(out).to(x1.dtype)
         x2 = x2 + layer.feed_forward(x1)
@@ -455,7 +466,7 @@ def stream_generate(
             yield token
             if step + 1 == max_new_tokens or bool(done.all()):
                 return
-            logits, cache = decode_step(model, token, position, cache)
+            logits, cache = decode_step(model, token, position, cache, inplace=True)
             position = position + 1
     finally:
         model.train(was_training)

@@ -4,7 +4,7 @@ The algorithm is HF transformers' Reformer attention (ported from trax), reorgan
 
 1. hash    ``bucket = argmax(cat[x R, -x R])`` per bucket factor, in fp32 (``hash_vectors``);
 2. sort    every (round, position) by (round, bucket, position), one stable sort (``sort_by_bucket``);
-3. attend  in chunks of ``chunk_len`` over the sorted order (``attend_sorted_block``), one block of
+3. attend  in chunks of ``chunk_len`` over the sorted order (``attend_sorted``), one block of
            chunks at a time so the (chunks, c, window) score tensor never exists whole;
 4. unsort  the per-round outputs and combine the rounds with logsumexp weights (``combine_rounds``).
 
@@ -31,6 +31,10 @@ The backward is flash-style: it saves only qk, v, the output and the buckets, re
 by block, rebuilds the global logsumexp over all rounds, and uses ``delta = rowsum(dO * O)``. The round
 combination is folded in: ``out = sum_r exp(lse_r - LSE) o_r`` is one softmax over the union of all
 rounds' windows normalised by ``LSE = logsumexp_r(lse_r)`` (kept as max + log-sum for precision).
+
+Inputs may be laid out as (B, H, L, D) or as the (B, L, H, D) memory that head-splitting a projection
+gives (``x.view(B, L, H, D).transpose(1, 2)``): the op works on rows of that memory directly and returns
+outputs in the same layout, so neither side pays for ``.contiguous()`` copies.
 
 Attention-probability dropout uses a counter-based hash of (seed, batch*head, sorted query, window slot),
 so its mask is independent of the block size and can be regenerated in the backward without state.
@@ -67,6 +71,22 @@ def mask_values(dtype: torch.dtype) -> tuple[float, float]:
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Scores, softmax statistics and gradients accumulate in at least fp32 (fp64 stays fp64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def heads_inner(x: Tensor) -> bool:
+    """Whether a (B, H, L, D) tensor is a head-split view of (B, L, H, D) memory (rows ordered b, pos, h)."""
+    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
+def as_rows(x: Tensor, inner: bool) -> Tensor:
+    """(B*H*L, D) rows of a (B, H, L, D) tensor in the given layout (a view when x already has it)."""
+    return (x.transpose(1, 2) if inner else x).contiguous().view(-1, x.shape[-1])
+
+
+def from_rows(rows: Tensor, shape: tuple[int, ...], inner: bool) -> Tensor:
+    """Inverse of ``as_rows``: the (B, H, L, D) view of rows laid out as ``inner`` says."""
+    b, h, length, d = shape
+    return rows.view(b, length, h, d).transpose(1, 2) if inner else rows.view(b, h, length, d)
 
 
 # ----------------------------------------------------------------------------------------- hashing
@@ -125,12 +145,13 @@ class SortedLayout:
     """Everything about one sort that the attention blocks need, flattened over batch*heads.
 
     ``sorted_idx`` (BH, N) with N = n*L holds ``r*L + pos``; ``pos`` (BH, N) the original positions;
-    ``flat_pos`` (BH, N) the row of each sorted entry in a (BH*L, D) view of qk / v; ``bucket_key`` (BH, N)
+    ``flat_pos`` (BH, N) the row of each sorted entry in the (B*H*L, D) rows of qk / v (``as_rows`` with
+    layout ``inner``); ``bucket_key`` (BH, N)
     the (round, bucket) id; ``key_pos`` (BH, N) the position, or L for padding (so ``q_pos >= key_pos`` is
     the causal-and-not-padding test and ``key_pos < L`` the padding test).
     """
 
-    def __init__(self, buckets: Tensor, key_padding_mask: Tensor | None, chunk_len: int):
+    def __init__(self, buckets: Tensor, key_padding_mask: Tensor | None, chunk_len: int, inner: bool):
         b, h, n, length = buckets.shape
         sorted_idx, bucket_key = sort_by_bucket(buckets)
         self.bh, self.n_hashes, self.length, self.chunk_len = b * h, n, length, chunk_len
@@ -139,8 +160,12 @@ class SortedLayout:
         self.sorted_idx = sorted_idx.view(b * h, -1)
         self.bucket_key = bucket_key.view(b * h, -1)
         self.pos = self.sorted_idx % length
-        row0 = torch.arange(b * h, device=buckets.device).unsqueeze(1) * length
-        self.flat_pos = row0 + self.pos
+        if inner:  # rows ordered (b, pos, h)
+            bi = torch.arange(b, device=buckets.device).repeat_interleave(h).unsqueeze(1)
+            hi = torch.arange(h, device=buckets.device).repeat(b).unsqueeze(1)
+            self.flat_pos = (bi * length + self.pos) * h + hi
+        else:
+            self.flat_pos = torch.arange(b * h, device=buckets.device).unsqueeze(1) * length + self.pos
         if key_padding_mask is None:
             self.key_pos = self.pos
         else:
@@ -159,35 +184,63 @@ def window_offsets(window: str, chunks_before: int, chunks_after: int, causal: b
 class Block:
     """One block of query chunks [first, last) of the sorted order and its key windows.
 
-    ``q_rows`` (BH, nb*c) and ``k_rows`` (BH, nb, W) are the rows of the flat (BH*L, D) inputs that the
-    queries and window keys come from. ``is_self`` marks the self entries of the (BH, nb, c, W) scores:
-    a bool tensor for 'chunk' (a position can recur in a look-back chunk from another round), None for
-    'bucket' (the self entry is always the diagonal of the own-chunk columns).
+    The keys of all windows come from the contiguous chunk span [first + min(offsets), last + max(offsets))
+    (wrapping around): ``span_rows`` (BH, n_span*c) are their rows in the flat (BH*L, D) inputs, gathered
+    once per block; each query chunk's window is then dense slices of that span. ``q_rows`` (BH, nb*c)
+    are the query rows. ``is_self`` marks the self entries of the (BH, nb, c, W) scores: a bool tensor
+    for 'chunk' (a position can recur in a look-back chunk from another round), None for 'bucket' (the
+    self entry is always the diagonal of the own-chunk columns).
     """
 
     def __init__(self, layout: SortedLayout, first: int, last: int, offsets: list[int], window: str, causal: bool):
-        c, nc, dev = layout.chunk_len, layout.n_chunks, layout.sorted_idx.device
-        self.first, self.last, self.nb, self.c = first, last, last - first, c
+        c, nc, bh, dev = layout.chunk_len, layout.n_chunks, layout.bh, layout.sorted_idx.device
+        self.first, self.last, self.nb, self.c, self.bh = first, last, last - first, c, bh
+        lo, hi = min(offsets), max(offsets)
+        self.n_span = self.nb + hi - lo
+        self.span_starts = [o - lo for o in offsets]  # where each offset's chunks start within the span
+        self.span_q_start = -lo  # where the query chunks start within the span
+        span_chunks = torch.arange(first + lo, last + hi, device=dev) % nc
+        self.span_rows = layout.flat_pos.view(bh, nc, c)[:, span_chunks].flatten(1)
+        self.q_rows = self.span_rows[:, -lo * c : (self.nb - lo) * c]
+
         chunk_ids = torch.arange(first, last, device=dev)
         raw_chunks = chunk_ids[:, None] + torch.tensor(offsets, device=dev)[None, :]  # (nb, n_off)
         slot = torch.arange(c, device=dev)
-        key_sidx = ((raw_chunks % nc)[:, :, None] * c + slot).flatten(1)  # (nb, W), wrapped around
+        key_sidx = ((raw_chunks % nc)[:, :, None] * c + slot).flatten()  # (nb*W,) sorted index, wrapped
         rows = slice(first * c, last * c)
-        self.q_rows = layout.flat_pos[:, rows]
-        self.k_rows = layout.flat_pos[:, key_sidx.flatten()].view(layout.bh, self.nb, -1)
-        shape_q, shape_k = (layout.bh, self.nb, c, 1), (layout.bh, self.nb, 1, key_sidx.shape[1])
+        shape_q, shape_k = (bh, self.nb, c, 1), (bh, self.nb, 1, len(offsets) * c)
         if window == "chunk":  # HF: causal on original positions, padding keys masked, wrap-around
             q_pos = layout.pos[:, rows].reshape(shape_q)
-            k_pos = layout.key_pos[:, key_sidx.flatten()].view(shape_k)
+            k_pos = layout.key_pos[:, key_sidx].view(shape_k)
             self.valid = q_pos >= k_pos if causal else k_pos < layout.length
-            self.is_self = q_pos == layout.pos[:, key_sidx.flatten()].view(shape_k)
+            self.is_self = q_pos == layout.pos[:, key_sidx].view(shape_k)
         else:  # same (round, bucket) and at most c sorted slots back (or ahead, if not causal)
             raw_sidx = (raw_chunks[:, :, None] * c + slot).flatten(1)[:, None, :]  # (nb, 1, W), unwrapped
             lag = (chunk_ids[:, None] * c + slot)[:, :, None] - raw_sidx  # (nb, c, W)
             band = (raw_sidx >= 0) & (raw_sidx < layout.n_total) & (lag <= c) & (lag >= (0 if causal else -c))
             q_key = layout.bucket_key[:, rows].reshape(shape_q)
-            self.valid = (q_key == layout.bucket_key[:, key_sidx.flatten()].view(shape_k)) & band
+            self.valid = (q_key == layout.bucket_key[:, key_sidx].view(shape_k)) & band
             self.is_self = None
+
+    def queries(self, x: Tensor) -> Tensor:
+        """Rows of x (BH*L, D) for this block's queries: (BH, nb, c, D)."""
+        return x.index_select(0, self.q_rows.flatten()).view(self.bh, self.nb, self.c, -1)
+
+    def windows(self, x: Tensor) -> Tensor:
+        """Key windows of x (BH*L, D): (BH, nb, W, D), W = n_offsets * c."""
+        span = x.index_select(0, self.span_rows.flatten()).view(self.bh, self.n_span, self.c, -1)
+        return torch.cat([span[:, s : s + self.nb] for s in self.span_starts], dim=2)
+
+    def accumulate(self, grads: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+        """Add this block's dq (BH, nb, c, D) and window dk, dv (BH, nb, W, D) into ``grads`` (BH*L, 3D)
+        with one indexed accumulation over the span (positions recur across rounds)."""
+        d, c = dq.shape[-1], self.c
+        span = dq.new_zeros(self.bh, self.n_span, c, 3 * d)
+        span[:, self.span_q_start : self.span_q_start + self.nb, :, :d] = dq
+        for i, s in enumerate(self.span_starts):
+            span[:, s : s + self.nb, :, d : 2 * d] += dk[:, :, i * c : (i + 1) * c]
+            span[:, s : s + self.nb, :, 2 * d :] += dv[:, :, i * c : (i + 1) * c]
+        grads.index_put_((self.span_rows.flatten(),), span.view(-1, 3 * d), accumulate=True)
 
     def fill_self(self, t: Tensor, value: float) -> Tensor:
         """Set the self entries of a (BH, nb, c, W) tensor to ``value`` (in place when allowed)."""
@@ -201,17 +254,14 @@ class Block:
 
 
 def block_scores(block: Block, q: Tensor, k: Tensor, self_masked: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Scores (BH, nb, c, W) in the accumulation dtype of one block, plus its gathered queries and keys.
+    """Scores (BH, nb, c, W) in the accumulation dtype of one block, plus its queries and key windows.
 
     Masked entries are -inf (exactly HF's -1e9 after the softmax: every row holds its self entry, so no
     row is all-masked, and exp of -inf is fast where exp of -1e9 hits slow denormal paths); self entries
     are ``self_masked`` (HF's -1e5), so a token attends itself only when nothing else is allowed.
     """
-    bh, nb, c, d = block.q_rows.shape[0], block.nb, block.c, q.shape[-1]
-    acc = _acc_dtype(q.dtype)
-    qb = q.index_select(0, block.q_rows.flatten()).view(bh, nb, c, d)
-    kb = k.index_select(0, block.k_rows.flatten()).view(bh, nb, -1, d)
-    scores = torch.matmul(qb, kb.transpose(-1, -2)).to(acc)
+    qb, kb = block.queries(q), block.windows(k)
+    scores = torch.matmul(qb, kb.transpose(-1, -2)).to(_acc_dtype(q.dtype))
     if scores.requires_grad:
         scores = scores.masked_fill(~block.valid, -math.inf)
     else:
@@ -250,7 +300,7 @@ def _blocks(layout: SortedLayout, offsets: list[int], window: str, causal: bool)
 
 
 def attend_sorted(
-    qk: Tensor,
+    q: Tensor,
     v: Tensor,
     layout: SortedLayout,
     chunks_before: int,
@@ -260,25 +310,23 @@ def attend_sorted(
     dropout_p: float,
     dropout_seed: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Attention over the sorted order, block by block.
+    """Attention over the sorted order, block by block, on rows: q, v (B*H*L, D) (``as_rows``).
 
-    Returns per-round outputs ``o`` (BH, n, L, D) in v's dtype and the per-round softmax statistics
-    ``row_max`` and ``log_sum`` (BH, n, L) (logsumexp = row_max + log_sum), all un-sorted to
-    (round, position). The statistics are kept apart because row maxima sit at -1e5 for rows that only
-    see themselves: one fp32 logsumexp there would lose ~4e-3. Differentiable with ordinary autograd
-    (the reference); the op's forward runs it under no_grad, where it works in place.
+    Returns per-round outputs ``o`` (n, B*H*L, D) in v's dtype and the per-round softmax statistics
+    ``row_max`` and ``log_sum`` (n, B*H*L) (logsumexp = row_max + log_sum), un-sorted to the input rows.
+    The statistics are kept apart because row maxima sit at -1e5 for rows that only see themselves: one
+    fp32 logsumexp there would lose ~4e-3. Differentiable with ordinary autograd (the reference); the op's
+    forward runs it under no_grad, where it works in place.
     """
-    d = qk.shape[-1]
-    q = qk.reshape(-1, d)
-    k = normalize_keys(qk).reshape(-1, d)
-    vf = v.reshape(-1, d)
+    d, rows_total = q.shape[-1], q.shape[0]
+    k = normalize_keys(q)
     offsets = window_offsets(window, chunks_before, chunks_after, causal)
-    self_masked = mask_values(qk.dtype)[1]
-    acc = _acc_dtype(qk.dtype)
-    # un-sorted destinations: sorted entry j of row r lands at row r, (round, pos) = sorted_idx[r, j]
-    dest = torch.arange(layout.bh, device=qk.device).unsqueeze(1) * layout.n_total + layout.sorted_idx
-    o = torch.empty(layout.bh * layout.n_total, d, device=qk.device, dtype=v.dtype)
-    row_max = torch.empty(layout.bh * layout.n_total, device=qk.device, dtype=acc)
+    self_masked = mask_values(q.dtype)[1]
+    acc = _acc_dtype(q.dtype)
+    # destination of each sorted entry: round r of input row flat_pos
+    dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos
+    o = torch.empty(layout.n_hashes * rows_total, d, device=q.device, dtype=v.dtype)
+    row_max = torch.empty(layout.n_hashes * rows_total, device=q.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
     for block in _blocks(layout, offsets, window, causal):
         scores, _, _ = block_scores(block, q, k, self_masked)
@@ -289,26 +337,28 @@ def attend_sorted(
             keep = dropout_keep(dropout_seed, layout.bh, layout.n_total, block.first * block.c,
                                 tuple(probs.shape), dropout_p, probs.device)
             probs = probs * keep / (1.0 - dropout_p)
-        vb = vf.index_select(0, block.k_rows.flatten()).view(*block.k_rows.shape, d)
         # normalise the (c, D) output rather than the (c, W) probabilities
-        ob = torch.matmul(probs.to(v.dtype), vb) / total.to(v.dtype)
+        ob = torch.matmul(probs.to(v.dtype), block.windows(v)) / total.to(v.dtype)
         rows = dest[:, block.first * block.c : block.last * block.c].flatten()
         o.index_copy_(0, rows, ob.flatten(0, 2))
         row_max.index_copy_(0, rows, m.flatten())
         log_sum.index_copy_(0, rows, total.log().flatten())
-    shape = (layout.bh, layout.n_hashes, layout.length)
-    return o.view(*shape, d), row_max.view(shape), log_sum.view(shape)
+    n = layout.n_hashes
+    return o.view(n, rows_total, d), row_max.view(n, rows_total), log_sum.view(n, rows_total)
 
 
 def round_weights(row_max: Tensor, log_sum: Tensor) -> Tensor:
-    """Softmax over rounds of the per-round logsumexps: (BH, n, L) -> (BH, n, L)."""
-    top = row_max.amax(dim=1, keepdim=True)
-    return torch.softmax((row_max - top) + log_sum, dim=1)
+    """Softmax over rounds (dim 0) of the per-round logsumexps ``row_max + log_sum``."""
+    top = row_max.amax(dim=0, keepdim=True)
+    return torch.softmax((row_max - top) + log_sum, dim=0)
 
 
 def combine_rounds(o: Tensor, row_max: Tensor, log_sum: Tensor) -> Tensor:
-    """``sum_r o_r * exp(lse_r - logsumexp_r lse)``: o (BH, n, L, D) -> (BH, L, D)."""
-    return (o * round_weights(row_max, log_sum).unsqueeze(-1).to(o.dtype)).sum(dim=1)
+    """``sum_r o_r * exp(lse_r - logsumexp_r lse)``: o (n, R, D), stats (n, R) -> (R, D)."""
+    w = round_weights(row_max, log_sum).unsqueeze(-1).to(o.dtype)
+    if o.requires_grad:
+        return (o * w).sum(dim=0)
+    return o.mul_(w).sum(dim=0)  # the op's forward: o is a temporary, reuse it
 
 
 def _buckets_or_hash(qk: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
@@ -337,12 +387,12 @@ def lsh_attention_reference(
 ) -> tuple[Tensor, Tensor]:
     """The op's semantics in plain differentiable PyTorch (autograd backward). Same signature/outputs."""
     _check(qk, v, chunk_len, window)
-    b, h, length, d = qk.shape
+    inner = heads_inner(v)
     buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
-    layout = SortedLayout(buckets, key_padding_mask, chunk_len)
-    o, row_max, log_sum = attend_sorted(qk.contiguous(), v.contiguous(), layout, chunks_before, chunks_after,
-                                        window, causal, dropout_p, dropout_seed)
-    return combine_rounds(o, row_max, log_sum).view(b, h, length, d), buckets
+    layout = SortedLayout(buckets, key_padding_mask, chunk_len, inner)
+    o, row_max, log_sum = attend_sorted(as_rows(qk, inner), as_rows(v, inner), layout, chunks_before,
+                                        chunks_after, window, causal, dropout_p, dropout_seed)
+    return from_rows(combine_rounds(o, row_max, log_sum), tuple(qk.shape), inner), buckets
 
 
 # ------------------------------------------------------------------------------------ the custom op
@@ -372,8 +422,9 @@ def lsh_attention(
 @lsh_attention.register_fake
 def _(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before, chunks_after, window,
       causal, dropout_p, dropout_seed):
-    b, h, length, _ = qk.shape
-    return torch.empty_like(v), qk.new_empty((b, h, rotations.shape[2], length), dtype=torch.long)
+    b, h, length, d = qk.shape
+    out = from_rows(v.new_empty(b * h * length, d), tuple(v.shape), heads_inner(v))
+    return out, qk.new_empty((b, h, rotations.shape[2], length), dtype=torch.long)
 
 
 @torch.library.custom_op("reformer::lsh_attention_backward", mutates_args=())
@@ -394,56 +445,56 @@ def lsh_attention_backward(
 ) -> tuple[Tensor, Tensor]:
     """Flash-style backward of ``lsh_attention``: returns (grad_qk, grad_v)."""
     with torch.no_grad(), torch.autocast(qk.device.type, enabled=False):
-        return _backward(grad_out, qk.contiguous(), v.contiguous(), out, buckets, key_padding_mask, chunk_len,
-                         chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
+        return _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks_before, chunks_after,
+                         window, causal, dropout_p, dropout_seed)
 
 
 @lsh_attention_backward.register_fake
 def _(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks_before, chunks_after, window, causal,
       dropout_p, dropout_seed):
-    return torch.empty_like(qk), torch.empty_like(v)
+    inner, rows = heads_inner(v), qk.shape[0] * qk.shape[1] * qk.shape[2]
+    return (from_rows(qk.new_empty(rows, qk.shape[-1]), tuple(qk.shape), inner),
+            from_rows(v.new_empty(rows, v.shape[-1]), tuple(v.shape), inner))
 
 
 def _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks_before, chunks_after, window,
               causal, dropout_p, dropout_seed):
-    b, h, length, d = qk.shape
-    layout = SortedLayout(buckets, key_padding_mask, chunk_len)
-    q = qk.reshape(-1, d)
-    k = normalize_keys(qk).reshape(-1, d)
-    vf = v.reshape(-1, d)
+    inner = heads_inner(v)
+    layout = SortedLayout(buckets, key_padding_mask, chunk_len, inner)
+    q, vf = as_rows(qk, inner), as_rows(v, inner)
+    rows_total, d = q.shape
+    k = normalize_keys(q)
     offsets = window_offsets(window, chunks_before, chunks_after, causal)
     self_masked = mask_values(qk.dtype)[1]
     acc = _acc_dtype(qk.dtype)
     c, bh = chunk_len, layout.bh
 
-    # pass 1: per-position softmax statistics over all rounds' windows: P = exp(S - top - log_total)
-    row_max = torch.empty(bh, layout.n_total, device=qk.device, dtype=acc)
+    # pass 1: per-row softmax statistics over all rounds' windows: P = exp(S - top - log_total)
+    n = layout.n_hashes
+    row_max = torch.empty(n * rows_total, device=qk.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
+    dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos
     for block in _blocks(layout, offsets, window, causal):
         scores, _, _ = block_scores(block, q, k, self_masked)
         m = scores.amax(dim=-1, keepdim=True)
-        row_max[:, block.first * c : block.last * c] = m.flatten(1)
-        log_sum[:, block.first * c : block.last * c] = scores.sub_(m).exp_().sum(-1).log_().flatten(1)
-    shape = (bh, layout.n_hashes, length)
-    row_max = torch.empty_like(row_max).scatter_(1, layout.sorted_idx, row_max).view(shape)
-    log_sum = torch.empty_like(log_sum).scatter_(1, layout.sorted_idx, log_sum).view(shape)
-    top = row_max.amax(dim=1, keepdim=True)
-    log_total = torch.logsumexp((row_max - top) + log_sum, dim=1).flatten()  # (BH*L,)
+        rows = dest[:, block.first * c : block.last * c].flatten()
+        row_max.index_copy_(0, rows, m.flatten())
+        log_sum.index_copy_(0, rows, scores.sub_(m).exp_().sum(-1).log_().flatten())
+    row_max, log_sum = row_max.view(n, rows_total), log_sum.view(n, rows_total)
+    top = row_max.amax(dim=0, keepdim=True)
+    log_total = torch.logsumexp((row_max - top) + log_sum, dim=0)  # (rows,)
     top = top.flatten()
 
-    go = grad_out.reshape(-1, d)
-    delta = (go.to(acc) * out.reshape(-1, d).to(acc)).sum(-1)  # (BH*L,) rowsum(dO * O)
-    dq = torch.zeros(bh * length, d, device=qk.device, dtype=acc)
-    dk = torch.zeros_like(dq)
-    dv = torch.zeros_like(dq)
+    go = as_rows(grad_out, inner)
+    delta = (go.to(acc) * as_rows(out, inner).to(acc)).sum(-1)  # (rows,) rowsum(dO * O)
+    grads = torch.zeros(rows_total, 3 * d, device=qk.device, dtype=acc)  # [dq | dk | dv]
     # pass 2: P = exp(S - LSE) over the union of windows; dS = P * (dP - delta), zero on self entries
     for block in _blocks(layout, offsets, window, causal):
         scores, qb, kb = block_scores(block, q, k, self_masked)
-        q_flat, k_flat = block.q_rows.flatten(), block.k_rows.flatten()
+        q_flat = block.q_rows.flatten()
         row_shape = (bh, block.nb, c, 1)
         probs = scores.sub_(top[q_flat].view(row_shape)).sub_(log_total[q_flat].view(row_shape)).exp_()
-        go_b = go.index_select(0, q_flat).view(bh, block.nb, c, d)
-        vb = vf.index_select(0, k_flat).view(*block.k_rows.shape, d)
+        go_b, vb = block.queries(go), block.windows(vf)
         dp = torch.matmul(go_b, vb.transpose(-1, -2)).to(acc)  # (BH, nb, c, W)
         if dropout_p > 0:
             keep = dropout_keep(dropout_seed, bh, layout.n_total, block.first * c, tuple(probs.shape), dropout_p,
@@ -452,13 +503,12 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks
             p_drop = probs * keep
         else:
             p_drop = probs
-        dv.index_put_((k_flat,), torch.matmul(p_drop.transpose(-1, -2).to(go.dtype), go_b).flatten(0, 2).to(acc),
-                      accumulate=True)
+        dv_b = torch.matmul(p_drop.transpose(-1, -2).to(go.dtype), go_b)
         ds = block.fill_self(dp.sub_(delta[q_flat].view(row_shape)).mul_(probs), 0.0).to(qk.dtype)
-        dq.index_put_((q_flat,), torch.matmul(ds, kb).flatten(0, 2).to(acc), accumulate=True)
-        dk.index_put_((k_flat,), torch.matmul(ds.transpose(-1, -2), qb).flatten(0, 2).to(acc), accumulate=True)
-    dqk = dq + _normalize_keys_backward(q, dk)
-    return dqk.view(b, h, length, d).to(qk.dtype), dv.view(b, h, length, d).to(v.dtype)
+        block.accumulate(grads, torch.matmul(ds, kb), torch.matmul(ds.transpose(-1, -2), qb), dv_b)
+    dq, dk, dv = grads[:, :d], grads[:, d : 2 * d], grads[:, 2 * d :]
+    dqk = (dq + _normalize_keys_backward(q, dk)).to(qk.dtype)
+    return from_rows(dqk, tuple(qk.shape), inner), from_rows(dv.to(v.dtype).contiguous(), tuple(v.shape), inner)
 
 
 def _setup_context(ctx, inputs, output):

@@ -220,9 +220,11 @@ def create_app(backend: Backend, tokenizer: Tokenizer, cfg: ServeConfig, model_n
         admit(engine.submit, seqs)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
-        usage = lambda: {"prompt_tokens": sum(len(p) for p in prompt_ids),  # noqa: E731
-                         "completion_tokens": sum(s.n_generated for s in seqs),
-                         "total_tokens": sum(len(p) for p in prompt_ids) + sum(s.n_generated for s in seqs)}
+
+        def usage() -> dict:  # read once the sequences have finished
+            prompt, completion = sum(len(p) for p in prompt_ids), sum(s.n_generated for s in seqs)
+            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_completion(events, seqs, head, usage, include_usage),

@@ -96,9 +96,10 @@ class Backend(ABC):
 class TorchBackend(Backend):
     """A checkpoint run by the PyTorch model, with cached decoding (``reformer_dist.model.generation``).
 
-    A sequence's first step prefills its prompt and keeps the cache (batch of one) in ``seq.cache``;
-    later steps stack the caches of the batch, run one ``decode_step`` for all, and split them again,
-    so sequences join and leave between any two steps. Newcomers are prefilled in groups of equal
+    A sequence's first step prefills its prompt and keeps its cache (a batch of one) in ``seq.cache``;
+    later steps run one ``decode_step`` for the whole batch and hand each sequence its row (a view).
+    The batched cache is reused while the batch is unchanged and restacked from the rows when a
+    sequence joins or leaves, so membership can change between any two steps. Newcomers are prefilled in groups of equal
     prompt length: no padding, so each row is computed exactly as it would be alone (which matters for
     the reference 'chunk' LSH window, whose padded prefill differs slightly).
 
@@ -122,6 +123,8 @@ class TorchBackend(Backend):
         self.vocab_size = cfg.vocab_size
         self.pad_token_id = cfg.pad_token_id or 0
         self.rotations = draw_rotations(self.model, torch.Generator().manual_seed(0))
+        # (batched cache, the per-sequence row views handed out) of the last decode step
+        self._last_batch: tuple[dict, list[dict]] | None = None
 
     def forward(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -147,9 +150,19 @@ class TorchBackend(Backend):
             if running:
                 token = torch.tensor([s.tokens[-1] for s in running], dtype=torch.long, device=self.device)
                 position = torch.tensor([len(s.tokens) - 1 for s in running], dtype=torch.long, device=self.device)
-                logits, cache = self._decode_step(self.model, token, position, stack_caches([s.cache for s in running]))
+                logits, cache = self._decode_step(self.model, token, position, self._batched_cache(running))
                 self._scatter(running, logits, cache, rows)
+                self._last_batch = (cache, [s.cache for s in running])
         return torch.stack([rows[id(s)] for s in seqs]).float().cpu().numpy()
+
+    def _batched_cache(self, running: list[DecodeState]) -> dict:
+        """The batch's cache: the previous step's batched cache when the batch is unchanged (the common
+        case between joins and leaves), else the sequences' caches stacked (a copy)."""
+        if self._last_batch is not None:
+            cache, rows = self._last_batch
+            if len(rows) == len(running) and all(s.cache is row for s, row in zip(running, rows)):
+                return cache
+        return stack_caches([s.cache for s in running])
 
     @staticmethod
     def _scatter(group: list[DecodeState], logits: Any, cache: dict, rows: dict[int, Any]) -> None:

@@ -151,31 +151,32 @@ class Engine:
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue the sequences of one request (all or none). Raises Overloaded or Draining."""
         with self._cv:
-            if self._draining:
-                raise Draining()
-            if self._load + len(seqs) > self.cfg.max_concurrency:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise Overloaded()
+            self._admit(len(seqs))
             now = time.monotonic()
             for s in seqs:
                 s.admitted_at = now
                 s.deadline = now + self.cfg.request_timeout_s
                 self.metrics.prompt_tokens.inc(s.n_prompt)
-            self._load += len(seqs)
             self._pending.extend(seqs)
             self.metrics.queue_depth.set(len(self._pending))
             self._cv.notify_all()
 
     def submit_score(self, job: ScoreJob) -> None:
+        """Queue a scoring job (it counts one slot per text). Raises Overloaded or Draining."""
         with self._cv:
-            if self._draining:
-                raise Draining()
-            if self._load + len(job.sequences) > self.cfg.max_concurrency:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise Overloaded()
-            self._load += len(job.sequences)
+            self._admit(len(job.sequences))
             self._scores.append(job)
             self._cv.notify_all()
+
+    def _admit(self, n: int) -> None:
+        """Reserve n slots of max_concurrency (caller holds _cv)."""
+        if self._draining:
+            self.metrics.rejected.labels("draining").inc()
+            raise Draining()
+        if self._load + n > self.cfg.max_concurrency:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded()
+        self._load += n
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last THROUGHPUT_WINDOW_S seconds."""

@@ -32,9 +32,9 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add one token; return the text that can now be released (maybe ''). Sets ``stopped``."""
         self.ids.append(token_id)
+        # Decode everything each time: a token's text can depend on its neighbours (subword merges,
+        # multi-byte characters), so decoding token by token would not add up to the right text.
         self.text = self.tokenizer.decode(self.ids)
-        # Decoding is not always prefix-stable (tokenizers merge spaces, bytes complete characters), so
-        # never re-release: search for stops from slightly before the released point.
         cut = self._first_stop()
         if cut is not None:
             self.text = self.text[:cut]
@@ -58,6 +58,8 @@ class TextStream:
         return delta
 
     def _first_stop(self) -> int | None:
+        """Where the earliest stop string starts; released text is final, so only a match that reaches
+        past the released point counts (one may straddle it: search from a stop's length before)."""
         start = max(0, self.released - max((len(s) for s in self.stop), default=0))
         hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
         return max(min(hits), self.released) if hits else None

@@ -16,11 +16,11 @@ def evaluate(engine: Any, dataset: TokenWindowDataset, micro_batch_size: int, ma
     """``val_loss`` (nats/token), ``val_ppl`` and, for byte-level data, ``val_bpb`` (bits per byte).
 
     Every evaluation reads the same windows (the split's first ones, in order, each rank its block of
-    every global micro-batch), so successive values are comparable. ``engine`` is the DeepSpeed engine
-    (called exactly as in training, in eval mode: ZeRO-3 keeps its parameter-fetch trace) or, on one
-    process, a bare ``TrainingReformerLM``. The model's
-    private random streams are restored afterwards: LSH rotations are drawn on every call, and an
-    evaluation must not change what training draws next (resumed and uninterrupted runs stay identical).
+    every global micro-batch), so successive values are comparable. ``engine`` is the DeepSpeed engine,
+    called exactly as in training but in eval mode (ZeRO-3 keeps its parameter-fetch trace), or on one
+    process a bare ``TrainingReformerLM``. The model's private random streams are restored afterwards:
+    LSH rotations are drawn on every call, and an evaluation must not change what training draws next
+    (resumed and uninterrupted runs stay identical).
     """
     model = getattr(engine, "module", engine)  # a DeepSpeed engine or a bare TrainingReformerLM
     saved_rng = model.rng_state()

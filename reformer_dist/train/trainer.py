@@ -30,8 +30,14 @@ from reformer_dist.errors import ConfigError, ReformerDistError
 from reformer_dist.train import checkpoint as ckpt
 from reformer_dist.train.consolidate import consolidate
 from reformer_dist.train.deepspeed_config import build_deepspeed_config
-from reformer_dist.train.distributed import (DistInfo, all_gather_float, barrier, init_distributed, rank_from_env,
-                                             shutdown)
+from reformer_dist.train.distributed import (
+    DistInfo,
+    all_gather_float,
+    barrier,
+    init_distributed,
+    rank_from_env,
+    shutdown,
+)
 from reformer_dist.train.engine import build_model, initialize_engine
 from reformer_dist.train.evaluate import evaluate
 from reformer_dist.train.flops import peak_flops, token_flops
@@ -160,6 +166,7 @@ class Trainer:
     def train(self) -> int:
         t = self.cfg.train
         if self.dist.is_main:
+            self.tracker.print(self.config_yaml.rstrip())
             where = f"resuming from {self.resume.path} (step {self.state.step})" if self.resume else "starting"
             self.tracker.print(f"reformer-dist train: {where}; {self.dist.world_size} rank(s), "
                                f"ZeRO-{self.cfg.deepspeed.zero_stage}, {self.cfg.deepspeed.precision}, "
