@@ -340,3 +340,18 @@ def test_killed_rank_makes_the_other_exit_nonzero_within_timeout(config, workdir
         for job in jobs:
             job.proc.kill()
     assert code != 0 and elapsed < 120, jobs[0].output()
+
+
+@pytest.mark.parametrize("stage", [0, 2])  # 0: reformer-dist's guarded AdamW; 2: DeepSpeed's ZeRO overflow check
+def test_diverged_run_skips_non_finite_steps_then_stops_with_the_last_good_checkpoint(stage, config, workdir):
+    # lr 1e30: the first update (finite gradients) throws the weights to ~1e30, every later loss is NaN
+    run_dir = workdir / f"diverged{stage}"
+    proc = subprocess.run(single(config, run_dir, "train.lr=1e30", "train.warmup_steps=0", "train.save_every=1",
+                                 "train.max_nonfinite_steps=3", f"deepspeed.zero_stage={stage}"),
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "stopped at step 4: 3 steps in a row had a non-finite loss or gradients" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert latest(run_dir) == "step_00000001"  # no checkpoint was written during the skipped steps
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records if "loss" in r] == [0, 1, 2, 3]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from reformer_dist.export import triton_repo
+
 
 # ---------------------------------------------------------------------------------------------- onnx
 def _add_onnx(p: argparse.ArgumentParser) -> None:
@@ -100,11 +102,12 @@ def _run_tensorrt(args: argparse.Namespace) -> int:
     return 0
 
 
-# Sub-subcommands: name -> (one-line help, add_arguments, run). Others (triton-repo) add an entry here.
+# Sub-subcommands: name -> (one-line help, add_arguments, run).
 SUBCOMMANDS = {
     "onnx": ("export a checkpoint to an ONNX graph with one LshAttention node per LSH layer", _add_onnx, _run_onnx),
     "check": ("list a graph's ops and flag what the target's importer rejects", _add_check, _run_check),
     "tensorrt": ("build a TensorRT engine from an exported ONNX graph", _add_tensorrt, _run_tensorrt),
+    "triton-repo": (triton_repo.SUMMARY, triton_repo.add_arguments, triton_repo.run),
 }
 
 

@@ -235,7 +235,7 @@ class Block:
         """Add this block's dq (BH, nb, c, D) and window dk, dv (BH, nb, W, D) into ``grads`` (BH*L, 3D)
         with one indexed accumulation over the span (positions recur across rounds)."""
         d, c = dq.shape[-1], self.c
-        span = dq.new_zeros(self.bh, self.n_span, c, 3 * d)
+        span = grads.new_zeros(self.bh, self.n_span, c, 3 * d)
         span[:, self.span_q_start : self.span_q_start + self.nb, :, :d] = dq
         for i, s in enumerate(self.span_starts):
             span[:, s : s + self.nb, :, d : 2 * d] += dk[:, :, i * c : (i + 1) * c]

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,8 @@ class Trainer:
         barrier()
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # our readout replaces its INFO chatter
+        # DeepSpeed calls collectives torch has renamed; the deprecation notice is not actionable here
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         self.model = build_model(cfg.model, t.seed)
         self.engine = initialize_engine(self.model, engine_config, t)
         self.sampler = GlobalOrderSampler(len(train_ds), seed=t.seed, shuffle=cfg.data.shuffle,
@@ -206,23 +209,27 @@ class Trainer:
             else:
                 self.state.skipped_steps += 1
                 self.state.nonfinite_streak += 1
-                if self.state.nonfinite_streak >= t.max_nonfinite_steps:
-                    raise ReformerDistError(
-                        f"stopped at step {self.state.step}: {self.state.nonfinite_streak} steps in a row had a "
-                        f"non-finite loss or gradients (all skipped). The last good checkpoint is "
-                        f"{ckpt.latest_checkpoint(self.run_dir)}; lower train.lr, raise train.warmup_steps, use "
-                        f"deepspeed.precision=bf16 or fp32, or check the data")
             self.tracker.advance(self.state.step)
 
             final = self.state.step == t.max_steps
-            if self.state.step % t.log_every == 0 or final:
+            diverged = self.state.nonfinite_streak >= t.max_nonfinite_steps
+            if self.state.step % t.log_every == 0 or final or diverged:
                 self._log(lr, losses, steps, time.perf_counter() - clock - excluded)
                 losses, steps, clock, excluded = [], 0, time.perf_counter(), 0.0
+            if diverged:
+                raise ReformerDistError(
+                    f"stopped at step {self.state.step}: {self.state.nonfinite_streak} steps in a row had a "
+                    f"non-finite loss or gradients (all skipped). The last good checkpoint is "
+                    f"{ckpt.latest_checkpoint(self.run_dir)}; lower train.lr, raise train.warmup_steps, use "
+                    f"deepspeed.precision=bf16 or fp32, or check the data")
             side = time.perf_counter()
             if self.val_ds is not None and (final or (t.eval_every and self.state.step % t.eval_every == 0)):
                 self._evaluate()
                 last_eval = self.state.step
-            if reason is not None or final or (t.save_every and self.state.step % t.save_every == 0):
+            # no scheduled checkpoint inside a run of skipped steps: keep-last-K must not rotate out the
+            # checkpoints from before the trouble (a stop request still saves: the weights are unchanged)
+            due = final or (t.save_every and self.state.step % t.save_every == 0)
+            if reason is not None or (due and self.state.nonfinite_streak == 0):
                 self.save()
             if reason is not None:
                 return reason
