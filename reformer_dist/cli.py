@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="reformer-dist",
         description="Train Reformer LMs with DeepSpeed; export them to ONNX Runtime / TensorRT; serve them.",
     )
+    # The deepspeed launcher calls `python -m reformer_dist --local_rank=N train ...`; the rank also
+    # reaches the process as $LOCAL_RANK, which is what the training code reads.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS:
         module = importlib.import_module(f"reformer_dist.commands.{module_name}")

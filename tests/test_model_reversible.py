@@ -106,3 +106,28 @@ def test_autocast_bf16_reversible_matches_plain_and_keeps_fp32_streams():
     assert loss_r.dtype == torch.float32 and torch.equal(loss_r, loss_p)
     worst = max(((g_r[n] - g_p[n]).norm() / g_p[n].norm().clamp(min=1e-30)).item() for n in g_p)
     assert worst <= 2e-2, worst  # bf16 recompute replays autocast; differences are bf16 rounding of x2 = y2 - G
+
+
+def _saved_bytes(model: ReformerLM) -> int:
+    """Bytes autograd keeps for the backward after one forward (distinct storages)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids, targets, _ = batch(64)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(ids, targets)
+    return sum(storages.values())
+
+
+def test_saved_activations_do_not_grow_with_depth_when_reversible():
+    sizes = {}
+    for reversible in (True, False):
+        for n_layers in (3, 9):
+            torch.manual_seed(0)
+            model = ReformerLM(config(n_layers=n_layers, reversible=reversible)).train()
+            sizes[reversible, n_layers] = _saved_bytes(model)
+    assert sizes[True, 9] == sizes[True, 3]
+    assert sizes[False, 9] > 2 * sizes[False, 3]  # the plain stack stores every layer's activations

@@ -3,6 +3,7 @@
 Examples:
   reformer-dist export onnx --checkpoint runs/tiny --output model.onnx
   reformer-dist export onnx --checkpoint hf-reformer-dir/ --output model.onnx --precision fp16 --flavour tensorrt
+  reformer-dist export onnx --checkpoint runs/tiny --output model.onnx --generation   # + model.prefill/.decode.onnx
   reformer-dist export check model.onnx --target tensorrt
   reformer-dist export tensorrt --onnx model.onnx --output model.plan --fp16 --shapes 1x64/1x1024/4x4096
 """
@@ -33,6 +34,9 @@ def _add_onnx(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=d.opset)
     p.add_argument("--tokenizer", default=None, metavar="SPEC",
                    help="tokenizer to record (bytes, a tokenizer.json, a .model); default: the checkpoint's")
+    p.add_argument("--generation", action="store_true",
+                   help="also write the cached-generation graphs <stem>.prefill.onnx and <stem>.decode.onnx "
+                        "(used by `reformer-dist generate --model` and the Triton repository)")
 
 
 def _run_onnx(args: argparse.Namespace) -> int:
@@ -47,10 +51,14 @@ def _run_onnx(args: argparse.Namespace) -> int:
 
         tokenizer = parse_tokenizer_arg(args.tokenizer)
     proto = export_onnx(source.model, args.output, precision=args.precision, flavour=args.flavour, sort=args.sort,
-                        opset=args.opset, max_seq_len=args.max_seq_len, tokenizer=tokenizer)
+                        opset=args.opset, max_seq_len=args.max_seq_len, tokenizer=tokenizer, generation=args.generation)
     report = check_model(proto, "onnxruntime")
     print(f"wrote {args.output}: {len(proto.graph.node)} nodes, {len(lsh_nodes(proto))} LshAttention, "
           f"{args.precision}, flavour {args.flavour}, {args.sort} sort ({source.kind} checkpoint {source.path})")
+    if args.generation:
+        from reformer_dist.export.generation_export import generation_paths
+
+        print("wrote " + ", ".join(str(p) for p in generation_paths(args.output).values()))
     if not report.ok:
         print(report.format())
     return 0 if report.ok else 1

@@ -92,6 +92,7 @@ def export_onnx(
     max_seq_len: int | None = None,
     tokenizer: dict | None = None,
     rotation_seed: int = 0,
+    generation: bool = False,
 ) -> onnx.ModelProto:
     """Export ``model`` (a ReformerLM) to ``output`` and return the saved ModelProto.
 
@@ -99,7 +100,8 @@ def export_onnx(
     sort: the LSH body's sort, 'counting' (TensorRT-parsable) or 'topk'. max_seq_len: the longest
     sequence the deployment promises (metadata; defaults to the model's). tokenizer: the tokenizer spec
     (``reformer_dist.data.tokenizer``); a file tokenizer's file is embedded in the metadata.
-    rotation_seed: see :func:`frozen_rotations`.
+    rotation_seed: see :func:`frozen_rotations`. generation: also write ``<stem>.prefill.onnx`` and
+    ``<stem>.decode.onnx`` (cached generation, same rotations; see ``generation_export``).
     """
     ExportConfig(precision=precision, flavour=flavour, opset=opset, lsh_sort=sort).validate("export_onnx")
     config = model.config
@@ -107,6 +109,10 @@ def export_onnx(
     if not 1 <= max_seq_len <= config.max_seq_len:
         raise ReformerDistError(f"--max-seq-len {max_seq_len} must be in [1, model.max_seq_len={config.max_seq_len}]")
 
+    if generation:  # refuse before writing anything
+        from reformer_dist.export.generation_export import check_supported
+
+        check_supported(model)
     model = copy.deepcopy(model).eval().to("cpu")
     if precision == "fp16":
         model = model.half()
@@ -134,11 +140,16 @@ def export_onnx(
         "max_seq_len": str(max_seq_len),
         "pad_multiple": str(multiple),
         "vocab_size": str(config.vocab_size),
-        "version": _package_version(),
-        **_tokenizer_metadata(tokenizer),
+        "version": package_version(),
+        **tokenizer_metadata(tokenizer),
     })
     onnx.checker.check_model(proto, full_check=True)
     save_model(proto, output)
+    if generation:
+        from reformer_dist.export.generation_export import export_generation
+
+        export_generation(model, output, precision=precision, opset=opset, max_seq_len=max_seq_len,
+                          rotation_seed=rotation_seed, sort=sort, tokenizer=tokenizer)
     return proto
 
 
@@ -192,7 +203,7 @@ def save_model(proto: onnx.ModelProto, output: str | os.PathLike) -> None:
             os.unlink(tmp)
 
 
-def _tokenizer_metadata(spec: dict | None) -> dict[str, str]:
+def tokenizer_metadata(spec: dict | None) -> dict[str, str]:
     if spec is None:
         return {}
     meta = {"tokenizer": json.dumps({k: (os.path.basename(v) if k == "path" else v) for k, v in spec.items()})}
@@ -201,7 +212,7 @@ def _tokenizer_metadata(spec: dict | None) -> dict[str, str]:
     return meta
 
 
-def _package_version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

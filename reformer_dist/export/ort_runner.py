@@ -35,6 +35,41 @@ def select_providers(requested: list[str] | None = None) -> list[str]:
     return [p for p in PROVIDER_PREFERENCE if p in installed]
 
 
+def create_session(path: str | os.PathLike, providers: list[str] | None = None, optimization: str = "all",
+                   optimized_model_path: str | os.PathLike | None = None, threads: int = 0,
+                   custom_ops_library: str | None = None):
+    """An ``onnxruntime.InferenceSession`` over ``path`` (arguments as :class:`OrtRunner`'s)."""
+    import onnxruntime as ort
+
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ReformerDistError(f"optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}")
+    if not os.path.isfile(path):
+        raise ReformerDistError(f"{path}: no such ONNX model")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "layout": ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    if threads:
+        options.intra_op_num_threads = threads
+    if custom_ops_library is not None:
+        options.register_custom_ops_library(custom_ops_library)
+    try:
+        return ort.InferenceSession(str(path), options, providers=select_providers(providers))
+    except Exception as e:  # ORT raises its own exception types for malformed models
+        raise ReformerDistError(f"{path}: ONNX Runtime cannot load the model: {e}") from None
+
+
+def output_device(session) -> str:
+    """Where IO binding should leave outputs: the first provider's device."""
+    return "cpu" if session.get_providers()[0] == "CPUExecutionProvider" else "cuda"
+
+
 class OrtRunner:
     """An ONNX Runtime session over an exported logits graph (see module doc).
 
@@ -48,38 +83,18 @@ class OrtRunner:
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, optimization: str = "all",
                  optimized_model_path: str | os.PathLike | None = None, threads: int = 0,
                  lsh_kernel: bool = False):
-        import onnxruntime as ort
-
-        if optimization not in OPTIMIZATION_LEVELS:
-            raise ReformerDistError(f"optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}")
         if not os.path.isfile(path):
             raise ReformerDistError(f"{path}: no such ONNX model")
         self.path = str(path)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "layout": ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimization]
-        if optimized_model_path is not None:
-            options.optimized_model_filepath = str(optimized_model_path)
-        if threads:
-            options.intra_op_num_threads = threads
-        if lsh_kernel:
-            options.register_custom_ops_library(self._register_lsh_kernel())
-        self.providers = select_providers(providers)
-        try:
-            self.session = ort.InferenceSession(self.path, options, providers=self.providers)
-        except Exception as e:  # ORT raises its own exception types for malformed models
-            raise ReformerDistError(f"{path}: ONNX Runtime cannot load the model: {e}") from None
+        self.session = create_session(path, providers, optimization, optimized_model_path, threads,
+                                      self._register_lsh_kernel() if lsh_kernel else None)
+        self.providers = self.session.get_providers()
         from reformer_dist.export.metadata import read_metadata
 
         self.metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.config: dict[str, Any] = json.loads(self.metadata.get("config", "{}"))
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self._device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
+        self._device = output_device(self.session)
 
     def _register_lsh_kernel(self) -> str:
         import onnx

@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 WINDOWS = ("bucket", "chunk")
@@ -181,20 +180,24 @@ def window_offsets(window: str, chunks_before: int, chunks_after: int, causal: b
     return list(range(-chunks_before, chunks_after + 1))
 
 
+def _fill(t: Tensor, mask: Tensor, value: float) -> Tensor:
+    """masked_fill, in place unless autograd needs the original (the reference path)."""
+    return t.masked_fill(mask, value) if t.requires_grad else t.masked_fill_(mask, value)
+
+
 class Block:
     """One block of query chunks [first, last) of the sorted order and its key windows.
 
     The keys of all windows come from the contiguous chunk span [first + min(offsets), last + max(offsets))
-    (wrapping around): ``span_rows`` (BH, n_span*c) are their rows in the flat (BH*L, D) inputs, gathered
+    (wrapping around): ``span_rows`` (BH, n_span*c) are their rows in the flat (B*H*L, D) inputs, gathered
     once per block; each query chunk's window is then dense slices of that span. ``q_rows`` (BH, nb*c)
-    are the query rows. ``is_self`` marks the self entries of the (BH, nb, c, W) scores: a bool tensor
-    for 'chunk' (a position can recur in a look-back chunk from another round), None for 'bucket' (the
-    self entry is always the diagonal of the own-chunk columns).
+    are the query rows.
     """
 
     def __init__(self, layout: SortedLayout, first: int, last: int, offsets: list[int], window: str, causal: bool):
         c, nc, bh, dev = layout.chunk_len, layout.n_chunks, layout.bh, layout.sorted_idx.device
         self.first, self.last, self.nb, self.c, self.bh = first, last, last - first, c, bh
+        self.window, self.causal, self.length = window, causal, layout.length
         lo, hi = min(offsets), max(offsets)
         self.n_span = self.nb + hi - lo
         self.span_starts = [o - lo for o in offsets]  # where each offset's chunks start within the span
@@ -203,36 +206,69 @@ class Block:
         self.span_rows = layout.flat_pos.view(bh, nc, c)[:, span_chunks].flatten(1)
         self.q_rows = self.span_rows[:, -lo * c : (self.nb - lo) * c]
 
-        chunk_ids = torch.arange(first, last, device=dev)
-        raw_chunks = chunk_ids[:, None] + torch.tensor(offsets, device=dev)[None, :]  # (nb, n_off)
+        raw_chunks = torch.arange(first, last, device=dev)[:, None] + torch.tensor(offsets, device=dev)  # (nb, n_off)
         slot = torch.arange(c, device=dev)
         key_sidx = ((raw_chunks % nc)[:, :, None] * c + slot).flatten()  # (nb*W,) sorted index, wrapped
         rows = slice(first * c, last * c)
         shape_q, shape_k = (bh, self.nb, c, 1), (bh, self.nb, 1, len(offsets) * c)
         if window == "chunk":  # HF: causal on original positions, padding keys masked, wrap-around
-            q_pos = layout.pos[:, rows].reshape(shape_q)
-            k_pos = layout.key_pos[:, key_sidx].view(shape_k)
-            self.valid = q_pos >= k_pos if causal else k_pos < layout.length
-            self.is_self = q_pos == layout.pos[:, key_sidx].view(shape_k)
-        else:  # same (round, bucket) and at most c sorted slots back (or ahead, if not causal)
-            raw_sidx = (raw_chunks[:, :, None] * c + slot).flatten(1)[:, None, :]  # (nb, 1, W), unwrapped
-            lag = (chunk_ids[:, None] * c + slot)[:, :, None] - raw_sidx  # (nb, c, W)
-            band = (raw_sidx >= 0) & (raw_sidx < layout.n_total) & (lag <= c) & (lag >= (0 if causal else -c))
-            q_key = layout.bucket_key[:, rows].reshape(shape_q)
-            self.valid = (q_key == layout.bucket_key[:, key_sidx].view(shape_k)) & band
-            self.is_self = None
+            self.q_pos = layout.pos[:, rows].reshape(shape_q)
+            self.k_pos = layout.key_pos[:, key_sidx].view(shape_k)  # L for padding
+            self.is_self = self.q_pos == layout.pos[:, key_sidx].view(shape_k)
+        else:  # same (round, bucket), at most c sorted slots back (or ahead): a static band per chunk
+            self.q_key = layout.bucket_key[:, rows].reshape(shape_q)
+            in_range = ((raw_chunks >= 0) & (raw_chunks < nc)).repeat_interleave(c, dim=1)  # (nb, W)
+            self.k_key = layout.bucket_key[:, key_sidx].view(shape_k).masked_fill(~in_range[:, None, :], -1)
+            lag = slot[:, None] - (torch.tensor(offsets, device=dev)[:, None] * c + slot).flatten()  # (c, W)
+            self.out_of_band = (lag > c) | (lag < (0 if causal else -c))
 
     def queries(self, x: Tensor) -> Tensor:
-        """Rows of x (BH*L, D) for this block's queries: (BH, nb, c, D)."""
+        """Rows of x (B*H*L, D) for this block's queries: (BH, nb, c, D)."""
         return x.index_select(0, self.q_rows.flatten()).view(self.bh, self.nb, self.c, -1)
 
     def windows(self, x: Tensor) -> Tensor:
-        """Key windows of x (BH*L, D): (BH, nb, W, D), W = n_offsets * c."""
+        """Key windows of x (B*H*L, D): (BH, nb, W, D), W = n_offsets * c."""
         span = x.index_select(0, self.span_rows.flatten()).view(self.bh, self.n_span, self.c, -1)
         return torch.cat([span[:, s : s + self.nb] for s in self.span_starts], dim=2)
 
+    def _self_entries(self, t: Tensor) -> Tensor:
+        """'bucket': the (BH, nb, c) diagonal view of the own-chunk columns (the only self entries)."""
+        own = self.span_q_start * self.c
+        return t[..., own : own + self.c].diagonal(dim1=-2, dim2=-1)
+
+    def mask(self, scores: Tensor, self_masked: float) -> tuple[Tensor, Tensor]:
+        """Apply the window's masks to raw scores (BH, nb, c, W); return them and their row maxima.
+
+        Disallowed entries become -inf. Self entries become -inf too unless the row allows nothing else,
+        in which case they take ``self_masked`` (HF's -1e5): the same softmax as HF's constants whenever
+        real scores are above -1e5 + 100, without exp() working through -1e5 - max in every row (a slow
+        denormal path), and no row is ever all -inf.
+        """
+        if self.window == "chunk":
+            bad = self.q_pos < self.k_pos if self.causal else self.k_pos >= self.length
+            scores = _fill(_fill(scores, bad, -math.inf), self.is_self, -math.inf)
+        else:
+            scores = _fill(_fill(scores, self.q_key != self.k_key, -math.inf), self.out_of_band, -math.inf)
+            if scores.requires_grad:
+                scores = scores.clone()
+            self._self_entries(scores).fill_(-math.inf)
+        m = scores.detach().amax(dim=-1, keepdim=True)
+        self_only = m == -math.inf  # (BH, nb, c, 1)
+        if self.window == "chunk":
+            scores = _fill(scores, self.is_self & self_only, self_masked)
+        else:
+            self._self_entries(scores).masked_fill_(self_only.squeeze(-1), self_masked)
+        return scores, m.masked_fill_(self_only, self_masked)
+
+    def zero_self(self, t: Tensor) -> Tensor:
+        """Zero the self entries of a (BH, nb, c, W) tensor in place (no gradient flows through them)."""
+        if self.window == "chunk":
+            return t.masked_fill_(self.is_self, 0.0)
+        self._self_entries(t).fill_(0.0)
+        return t
+
     def accumulate(self, grads: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
-        """Add this block's dq (BH, nb, c, D) and window dk, dv (BH, nb, W, D) into ``grads`` (BH*L, 3D)
+        """Add this block's dq (BH, nb, c, D) and window dk, dv (BH, nb, W, D) into ``grads`` (B*H*L, 3D)
         with one indexed accumulation over the span (positions recur across rounds)."""
         d, c = dq.shape[-1], self.c
         span = grads.new_zeros(self.bh, self.n_span, c, 3 * d)
@@ -242,31 +278,14 @@ class Block:
             span[:, s : s + self.nb, :, 2 * d :] += dv[:, :, i * c : (i + 1) * c]
         grads.index_put_((self.span_rows.flatten(),), span.view(-1, 3 * d), accumulate=True)
 
-    def fill_self(self, t: Tensor, value: float) -> Tensor:
-        """Set the self entries of a (BH, nb, c, W) tensor to ``value`` (in place when allowed)."""
-        if self.is_self is not None:
-            return t.masked_fill_(self.is_self, value) if not t.requires_grad else t.masked_fill(self.is_self, value)
-        if t.requires_grad:  # the reference path: out of place, for autograd
-            eye = torch.eye(self.c, dtype=torch.bool, device=t.device)
-            return t.masked_fill(F.pad(eye, (self.c, t.shape[-1] - 2 * self.c)), value)
-        t[..., self.c : 2 * self.c].diagonal(dim1=-2, dim2=-1).fill_(value)
-        return t
 
-
-def block_scores(block: Block, q: Tensor, k: Tensor, self_masked: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Scores (BH, nb, c, W) in the accumulation dtype of one block, plus its queries and key windows.
-
-    Masked entries are -inf (exactly HF's -1e9 after the softmax: every row holds its self entry, so no
-    row is all-masked, and exp of -inf is fast where exp of -1e9 hits slow denormal paths); self entries
-    are ``self_masked`` (HF's -1e5), so a token attends itself only when nothing else is allowed.
-    """
+def block_scores(block: Block, q: Tensor, k: Tensor, self_masked: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Masked scores (BH, nb, c, W) of one block in the accumulation dtype, their row maxima
+    (BH, nb, c, 1), and the block's queries and key windows."""
     qb, kb = block.queries(q), block.windows(k)
     scores = torch.matmul(qb, kb.transpose(-1, -2)).to(_acc_dtype(q.dtype))
-    if scores.requires_grad:
-        scores = scores.masked_fill(~block.valid, -math.inf)
-    else:
-        scores.masked_fill_(block.valid.logical_not_(), -math.inf)  # valid is not needed again
-    return block.fill_self(scores, self_masked), qb, kb
+    scores, m = block.mask(scores, self_masked)
+    return scores, m, qb, kb
 
 
 def dropout_keep(seed: int, bh: int, n_total: int, first_row: int, shape: tuple[int, ...], p: float,
@@ -329,8 +348,7 @@ def attend_sorted(
     row_max = torch.empty(layout.n_hashes * rows_total, device=q.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
     for block in _blocks(layout, offsets, window, causal):
-        scores, _, _ = block_scores(block, q, k, self_masked)
-        m = scores.detach().amax(dim=-1, keepdim=True)  # a shift, not differentiated
+        scores, m, _, _ = block_scores(block, q, k, self_masked)  # m: a shift, not differentiated
         probs = torch.exp(scores - m) if scores.requires_grad else scores.sub_(m).exp_()
         total = probs.sum(dim=-1, keepdim=True)
         if dropout_p > 0:
@@ -475,8 +493,7 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks
     log_sum = torch.empty_like(row_max)
     dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos
     for block in _blocks(layout, offsets, window, causal):
-        scores, _, _ = block_scores(block, q, k, self_masked)
-        m = scores.amax(dim=-1, keepdim=True)
+        scores, m, _, _ = block_scores(block, q, k, self_masked)
         rows = dest[:, block.first * c : block.last * c].flatten()
         row_max.index_copy_(0, rows, m.flatten())
         log_sum.index_copy_(0, rows, scores.sub_(m).exp_().sum(-1).log_().flatten())
@@ -490,7 +507,7 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks
     grads = torch.zeros(rows_total, 3 * d, device=qk.device, dtype=acc)  # [dq | dk | dv]
     # pass 2: P = exp(S - LSE) over the union of windows; dS = P * (dP - delta), zero on self entries
     for block in _blocks(layout, offsets, window, causal):
-        scores, qb, kb = block_scores(block, q, k, self_masked)
+        scores, _, qb, kb = block_scores(block, q, k, self_masked)
         q_flat = block.q_rows.flatten()
         row_shape = (bh, block.nb, c, 1)
         probs = scores.sub_(top[q_flat].view(row_shape)).sub_(log_total[q_flat].view(row_shape)).exp_()
@@ -504,7 +521,7 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks
         else:
             p_drop = probs
         dv_b = torch.matmul(p_drop.transpose(-1, -2).to(go.dtype), go_b)
-        ds = block.fill_self(dp.sub_(delta[q_flat].view(row_shape)).mul_(probs), 0.0).to(qk.dtype)
+        ds = block.zero_self(dp.sub_(delta[q_flat].view(row_shape)).mul_(probs)).to(qk.dtype)
         block.accumulate(grads, torch.matmul(ds, kb), torch.matmul(ds.transpose(-1, -2), qb), dv_b)
     dq, dk, dv = grads[:, :d], grads[:, d : 2 * d], grads[:, 2 * d :]
     dqk = (dq + _normalize_keys_backward(q, dk)).to(qk.dtype)

@@ -136,9 +136,11 @@ class Trainer:
         self.last_saved = self.state.step if point.path.parent == self.checkpointer.root else -1
 
     def save(self) -> Path:
-        client = {"reformer_dist": {"train_state": asdict(self.state), "sampler": self.sampler.state_dict()}}
+        client = {"reformer_dist": {"train_state": asdict(self.state), "sampler": self.sampler.state_dict(),
+                                    "config": self.config_yaml}}
         meta = {"zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.deepspeed.precision,
-                "tokens_seen": self.state.tokens_seen, "tokenizer": self.train_ds.tokenizer_spec}
+                "global_batch_size": self.global_batch, "tokens_seen": self.state.tokens_seen,
+                "tokenizer": self.train_ds.tokenizer_spec}
         path = self.checkpointer.save(self.engine, self.state.step, client, meta, self.config_yaml)
         self.last_saved = self.state.step
         self.tracker.print(f"checkpoint {path}")
@@ -171,6 +173,10 @@ class Trainer:
         if self.dist.is_main:
             self.tracker.print(self.config_yaml.rstrip())
             where = f"resuming from {self.resume.path} (step {self.state.step})" if self.resume else "starting"
+            saved_batch = self.resume.meta.get("global_batch_size") if self.resume else None
+            if saved_batch not in (None, self.global_batch):
+                self.tracker.print(f"note: the global batch changes from {saved_batch} to {self.global_batch} "
+                                   f"samples per step (the data position carries over, the LR schedule counts steps)")
             self.tracker.print(f"reformer-dist train: {where}; {self.dist.world_size} rank(s), "
                                f"ZeRO-{self.cfg.deepspeed.zero_stage}, {self.cfg.deepspeed.precision}, "
                                f"global batch {self.global_batch} x {t.seq_len} tokens -> {self.run_dir}")

@@ -1,0 +1,167 @@
+"""Export cached generation as two ONNX graphs beside the main one: ``<stem>.prefill.onnx`` and
+``<stem>.decode.onnx``, tracing ``reformer_dist.model.generation.prefill`` / ``decode_step``.
+
+    export_generation(model, "model.onnx")   # writes model.prefill.onnx and model.decode.onnx
+
+Prefill graph
+    inputs   ``input_ids`` (B, P) int64, ``attention_mask`` (B, P) int64 (1 = real token, right padding).
+             P must be a multiple of ``pad_multiple`` (metadata) and at least twice it: the runner pads
+             the prompt (masked padding is exact: every supported layer is strictly causal).
+    outputs  ``logits`` (B, vocab) of each row's last real token, then ``present.<layer>.<name>``.
+Decode graph
+    inputs   ``token`` (B,) int64, ``position`` (B,) int64 (where the token goes: a row's prompt length,
+             then +1 per step), ``cache.<layer>.<name>`` (the previous step's ``present.*``).
+    outputs  ``logits`` (B, vocab), ``present.<layer>.<name>``.
+
+``<layer>.<name>`` are the model's cache keys (see generation.py): ``k``, ``v``, ``pos`` for local and
+full layers, ``k``, ``v``, ``pos``, ``count`` for bucket-window LSH layers. Every cache tensor has the
+batch first and otherwise a fixed shape; full-attention rings hold ``max_seq_len`` tokens. The LSH
+rotations are not in the cache: they are frozen into both graphs (the same draw as the main graph,
+see :func:`~reformer_dist.export.onnx_export.frozen_rotations`), so a run equals PyTorch generation
+with those rotations (always, when the config sets ``hash_seed``).
+
+The prefill's LSH layers are ``reformer::LshAttention`` nodes carrying the body (as the main graph);
+its bucket-sorted cache layout uses one TopK over the prompt, fine for ONNX Runtime. The decode graph
+has no sort and no custom node (the new token joins its bucket's ring by counting), so TensorRT's
+parser takes it. Chunk-window LSH (imported HF checkpoints) is refused: its cached state grows with the
+sequence and its prefill depends on HF's prompt-length layout rules, which are Python branches.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from reformer_dist.errors import ReformerDistError
+from reformer_dist.export.lsh_onnx import translate_lsh_attention
+from reformer_dist.export.metadata import FORMAT_VERSION, set_metadata
+from reformer_dist.export.onnx_export import (
+    attach_lsh_function,
+    frozen_rotations,
+    package_version,
+    save_model,
+    tokenizer_metadata,
+)
+
+GRAPHS = ("prefill", "decode")
+
+
+def generation_paths(model_path: str | os.PathLike) -> dict[str, Path]:
+    """``{"prefill": <stem>.prefill.onnx, "decode": <stem>.decode.onnx}`` beside ``model_path``."""
+    path = Path(model_path)
+    return {name: path.with_name(f"{path.stem}.{name}.onnx") for name in GRAPHS}
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise if the model has a layer the generation graphs cannot run."""
+    cfg = model.config
+    if not cfg.causal:
+        raise ReformerDistError("generation graphs need a causal model (model.causal is false)")
+    if "lsh" in cfg.layer_kinds() and cfg.lsh_window != "bucket":
+        raise ReformerDistError(
+            f"generation graphs support LSH layers with lsh_window='bucket' only, this model's are "
+            f"lsh_window={cfg.lsh_window!r} (an HF import): export the logits graph alone and generate by "
+            f"recomputation")
+
+
+class PrefillGraph(nn.Module):
+    """(input_ids, attention_mask) -> (logits, *present) with frozen rotations."""
+
+    def __init__(self, model: nn.Module, rotations: list[Tensor | None], max_len: int, names: list[str]):
+        super().__init__()
+        self.model, self.rotations, self.max_len, self.names = model, rotations, max_len, names
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        from reformer_dist.model.generation import prefill
+
+        logits, cache = prefill(self.model, input_ids, attention_mask, self.rotations, self.max_len)
+        return (logits, *(cache[n] for n in self.names))
+
+
+class DecodeGraph(nn.Module):
+    """(token, position, *cache) -> (logits, *present) with frozen rotations."""
+
+    def __init__(self, model: nn.Module, rotations: list[Tensor | None], names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+        self.rot = {f"{i}.rot": r for i, r in enumerate(rotations) if r is not None}
+
+    def forward(self, token: Tensor, position: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
+        from reformer_dist.model.generation import decode_step
+
+        logits, new = decode_step(self.model, token, position, {**dict(zip(self.names, cache)), **self.rot})
+        return (logits, *(new[n] for n in self.names))
+
+
+def export_generation(model: nn.Module, model_path: str | os.PathLike, *, precision: str = "fp32",
+                      opset: int = 18, max_seq_len: int | None = None, rotation_seed: int = 0,
+                      sort: str = "counting", tokenizer: dict | None = None) -> dict[str, onnx.ModelProto]:
+    """Write the prefill and decode graphs beside ``model_path`` (see module doc); return their protos.
+
+    Use the same ``rotation_seed`` and ``precision`` as the main graph's export (``export_onnx(...,
+    generation=True)`` does); tokenizer: recorded as in the main graph, so the runner needs no other file. max_seq_len: capacity
+    of full-attention caches and the longest sequence generation may reach (default: the model's).
+    """
+    from reformer_dist.model.generation import draw_rotations, prefill
+
+    check_supported(model)
+    cfg = model.config
+    max_len = max_seq_len or cfg.max_seq_len
+    multiple = cfg.pad_multiple()
+    if 2 * multiple > max_len:
+        raise ReformerDistError(f"max_seq_len {max_len} must hold at least two chunk multiples ({2 * multiple})")
+    model = copy.deepcopy(model).eval().to("cpu")
+    if precision == "fp16":
+        model = model.half()
+    paths = generation_paths(model_path)
+    protos = {}
+    with frozen_rotations(model, rotation_seed), torch.no_grad():
+        rotations = draw_rotations(model, torch.Generator().manual_seed(0))  # the frozen ones
+        # trace at 2 chunk multiples, rows of different lengths (the padded path is the general one)
+        ids = torch.zeros(2, 2 * multiple, dtype=torch.long)
+        mask = (torch.arange(2 * multiple)[None, :] < torch.tensor([[2 * multiple], [multiple + 1]])).long()
+        _, cache = prefill(model, ids, mask, rotations, max_len)
+        names = [n for n in cache if not n.endswith(".rot")]
+        present = [f"present.{n}" for n in names]
+        batch = torch.export.Dim("batch")
+        # P = multiple * chunks with chunks >= 2: the prefill's layout branches are then decided statically
+        prompt = multiple * torch.export.Dim("chunks", min=2, max=max_len // multiple)
+        table = {torch.ops.reformer.lsh_attention.default: translate_lsh_attention}
+        prefill_program = torch.onnx.export(
+            PrefillGraph(model, rotations, max_len, names).eval(), (ids, mask), dynamo=True, opset_version=opset,
+            verbose=False, input_names=["input_ids", "attention_mask"], output_names=["logits", *present],
+            dynamic_shapes=({0: batch, 1: prompt}, {0: batch, 1: prompt}), custom_translation_table=table)
+        token = torch.zeros(2, dtype=torch.long)
+        position = mask.sum(-1)
+        cache_in = tuple(cache[n] for n in names)
+        decode_program = torch.onnx.export(
+            DecodeGraph(model, rotations, names).eval(), (token, position, *cache_in), dynamo=True,
+            opset_version=opset, verbose=False, input_names=["token", "position", *(f"cache.{n}" for n in names)],
+            output_names=["logits", *present],
+            dynamic_shapes=({0: batch}, {0: batch}, tuple({0: batch} for _ in names)), custom_translation_table=table)
+    for name, program in (("prefill", prefill_program), ("decode", decode_program)):
+        proto = program.model_proto
+        attach_lsh_function(proto, sort=sort, fp16_constants=precision == "fp16")
+        set_metadata(proto, {
+            "format_version": FORMAT_VERSION,
+            "graph": name,
+            "config": json.dumps(dataclasses.asdict(cfg)),
+            "precision": precision,
+            "max_seq_len": str(max_len),
+            "pad_multiple": str(multiple),
+            "vocab_size": str(cfg.vocab_size),
+            "cache_names": json.dumps(names),
+            "version": package_version(),
+            **tokenizer_metadata(tokenizer),
+        })
+        onnx.checker.check_model(proto, full_check=True)
+        save_model(proto, paths[name])
+        protos[name] = proto
+    return protos
