@@ -3,9 +3,11 @@
 Examples:
   reformer-dist generate --checkpoint runs/tiny --prompt "The " --max-new-tokens 200
   reformer-dist generate --checkpoint hf-reformer-enwik8/ --prompt "In 1905, " --temperature 0.8 --top-k 40 --seed 1
+  reformer-dist generate --model runs/tiny/model.onnx --prompt "def " --temperature 0
 
 The checkpoint is a training run directory, a native model directory, or a Hugging Face Reformer
-directory. Only the generated text is written to stdout (followed by a newline); the token count and
+directory (PyTorch); --model is an exported ONNX graph (ONNX Runtime, cached through its .prefill/.decode
+graphs when they were exported with --generation). Only the generated text is written to stdout (followed by a newline); the token count and
 speed go to stderr. Byte-level models (HF enwik8: byte + 2) decode raw bytes; other models use the
 tokenizer recorded with the checkpoint, or --tokenizer. Decoding uses the model's cache (prefill once,
 then one token per step); --temperature 0 is greedy.
@@ -25,7 +27,7 @@ TokenStream = Callable[[list[int]], Iterator[int]]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="training run directory, native model directory or HF Reformer directory")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (100)")
@@ -40,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     parser.add_argument("--max-cache-len", type=int, default=None, metavar="N",
                         help="keep at most N tokens in full-attention caches (a sliding window beyond)")
+    from reformer_dist.export.ort_generate import add_onnx_arguments
+
+    add_onnx_arguments(parser)
 
 
 def _open_torch(args: argparse.Namespace) -> tuple[TokenStream, dict[str, Any] | None, int]:
@@ -65,7 +70,14 @@ def _open_torch(args: argparse.Namespace) -> tuple[TokenStream, dict[str, Any] |
     return stream, tokenizer, model.config.vocab_size
 
 
-BACKENDS = {"torch": _open_torch}
+def _open_onnx(args: argparse.Namespace) -> tuple[TokenStream, dict[str, Any] | None, int]:
+    """The exported graph behind --model, decoding with ONNX Runtime."""
+    from reformer_dist.export.ort_generate import open_onnx
+
+    return open_onnx(args)
+
+
+BACKENDS = {"torch": _open_torch, "onnx": _open_onnx}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,11 +85,13 @@ def run(args: argparse.Namespace) -> int:
     from reformer_dist.errors import ConfigError
     from reformer_dist.serve.textstream import TextStream
 
-    stream, spec, vocab_size = BACKENDS["torch"](args)
+    if (args.checkpoint is None) == (args.model is None):
+        raise ConfigError("--checkpoint", "give exactly one of --checkpoint (PyTorch) or --model (ONNX)")
+    stream, spec, vocab_size = BACKENDS["onnx" if args.model else "torch"](args)
     if args.tokenizer is not None:
         spec = args.tokenizer
     if spec is None:
-        raise ConfigError("--tokenizer", f"{args.checkpoint} records no tokenizer and its vocabulary "
+        raise ConfigError("--tokenizer", f"{args.model or args.checkpoint} records no tokenizer and its vocabulary "
                                          f"({vocab_size}) is not bytes: pass --tokenizer")
     tokenizer = get_tokenizer(spec)
     prompt = tokenizer.encode(args.prompt)

@@ -32,8 +32,6 @@ from typing import Any
 import numpy as np
 
 from reformer_dist.errors import ConfigError, ReformerDistError
-from reformer_dist.export.generation_export import generation_paths
-from reformer_dist.export.metadata import read_metadata
 from reformer_dist.export.ort_runner import OrtRunner, create_session, output_device
 
 # advance(tokens (B,)) -> logits (B, vocab) of the next position
@@ -69,6 +67,10 @@ class OrtGenerator:
 
     def __init__(self, model_path: str | os.PathLike, providers: list[str] | None = None,
                  optimization: str = "all", threads: int = 0):
+        # imported here, not at module level: they pull in torch/onnx, which `--help` must not wait for
+        from reformer_dist.export.generation_export import generation_paths
+        from reformer_dist.export.metadata import read_metadata
+
         paths = generation_paths(model_path)
         self.cached = all(p.is_file() for p in paths.values())
         if self.cached:
@@ -89,9 +91,9 @@ class OrtGenerator:
                eos_token_id: int | None = None) -> Iterator[np.ndarray]:
         """Yield the next token of every row (B,) per step; rows that produced ``eos_token_id`` keep
         yielding it. Stops after max_new_tokens steps or once every row has finished."""
-        lengths = self._check(prompt_ids, max_new_tokens, temperature, top_p)
+        self._check(prompt_ids, max_new_tokens, temperature, top_p)
         rng = np.random.default_rng(seed)
-        logits, advance = (self._start_cached if self.cached else self._start_recompute)(prompt_ids, lengths)
+        logits, advance = self.start(prompt_ids)
         done = np.zeros(len(prompt_ids), dtype=bool)
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, rng).astype(np.int64)
@@ -103,8 +105,14 @@ class OrtGenerator:
                 return
             logits = advance(token)
 
+    def start(self, prompt_ids: list[list[int]]) -> tuple[np.ndarray, Advance]:
+        """Run the prompts: the logits (B, vocab) after each row's last token, and ``advance(tokens)``
+        that appends one token per row and returns the next logits."""
+        lengths = np.array([len(p) for p in prompt_ids], dtype=np.int64)
+        return (self._start_cached if self.cached else self._start_recompute)(prompt_ids, lengths)
+
     def _check(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-               top_p: float | None) -> np.ndarray:
+               top_p: float | None) -> None:
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ConfigError("prompt_ids", "need at least one prompt, each of at least one token")
         if max_new_tokens < 1:
@@ -119,7 +127,6 @@ class OrtGenerator:
                                                 f"exceeds the export's max_seq_len={self.max_seq_len}")
         if max(max(p) for p in prompt_ids) >= self.vocab_size or min(min(p) for p in prompt_ids) < 0:
             raise ConfigError("prompt_ids", f"ids must be in [0, {self.vocab_size})")
-        return lengths
 
     def _start_cached(self, prompt_ids: list[list[int]], lengths: np.ndarray) -> tuple[np.ndarray, Advance]:
         m = self.pad_multiple

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from reformer_dist.errors import ConfigError
 from reformer_dist.model.attention import merge_heads, split_heads
-from reformer_dist.model.lsh_attention import hash_vectors, mask_values, normalize_keys, round_weights
+from reformer_dist.model.lsh_attention import hash_vectors, mask_values, normalize_keys
 
 if TYPE_CHECKING:
     from reformer_dist.model.reformer import ReformerLM
@@ -278,12 +278,13 @@ def _step_lsh_bucket(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache, inpl
     scores = torch.einsum("bhqd,bhnkd->bhnk", qk, ring_k).float().masked_fill(ring_pos < 0, masked)
     scores = torch.cat([scores, scores.new_full((b, n_heads, n_hashes, 1), self_masked)], dim=-1)
     values = torch.cat([ring_v, v[:, :, None].expand(-1, -1, n_hashes, -1, -1)], dim=3)  # (B, H, n, c+1, D)
-    # per-round softmax kept as (max, log-sum) and combined as the model's LSH op does
-    top = scores.amax(dim=-1, keepdim=True)
+    # the model's LSH op arithmetic: per-round softmax statistics kept as (max, log-sum) — at the -1e5
+    # self-mask scale a folded logsumexp would lose ~1e-2 in fp32 — then a softmax over rounds
+    top = scores.amax(dim=-1, keepdim=True)  # (B, H, n, 1)
     probs = torch.exp(scores - top)
     total = probs.sum(dim=-1, keepdim=True)
     o = torch.einsum("bhnk,bhnkd->bhnd", (probs / total).to(v.dtype), values)
-    weights = round_weights(top.flatten(0, 1), total.log().flatten(0, 1)).view(b, n_heads, n_hashes, 1)
+    weights = torch.softmax((top - top.amax(dim=2, keepdim=True)) + total.log(), dim=2)  # (B, H, n, 1)
     out = (o * weights.to(o.dtype)).sum(dim=2, keepdim=True).transpose(1, 2)  # (B, 1, H, D)
 
     # the new token replaces the oldest entry of its bucket's ring

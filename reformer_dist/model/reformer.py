@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from reformer_dist.errors import ReformerDistError
+from reformer_dist.model import generation, hf_interop, native
 from reformer_dist.model.attention import AttentionBlock
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.embeddings import Embeddings
@@ -125,6 +126,14 @@ class ReformerLM(nn.Module):
     def _chunk_loss_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:
         logits = self.lm_head(hidden).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+    # ------------------------------------------------------------------ checkpoints and decoding
+    # (implemented beside the model: hf_interop.py, native.py, generation.py)
+    from_hf = staticmethod(hf_interop.from_hf)
+    save_hf = hf_interop.save_hf
+    from_native = staticmethod(native.from_native)
+    save_native = native.save_native
+    generate = generation.generate
 
     # ------------------------------------------------------------------ private randomness
     def _generators(self) -> dict[str, torch.Generator]:
