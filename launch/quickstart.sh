@@ -22,14 +22,17 @@ else
   echo "   (already prepared)"
 fi
 
+# One rank per GPU; on a CPU-only machine two gloo ranks (one thread each) when there are >= 2 cores.
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
-ranks=$(( gpus > 0 ? gpus : 1 ))
+cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
+ranks=$(( gpus > 0 ? gpus : (cores >= 2 ? 2 : 1) ))
+[ "$gpus" -gt 0 ] || export OMP_NUM_THREADS=$(( cores / ranks ))
 echo "== 2/4 train: deepspeed --num_gpus $ranks --module reformer_dist train --config tiny"
 deepspeed --num_gpus "$ranks" --module reformer_dist train --config tiny \
   data.path="$data_dir" train.output_dir="$run_dir" "$@"
 
 echo "== 3/4 export: $run_dir -> $run_dir/model.onnx"
-reformer-dist export onnx --checkpoint "$run_dir" --output "$run_dir/model.onnx"
+reformer-dist export onnx --checkpoint "$run_dir" --output "$run_dir/model.onnx" --generation
 reformer-dist export check "$run_dir/model.onnx" --target onnxruntime
 
 echo "== 4/4 generate with ONNX Runtime"

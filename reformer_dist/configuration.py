@@ -52,7 +52,7 @@ class JobConfig:
         self.model.validate()
         self.train.validate()
         self.deepspeed.validate()
-        self.logging.wandb.validate()
+        self.logging.validate()
         self.serve.validate()
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError("train.seq_len", f"{self.train.seq_len} exceeds model.max_seq_len="

@@ -127,21 +127,27 @@ def test_manual_backward_matches_autograd_through_reference_fp64(window, dropout
     assert torch.equal(buckets, ref_buckets)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (qk, v), grad)
-    want = torch.autograd.grad(ref, (qk, v), grad)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+    want = torch.autograd.grad(ref, (qk, v), grad, retain_graph=True)
+    # both the public op (statistics recomputed in the backward) and the training variant (passed on)
+    with_stats, _, _ = torch.ops.reformer.lsh_attention_with_stats(qk, v, rot, mask, None, [4, 2], 4, 1, 0, window,
+                                                                   True, dropout_p, 1234)
+    for result in (out, with_stats):
+        for g, w in zip(torch.autograd.grad(result, (qk, v), grad), want):
+            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
 
 
-def test_op_gradcheck_with_fixed_buckets():
+@pytest.mark.parametrize(("window", "dropout_p"), [("chunk", 0.0), ("bucket", 0.0), ("chunk", 0.2)])
+def test_op_gradcheck_with_fixed_buckets(window, dropout_p):
     qk, v = inputs(b=1, h=2, length=16, d=4, dtype=torch.float64)
     qk.requires_grad_()
     v.requires_grad_()
     rot = rotations(h=2, d=4, n_hashes=2)
     _, buckets = lsh(qk, v, rot, None, None, [4], 4, 1, 0, "chunk", True, 0.0, 0)
-    for window, p in (("chunk", 0.0), ("bucket", 0.0), ("chunk", 0.2)):
-        fn = lambda a, b: lsh(a, b, rot, None, buckets, [4], 4, 1, 0, window, True, p, 5)[0]  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (qk, v), eps=1e-6, atol=1e-7, fast_mode=True)
+
+    def attention(a, b):
+        return lsh(a, b, rot, None, buckets, [4], 4, 1, 0, window, True, dropout_p, 5)[0]
+
+    assert torch.autograd.gradcheck(attention, (qk, v), eps=1e-6, atol=1e-7, fast_mode=True)
 
 
 def test_op_registration_passes_opcheck():
@@ -149,7 +155,9 @@ def test_op_registration_passes_opcheck():
     qk.requires_grad_()
     v.requires_grad_()
     _, buckets = lsh(qk, v, rotations(h=2, d=4), None, None, [4], 4, 1, 0, "chunk", True, 0.0, 0)
-    torch.library.opcheck(lsh, (qk, v, rotations(h=2, d=4), None, buckets, [4], 4, 1, 0, "bucket", True, 0.0, 0))
+    args = (qk, v, rotations(h=2, d=4), None, buckets, [4], 4, 1, 0, "bucket", True, 0.0, 0)
+    torch.library.opcheck(lsh, args)
+    torch.library.opcheck(torch.ops.reformer.lsh_attention_with_stats, args)
 
 
 def test_output_does_not_depend_on_block_size(monkeypatch):

@@ -73,7 +73,7 @@ def test_too_long_input_and_bad_config_are_user_errors():
     model = ReformerLM(config(max_seq_len=32))
     with pytest.raises(ReformerDistError, match="max_seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
-    with pytest.raises(ConfigError, match="model.attn_layers"):
+    with pytest.raises(ConfigError, match=r"model\.attn_layers"):
         ReformerLM(config(attn_layers=["sparse"]))
 
 

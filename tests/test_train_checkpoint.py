@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from reformer_dist.configuration import config_to_yaml, load_config
 from reformer_dist.errors import CheckpointError
 from reformer_dist.model import ReformerLM
+from reformer_dist.model.native import from_native
 from reformer_dist.train import checkpoint as ckpt
 from reformer_dist.train.consolidate import write_native
 from reformer_dist.train.distributed import DistInfo
@@ -110,11 +110,11 @@ def test_native_directory_holds_loadable_fp32_weights_config_and_tokenizer(tmp_p
     torch.manual_seed(0)
     weights = {k: v.clone() for k, v in ReformerLM(cfg.model).state_dict().items()}
     out = write_native(weights, config_to_yaml(cfg), {"kind": "bytes", "offset": 0}, tmp_path / "native")
-    loaded = ReformerLM(load_config([str(out / "config.yaml")]).model)
-    loaded.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    loaded = from_native(out)
+    assert loaded.config.n_layers == 2
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in weights.items())
+    assert load_file(str(out / "model.safetensors")).keys() == weights.keys()
     assert json.loads((out / "tokenizer.json").read_text()) == {"kind": "bytes", "offset": 0}
-    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["n_layers"] == 2
 
     weights.pop(next(iter(weights)))
     with pytest.raises(CheckpointError, match="do not match"):

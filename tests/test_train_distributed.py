@@ -213,15 +213,10 @@ def zero_run(config: Path, workdir: Path):
 
 # --------------------------------------------------------------------------------------------- tests
 def native_weights(run_dir: Path) -> dict:
-    """The consolidated model written at the end of training, loaded into a plain ReformerLM."""
-    from safetensors.torch import load_file
+    """The consolidated model written at the end of training, read back by the model package alone."""
+    from reformer_dist.model.native import from_native
 
-    from reformer_dist.configuration import load_config
-    from reformer_dist.model import ReformerLM
-
-    model = ReformerLM(load_config([str(run_dir / "native" / "config.yaml")]).model)
-    model.load_state_dict(load_file(str(run_dir / "native" / "model.safetensors")), strict=True)
-    return model.state_dict()
+    return from_native(run_dir / "native").state_dict()
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

@@ -105,9 +105,13 @@ class LSHSelfAttention(nn.Module):
         v = split_heads(self.value(x), self.n_heads)
         rotations = self.rotations(generator, x.device)
         seed = draw_seed(generator)
-        out, buckets = torch.ops.reformer.lsh_attention(
-            qk, v, rotations, key_padding_mask, buckets, self.n_buckets, self.chunk_len, self.chunks_before,
-            self.chunks_after, self.window, self.causal, self.dropout if self.training else 0.0, seed)
+        args = (qk, v, rotations, key_padding_mask, buckets, self.n_buckets, self.chunk_len, self.chunks_before,
+                self.chunks_after, self.window, self.causal, self.dropout if self.training else 0.0, seed)
+        if torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad):
+            # same op, but it hands its softmax statistics to its backward (one pass fewer there)
+            out, buckets, _ = torch.ops.reformer.lsh_attention_with_stats(*args)
+        else:
+            out, buckets = torch.ops.reformer.lsh_attention(*args)
         return merge_heads(out), buckets
 
 

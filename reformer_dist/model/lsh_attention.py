@@ -49,9 +49,9 @@ from torch import Tensor
 
 WINDOWS = ("bucket", "chunk")
 
-# Score elements per block of chunks (all batch*heads together). ~2 MiB of fp32 scores: big enough to
-# amortise Python overhead, small enough to stay cache-friendly and bounded at 1M tokens.
-BLOCK_SCORES = 1 << 19
+# Score elements per block of chunks (all batch*heads together). 16 MiB of fp32 scores: few enough blocks
+# that op-launch and thread-sync overheads stay small, and a fixed bound on memory at any length.
+BLOCK_SCORES = 1 << 22
 # Positions per hashing block (the rotated (B, H, n_hashes, L, R/2) tensor is bounded by this).
 HASH_BLOCK = 1 << 15
 
@@ -124,19 +124,23 @@ def sort_by_bucket(buckets: Tensor) -> tuple[Tensor, Tensor]:
     return sorted_idx, sorted_keys
 
 
+def key_scale(x: Tensor) -> Tensor:
+    """Per-row factor of ``normalize_keys`` in the accumulation dtype: rsqrt(mean(x^2) + 1e-6) / sqrt(D),
+    shape (..., 1)."""
+    x = x.to(_acc_dtype(x.dtype))
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) / math.sqrt(x.shape[-1])
+
+
 def normalize_keys(qk: Tensor) -> Tensor:
     """Keys of shared-QK attention: unit length and divided by sqrt(D) (HF's ``_len_and_dim_norm``)."""
-    d = qk.shape[-1]
-    x = qk.to(_acc_dtype(qk.dtype))
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) / math.sqrt(d)).to(qk.dtype)
+    return (qk.to(_acc_dtype(qk.dtype)) * key_scale(qk)).to(qk.dtype)
 
 
-def _normalize_keys_backward(qk: Tensor, grad_k: Tensor) -> Tensor:
-    """Vector-Jacobian product of ``normalize_keys`` (fp32)."""
-    x, g = qk.to(_acc_dtype(qk.dtype)), grad_k.to(_acc_dtype(qk.dtype))
-    d = x.shape[-1]
-    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-    return (g - x * (r * r) * (g * x).sum(-1, keepdim=True) / d) * r / math.sqrt(d)
+def _normalize_keys_backward(x: Tensor, grad_k: Tensor, scale: Tensor) -> Tensor:
+    """Vector-Jacobian product of ``normalize_keys`` at rows x with ``scale = key_scale(x)``:
+    ``s * (g - x * s^2 * (g . x))``. Linear in grad_k row by row, so partial sums may be mapped."""
+    x = x.to(scale.dtype)
+    return scale * (grad_k - x * scale.square() * (grad_k * x).sum(-1, keepdim=True))
 
 
 # ------------------------------------------------------------------------------ sorted-order attention
@@ -226,9 +230,16 @@ class Block:
         """Rows of x (B*H*L, D) for this block's queries: (BH, nb, c, D)."""
         return x.index_select(0, self.q_rows.flatten()).view(self.bh, self.nb, self.c, -1)
 
-    def windows(self, x: Tensor) -> Tensor:
-        """Key windows of x (B*H*L, D): (BH, nb, W, D), W = n_offsets * c."""
-        span = x.index_select(0, self.span_rows.flatten()).view(self.bh, self.n_span, self.c, -1)
+    def span(self, x: Tensor) -> Tensor:
+        """Rows of x (B*H*L, ...) for the key span: (BH, n_span, c, ...)."""
+        return x.index_select(0, self.span_rows.flatten()).view(self.bh, self.n_span, self.c, *x.shape[1:])
+
+    def query_part(self, span: Tensor) -> Tensor:
+        """The query chunks within a span tensor: (BH, nb, c, ...)."""
+        return span[:, self.span_q_start : self.span_q_start + self.nb]
+
+    def windows(self, span: Tensor) -> Tensor:
+        """Key windows (BH, nb, W, D), W = n_offsets * c, from a span tensor (BH, n_span, c, D)."""
         return torch.cat([span[:, s : s + self.nb] for s in self.span_starts], dim=2)
 
     def _self_entries(self, t: Tensor) -> Tensor:
@@ -267,25 +278,36 @@ class Block:
         self._self_entries(t).fill_(0.0)
         return t
 
-    def accumulate(self, grads: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
-        """Add this block's dq (BH, nb, c, D) and window dk, dv (BH, nb, W, D) into ``grads`` (B*H*L, 3D)
-        with one indexed accumulation over the span (positions recur across rounds)."""
-        d, c = dq.shape[-1], self.c
-        span = grads.new_zeros(self.bh, self.n_span, c, 3 * d)
-        span[:, self.span_q_start : self.span_q_start + self.nb, :, :d] = dq
+    def accumulate(self, grad_qk: Tensor, grad_v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, q_span: Tensor,
+                   scale_span: Tensor) -> None:
+        """Add this block's gradients into ``grad_qk`` and ``grad_v`` (B*H*L, D): dq (BH, nb, c, D) of the
+        queries, dk and dv (BH, nb, W, D) of the window keys. Window contributions are summed per span chunk,
+        dk is mapped through the key normalisation (row-linear), and each span row is added once (rows
+        recur across rounds, so the indexed add accumulates)."""
+        c = self.c
+        span_dk = grad_qk.new_zeros(self.bh, self.n_span, c, dk.shape[-1])
+        span_dv = torch.zeros_like(span_dk)
         for i, s in enumerate(self.span_starts):
-            span[:, s : s + self.nb, :, d : 2 * d] += dk[:, :, i * c : (i + 1) * c]
-            span[:, s : s + self.nb, :, 2 * d :] += dv[:, :, i * c : (i + 1) * c]
-        grads.index_put_((self.span_rows.flatten(),), span.view(-1, 3 * d), accumulate=True)
+            span_dk[:, s : s + self.nb] += dk[:, :, i * c : (i + 1) * c]
+            span_dv[:, s : s + self.nb] += dv[:, :, i * c : (i + 1) * c]
+        span_dqk = _normalize_keys_backward(q_span, span_dk, scale_span)
+        self.query_part(span_dqk).add_(dq)
+        rows = self.span_rows.flatten()
+        grad_qk.index_put_((rows,), span_dqk.flatten(0, 2), accumulate=True)
+        grad_v.index_put_((rows,), span_dv.flatten(0, 2), accumulate=True)
 
 
-def block_scores(block: Block, q: Tensor, k: Tensor, self_masked: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Masked scores (BH, nb, c, W) of one block in the accumulation dtype, their row maxima
-    (BH, nb, c, 1), and the block's queries and key windows."""
-    qb, kb = block.queries(q), block.windows(k)
-    scores = torch.matmul(qb, kb.transpose(-1, -2)).to(_acc_dtype(q.dtype))
+def block_scores(block: Block, q: Tensor, scale: Tensor, self_masked: float) -> tuple[Tensor, ...]:
+    """Masked scores (BH, nb, c, W) of one block in the accumulation dtype and their row maxima
+    (BH, nb, c, 1), plus the block's queries (BH, nb, c, D), key windows (BH, nb, W, D), and the raw rows
+    and key scales of its span (for the backward). Keys are normalised here, per block, from the gathered
+    query rows and ``scale = key_scale(q)`` (B*H*L, 1): no full key tensor is ever stored."""
+    q_span, scale_span = block.span(q), block.span(scale)
+    k_span = (q_span.to(scale.dtype) * scale_span).to(q.dtype)
+    qb, kb = block.query_part(q_span), block.windows(k_span)
+    scores = torch.matmul(qb, kb.transpose(-1, -2)).to(scale.dtype)
     scores, m = block.mask(scores, self_masked)
-    return scores, m, qb, kb
+    return scores, m, qb, kb, q_span, scale_span
 
 
 def dropout_keep(seed: int, bh: int, n_total: int, first_row: int, shape: tuple[int, ...], p: float,
@@ -338,7 +360,7 @@ def attend_sorted(
     forward runs it under no_grad, where it works in place.
     """
     d, rows_total = q.shape[-1], q.shape[0]
-    k = normalize_keys(q)
+    scale = key_scale(q)
     offsets = window_offsets(window, chunks_before, chunks_after, causal)
     self_masked = mask_values(q.dtype)[1]
     acc = _acc_dtype(q.dtype)
@@ -348,7 +370,7 @@ def attend_sorted(
     row_max = torch.empty(layout.n_hashes * rows_total, device=q.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
     for block in _blocks(layout, offsets, window, causal):
-        scores, m, _, _ = block_scores(block, q, k, self_masked)  # m: a shift, not differentiated
+        scores, m, *_ = block_scores(block, q, scale, self_masked)  # m: a shift, not differentiated
         probs = torch.exp(scores - m) if scores.requires_grad else scores.sub_(m).exp_()
         total = probs.sum(dim=-1, keepdim=True)
         if dropout_p > 0:
@@ -356,7 +378,7 @@ def attend_sorted(
                                 tuple(probs.shape), dropout_p, probs.device)
             probs = probs * keep / (1.0 - dropout_p)
         # normalise the (c, D) output rather than the (c, W) probabilities
-        ob = torch.matmul(probs.to(v.dtype), block.windows(v)) / total.to(v.dtype)
+        ob = torch.matmul(probs.to(v.dtype), block.windows(block.span(v))) / total.to(v.dtype)
         rows = dest[:, block.first * block.c : block.last * block.c].flatten()
         o.index_copy_(0, rows, ob.flatten(0, 2))
         row_max.index_copy_(0, rows, m.flatten())
@@ -398,22 +420,54 @@ def _check(qk: Tensor, v: Tensor, chunk_len: int, window: str) -> None:
     torch._check(window in WINDOWS, lambda: f"window must be one of {WINDOWS}, got {window!r}")
 
 
-def lsh_attention_reference(
+def softmax_stats(row_max: Tensor, log_sum: Tensor) -> Tensor:
+    """Per-row statistics of the softmax over all rounds' windows, (2, R): ``[top, log_total]`` with
+    ``LSE = top + log_total`` (kept apart for precision, see ``attend_sorted``)."""
+    top = row_max.amax(dim=0)
+    return torch.stack([top, torch.logsumexp((row_max - top) + log_sum, dim=0)])
+
+
+def lsh_attention_forward(
     qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
     n_buckets: list[int], chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool,
     dropout_p: float = 0.0, dropout_seed: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """The op's semantics in plain differentiable PyTorch (autograd backward). Same signature/outputs."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's semantics in plain differentiable PyTorch: (out, buckets, softmax statistics (2, B*H*L))."""
     _check(qk, v, chunk_len, window)
     inner = heads_inner(v)
     buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
     layout = SortedLayout(buckets, key_padding_mask, chunk_len, inner)
     o, row_max, log_sum = attend_sorted(as_rows(qk, inner), as_rows(v, inner), layout, chunks_before,
                                         chunks_after, window, causal, dropout_p, dropout_seed)
-    return from_rows(combine_rounds(o, row_max, log_sum), tuple(qk.shape), inner), buckets
+    stats = softmax_stats(row_max.detach(), log_sum.detach())
+    return from_rows(combine_rounds(o, row_max, log_sum), tuple(qk.shape), inner), buckets, stats
 
 
-# ------------------------------------------------------------------------------------ the custom op
+def lsh_attention_reference(
+    qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
+    n_buckets: list[int], chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool,
+    dropout_p: float = 0.0, dropout_seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The op's semantics in plain differentiable PyTorch (autograd backward). Same signature/outputs."""
+    out, buckets, _ = lsh_attention_forward(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len,
+                                            chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
+    return out, buckets
+
+
+# ------------------------------------------------------------------------------------ the custom ops
+def _run_forward(qk, v, rotations, key_padding_mask, buckets, *args):
+    with torch.no_grad(), torch.autocast(qk.device.type, enabled=False):
+        out, used, stats = lsh_attention_forward(qk, v, rotations, key_padding_mask, buckets, *args)
+    return out.to(v.dtype), used.clone() if buckets is not None else used, stats
+
+
+def _fake_forward(qk, v, rotations):
+    b, h, length, d = qk.shape
+    out = from_rows(v.new_empty(b * h * length, d), tuple(v.shape), heads_inner(v))
+    stats = qk.new_empty((2, b * h * length), dtype=_acc_dtype(qk.dtype))
+    return out, qk.new_empty((b, h, rotations.shape[2], length), dtype=torch.long), stats
+
+
 @torch.library.custom_op("reformer::lsh_attention", mutates_args=())
 def lsh_attention(
     qk: Tensor,
@@ -431,18 +485,44 @@ def lsh_attention(
     dropout_seed: int,
 ) -> tuple[Tensor, Tensor]:
     """LSH self-attention. See the module docstring; out (B, H, L, D) in v's dtype, buckets (B, H, n, L)."""
-    with torch.no_grad(), torch.autocast(qk.device.type, enabled=False):
-        out, used = lsh_attention_reference(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len,
-                                            chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
-    return out.to(v.dtype), used.clone() if buckets is not None else used
+    out, used, _ = _run_forward(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before,
+                                chunks_after, window, causal, dropout_p, dropout_seed)
+    return out, used
 
 
 @lsh_attention.register_fake
 def _(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before, chunks_after, window,
       causal, dropout_p, dropout_seed):
-    b, h, length, d = qk.shape
-    out = from_rows(v.new_empty(b * h * length, d), tuple(v.shape), heads_inner(v))
-    return out, qk.new_empty((b, h, rotations.shape[2], length), dtype=torch.long)
+    return _fake_forward(qk, v, rotations)[:2]
+
+
+@torch.library.custom_op("reformer::lsh_attention_with_stats", mutates_args=())
+def lsh_attention_with_stats(
+    qk: Tensor,
+    v: Tensor,
+    rotations: Tensor,
+    key_padding_mask: Tensor | None,
+    buckets: Tensor | None,
+    n_buckets: list[int],
+    chunk_len: int,
+    chunks_before: int,
+    chunks_after: int,
+    window: str,
+    causal: bool,
+    dropout_p: float,
+    dropout_seed: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``lsh_attention`` that also returns the softmax statistics (2, B*H*L) its backward needs, so the
+    backward skips recomputing them (one of its two passes). The model uses it when training; inference
+    and export use ``lsh_attention``."""
+    return _run_forward(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before,
+                        chunks_after, window, causal, dropout_p, dropout_seed)
+
+
+@lsh_attention_with_stats.register_fake
+def _(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before, chunks_after, window,
+      causal, dropout_p, dropout_seed):
+    return _fake_forward(qk, v, rotations)
 
 
 @torch.library.custom_op("reformer::lsh_attention_backward", mutates_args=())
@@ -453,6 +533,7 @@ def lsh_attention_backward(
     out: Tensor,
     buckets: Tensor,
     key_padding_mask: Tensor | None,
+    stats: Tensor | None,
     chunk_len: int,
     chunks_before: int,
     chunks_after: int,
@@ -461,57 +542,63 @@ def lsh_attention_backward(
     dropout_p: float,
     dropout_seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """Flash-style backward of ``lsh_attention``: returns (grad_qk, grad_v)."""
+    """Flash-style backward of ``lsh_attention``: returns (grad_qk, grad_v). ``stats`` from the forward
+    (``lsh_attention_with_stats``) or None to recompute them."""
     with torch.no_grad(), torch.autocast(qk.device.type, enabled=False):
-        return _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks_before, chunks_after,
-                         window, causal, dropout_p, dropout_seed)
+        return _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len, chunks_before,
+                         chunks_after, window, causal, dropout_p, dropout_seed)
 
 
 @lsh_attention_backward.register_fake
-def _(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks_before, chunks_after, window, causal,
+def _(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len, chunks_before, chunks_after, window, causal,
       dropout_p, dropout_seed):
     inner, rows = heads_inner(v), qk.shape[0] * qk.shape[1] * qk.shape[2]
     return (from_rows(qk.new_empty(rows, qk.shape[-1]), tuple(qk.shape), inner),
             from_rows(v.new_empty(rows, v.shape[-1]), tuple(v.shape), inner))
 
 
-def _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks_before, chunks_after, window,
+def _recompute_stats(layout: SortedLayout, q: Tensor, scale: Tensor, offsets: list[int], window: str, causal: bool,
+                     self_masked: float) -> Tensor:
+    """The forward's softmax statistics (2, rows) from one scores-only pass over the blocks."""
+    rows_total, n, c = q.shape[0], layout.n_hashes, layout.chunk_len
+    row_max = torch.empty(n * rows_total, device=q.device, dtype=_acc_dtype(q.dtype))
+    log_sum = torch.empty_like(row_max)
+    dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos
+    for block in _blocks(layout, offsets, window, causal):
+        scores, m, *_ = block_scores(block, q, scale, self_masked)
+        rows = dest[:, block.first * c : block.last * c].flatten()
+        row_max.index_copy_(0, rows, m.flatten())
+        log_sum.index_copy_(0, rows, scores.sub_(m).exp_().sum(-1).log_().flatten())
+    return softmax_stats(row_max.view(n, rows_total), log_sum.view(n, rows_total))
+
+
+def _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len, chunks_before, chunks_after, window,
               causal, dropout_p, dropout_seed):
     inner = heads_inner(v)
     layout = SortedLayout(buckets, key_padding_mask, chunk_len, inner)
     q, vf = as_rows(qk, inner), as_rows(v, inner)
     rows_total, d = q.shape
-    k = normalize_keys(q)
+    scale = key_scale(q)
     offsets = window_offsets(window, chunks_before, chunks_after, causal)
     self_masked = mask_values(qk.dtype)[1]
     acc = _acc_dtype(qk.dtype)
     c, bh = chunk_len, layout.bh
 
-    # pass 1: per-row softmax statistics over all rounds' windows: P = exp(S - top - log_total)
-    n = layout.n_hashes
-    row_max = torch.empty(n * rows_total, device=qk.device, dtype=acc)
-    log_sum = torch.empty_like(row_max)
-    dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos
-    for block in _blocks(layout, offsets, window, causal):
-        scores, m, _, _ = block_scores(block, q, k, self_masked)
-        rows = dest[:, block.first * c : block.last * c].flatten()
-        row_max.index_copy_(0, rows, m.flatten())
-        log_sum.index_copy_(0, rows, scores.sub_(m).exp_().sum(-1).log_().flatten())
-    row_max, log_sum = row_max.view(n, rows_total), log_sum.view(n, rows_total)
-    top = row_max.amax(dim=0, keepdim=True)
-    log_total = torch.logsumexp((row_max - top) + log_sum, dim=0)  # (rows,)
-    top = top.flatten()
+    if stats is None:
+        stats = _recompute_stats(layout, q, scale, offsets, window, causal, self_masked)
+    top, log_total = stats[0], stats[1]
 
     go = as_rows(grad_out, inner)
     delta = (go.to(acc) * as_rows(out, inner).to(acc)).sum(-1)  # (rows,) rowsum(dO * O)
-    grads = torch.zeros(rows_total, 3 * d, device=qk.device, dtype=acc)  # [dq | dk | dv]
-    # pass 2: P = exp(S - LSE) over the union of windows; dS = P * (dP - delta), zero on self entries
+    grad_qk = torch.zeros(rows_total, d, device=qk.device, dtype=acc)
+    grad_v = torch.zeros_like(grad_qk)
+    # P = exp(S - LSE) over the union of windows; dS = P * (dP - delta), zero on self entries
     for block in _blocks(layout, offsets, window, causal):
-        scores, _, qb, kb = block_scores(block, q, k, self_masked)
+        scores, _, qb, kb, q_span, scale_span = block_scores(block, q, scale, self_masked)
         q_flat = block.q_rows.flatten()
         row_shape = (bh, block.nb, c, 1)
         probs = scores.sub_(top[q_flat].view(row_shape)).sub_(log_total[q_flat].view(row_shape)).exp_()
-        go_b, vb = block.queries(go), block.windows(vf)
+        go_b, vb = block.queries(go), block.windows(block.span(vf))
         dp = torch.matmul(go_b, vb.transpose(-1, -2)).to(acc)  # (BH, nb, c, W)
         if dropout_p > 0:
             keep = dropout_keep(dropout_seed, bh, layout.n_total, block.first * c, tuple(probs.shape), dropout_p,
@@ -522,25 +609,26 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, chunk_len, chunks
             p_drop = probs
         dv_b = torch.matmul(p_drop.transpose(-1, -2).to(go.dtype), go_b)
         ds = block.zero_self(dp.sub_(delta[q_flat].view(row_shape)).mul_(probs)).to(qk.dtype)
-        block.accumulate(grads, torch.matmul(ds, kb), torch.matmul(ds.transpose(-1, -2), qb), dv_b)
-    dq, dk, dv = grads[:, :d], grads[:, d : 2 * d], grads[:, 2 * d :]
-    dqk = (dq + _normalize_keys_backward(q, dk)).to(qk.dtype)
-    return from_rows(dqk, tuple(qk.shape), inner), from_rows(dv.to(v.dtype).contiguous(), tuple(v.shape), inner)
+        block.accumulate(grad_qk, grad_v, torch.matmul(ds, kb), torch.matmul(ds.transpose(-1, -2), qb), dv_b,
+                         q_span, scale_span)
+    return (from_rows(grad_qk.to(qk.dtype), tuple(qk.shape), inner),
+            from_rows(grad_v.to(v.dtype), tuple(v.shape), inner))
 
 
 def _setup_context(ctx, inputs, output):
     (qk, v, _rot, key_padding_mask, _b, _nb, chunk_len, chunks_before, chunks_after, window, causal, dropout_p,
      dropout_seed) = inputs
-    out, buckets = output
-    ctx.save_for_backward(qk, v, out, buckets, key_padding_mask)
+    out, buckets, *stats = output
+    ctx.save_for_backward(qk, v, out, buckets, key_padding_mask, stats[0] if stats else None)
     ctx.args = (chunk_len, chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
 
 
-def _autograd_backward(ctx, grad_out, _grad_buckets):
-    qk, v, out, buckets, key_padding_mask = ctx.saved_tensors
-    grad_qk, grad_v = torch.ops.reformer.lsh_attention_backward(grad_out.contiguous(), qk, v, out, buckets,
-                                                                key_padding_mask, *ctx.args)
+def _autograd_backward(ctx, grad_out, *_unused_grads):
+    qk, v, out, buckets, key_padding_mask, stats = ctx.saved_tensors
+    grad_qk, grad_v = torch.ops.reformer.lsh_attention_backward(grad_out, qk, v, out, buckets, key_padding_mask,
+                                                                stats, *ctx.args)
     return grad_qk, grad_v, None, None, None, None, None, None, None, None, None, None, None
 
 
 lsh_attention.register_autograd(_autograd_backward, setup_context=_setup_context)
+lsh_attention_with_stats.register_autograd(_autograd_backward, setup_context=_setup_context)

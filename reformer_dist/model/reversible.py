@@ -59,12 +59,17 @@ class ReversibleStack(torch.autograd.Function):
         device = x1.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.layers, ctx.records, ctx.mask, ctx.ff_chunk_size = layers, records, key_padding_mask, ff_chunk_size
-        ctx.save_for_backward(x1, x2)
+        # kept as detached aliases rather than save_for_backward, so the backward can drop them as soon as
+        # the top layer has been reconstructed (the streams are never modified in place)
+        ctx.outputs = [x1.detach(), x2.detach()]
         return x1, x2
 
     @staticmethod
     def backward(ctx, dy1: Tensor | None, dy2: Tensor | None):
-        y1, y2 = ctx.saved_tensors
+        if ctx.outputs is None:
+            raise RuntimeError("ReversibleStack: backward through the same forward twice is not supported")
+        y1, y2 = ctx.outputs
+        ctx.outputs = None
         dy1 = torch.zeros_like(y1) if dy1 is None else dy1
         dy2 = torch.zeros_like(y2) if dy2 is None else dy2
         device, enabled, dtype = ctx.autocast
@@ -79,19 +84,28 @@ class ReversibleStack(torch.autograd.Function):
                         g = layer.feed_forward(y1[:, s:e])
                         torch.autograd.backward(g, dy2[:, s:e])
                         x2[:, s:e] = y2[:, s:e] - g.detach()
-                dy1 = dy1 + y1.grad
+                del g
+                y2 = None  # reconstructed as x2: free it before the attention recompute
+                dy1 = dy1 + _take_grad(y1)
                 # F: x1 = y1 - F(x2); dL/dx2 = dy2 + F'(x2)^T dy1
-                x2 = x2.detach().requires_grad_()
+                x2.requires_grad_()
                 replay = None if buckets is None else buckets.long()
                 with _replaying(layer.attention.generator, f_state), torch.enable_grad():
                     f, _ = layer.attention(x2, ctx.mask, replay)
                     torch.autograd.backward(f, dy1)
                 with torch.no_grad():
-                    y1 = y1.detach() - f.detach()
-                dy2 = dy2 + x2.grad
+                    y1 = y1.detach() - f
+                del f
+                dy2 = dy2 + _take_grad(x2)
                 y2 = x2.detach()
-                del f, g
+                del x2
         return dy1, dy2, None, None, None
+
+
+def _take_grad(x: Tensor) -> Tensor:
+    """Detach and return x.grad, freeing it from x (the caller adds it into the running gradient)."""
+    grad, x.grad = x.grad, None
+    return grad
 
 
 def reversible_stack(x1: Tensor, x2: Tensor, layers: nn.ModuleList, key_padding_mask: Tensor | None,
