@@ -1,7 +1,8 @@
 """Training-step benchmark: this Reformer vs HF transformers, lucidrains' reformer-pytorch and plain SDPA.
 
 Each (implementation, length) runs in a fresh process: build the model (seeded), one warm-up step, then
-``--steps`` timed forward+backward steps at batch 1, fp32, 2 threads. The parent records the median step
+``--steps`` timed forward+backward steps at batch 1, fp32, 2 threads (``MALLOC_MMAP_THRESHOLD_=65536`` for
+every child unless ``--glibc-malloc``). The parent records the median step
 time and the child's peak RSS (``ru_maxrss`` from ``wait4``), prints a markdown table with the ratios to
 HF, and writes the table (.md), the raw numbers (.json) and a log-log plot (.png) to ``--out``.
 
@@ -25,9 +26,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 IMPLS = ("ours", "hf", "lucidrains", "sdpa")
+# Every child runs with glibc's mmap threshold pinned at 64 KiB, so freed large tensors go back to the OS
+# and peak RSS measures what an implementation holds rather than heap fragmentation (glibc's adaptive
+# threshold otherwise keeps tens-of-MiB tensors in the heap). Applies to all implementations alike.
+MMAP_THRESHOLD = 65536
 
 
-def child(impl: str, length: int, steps: int, threads: int) -> None:
+def child(impl: str, length: int, steps: int, threads: int, warmup: int) -> None:
     """Run in the fresh process: print one JSON line with the step times."""
     import torch
 
@@ -39,19 +44,21 @@ def child(impl: str, length: int, steps: int, threads: int) -> None:
     _, step = BUILDERS[impl](length)
     ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(1))
     times = []
-    for i in range(steps + 1):
+    for i in range(steps + warmup):
         start = time.perf_counter()
         step(ids).backward()
-        if i:  # the first step is a warm-up (allocator, lazy imports)
+        if i >= warmup:  # warm-up steps pay for lazy imports and first allocations
             times.append(time.perf_counter() - start)
         print(json.dumps({"partial": True, "times": times}), flush=True)
     print(json.dumps({"times": times}), flush=True)
 
 
-def measure(impl: str, length: int, steps: int, threads: int, timeout: float) -> dict:
+def measure(impl: str, length: int, steps: int, threads: int, warmup: int, timeout: float) -> dict:
     """Run one child; return its times, peak RSS (its own ru_maxrss, via wait4) and status."""
-    cmd = [sys.executable, __file__, "--child", impl, str(length), str(steps), str(threads)]
+    cmd = [sys.executable, __file__, "--child", impl, str(length), str(steps), str(threads), str(warmup)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if MMAP_THRESHOLD:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         timer = threading.Timer(timeout, proc.kill)
@@ -129,28 +136,35 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=4, metavar=("IMPL", "LENGTH", "STEPS", "THREADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, metavar=("IMPL", "LENGTH", "STEPS", "THREADS", "WARMUP"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--lengths", default="1024,4096,16384,65536", help="lengths for every impl")
     parser.add_argument("--ours-lengths", default="262144,1048576", help="extra lengths for ours alone")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (median reported)")
     parser.add_argument("--long-steps", type=int, default=1, help="timed steps at lengths >= 65536")
+    parser.add_argument("--huge-warmup", type=int, default=0, help="warm-up steps at lengths >= 262144 (else 1)")
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="keep glibc's default mmap threshold (peak RSS then includes heap fragmentation)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per (impl, length) process")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for .md/.json/.png")
     parser.add_argument("--tag", default="train_step", help="file name stem of the outputs")
     args = parser.parse_args()
     if args.child:
-        impl, length, steps, threads = args.child
-        child(impl, int(length), int(steps), int(threads))
+        impl, length, steps, threads, warmup = args.child
+        child(impl, int(length), int(steps), int(threads), int(warmup))
         return
+    global MMAP_THRESHOLD
+    MMAP_THRESHOLD = 0 if args.glibc_malloc else MMAP_THRESHOLD
 
     plan = [(i, int(n)) for n in args.lengths.split(",") if n for i in args.impls.split(",") if i]
     plan += [("ours", int(n)) for n in args.ours_lengths.split(",") if n]
     results = []
     for impl, length in plan:
         steps = args.long_steps if length >= 65536 else args.steps
-        r = measure(impl, length, steps, args.threads, args.timeout)
+        warmup = args.huge_warmup if length >= 262144 else 1
+        r = measure(impl, length, steps, args.threads, warmup, args.timeout)
         results.append(r)
         print(f"{impl:>10} {length:>8}: {fmt_cell(r)}", flush=True)
     md = table(results)

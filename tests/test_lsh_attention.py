@@ -221,3 +221,21 @@ def test_half_precision_stays_finite_and_close():
         out, _ = lsh(qk.to(dtype), v.to(dtype), rot, None, buckets, [4, 2], 8, 1, 0, "bucket", True, 0.0, 0)
         assert out.dtype == dtype and torch.isfinite(out).all()
         torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_bucket_window_compute_chunking_does_not_change_the_result(monkeypatch):
+    """'bucket' is defined by its reach; computing it with half-size query chunks is an implementation detail."""
+    qk, v = inputs(length=64)
+    qk.requires_grad_()
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    mask[1, 45:] = False
+    rot = rotations(n_hashes=2, n_buckets=(4, 2))
+    results = []
+    for split in (1, 2, 4):
+        monkeypatch.setattr(la, "BUCKET_SPLIT", split)
+        out, _, _ = torch.ops.reformer.lsh_attention_with_stats(qk, v, rot, mask, None, [4, 2], 8, 0, 0, "bucket",
+                                                                True, 0.0, 0)
+        results.append((out, torch.autograd.grad(out.sum(), qk)[0]))
+    for out, grad in results[1:]:
+        torch.testing.assert_close(out, results[0][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-5, rtol=0)

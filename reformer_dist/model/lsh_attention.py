@@ -52,15 +52,17 @@ WINDOWS = ("bucket", "chunk")
 # Score elements per block of chunks (all batch*heads together). 16 MiB of fp32 scores: few enough blocks
 # that op-launch and thread-sync overheads stay small, and a fixed bound on memory at any length.
 BLOCK_SCORES = 1 << 22
+# 'bucket' window query chunks are chunk_len / BUCKET_SPLIT long (see ``Window``).
+BUCKET_SPLIT = 2
 # Positions per hashing block (the rotated (B, H, n_hashes, L, R/2) tensor is bounded by this).
 HASH_BLOCK = 1 << 15
 
 
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:
-    """(masked, self-masked) score constants, as HF: fp16 needs small ones to stay finite.
+    """HF's (masked, self-masked) score constants: fp16 needs small ones to stay finite.
 
-    Scores are always masked and soft-maxed in fp32 here, so bf16 inputs use the fp32 constants; the
-    fp16 pair is kept for bit-parity with HF's half-precision path.
+    The op itself masks with -inf and uses only the self-masked value (see ``Block.mask``); scores are
+    soft-maxed in fp32, so bf16 inputs use the fp32 constants. Local attention uses both.
     """
     if dtype == torch.float16:
         return -1e4, -1e3
@@ -177,11 +179,34 @@ class SortedLayout:
 
 
 def window_offsets(window: str, chunks_before: int, chunks_after: int, causal: bool) -> list[int]:
-    """Chunk offsets (relative to a query's chunk) whose keys a query may see. For 'bucket' the query's
-    own chunk is always the second entry, so its self key sits at window column ``c + i``."""
+    """Chunk offsets (relative to a query's chunk of ``chunk_len``) whose keys a query may see. For 'bucket'
+    the query's own chunk is always the second entry, so its self key sits at window column ``c + i``.
+    This geometry also keys the attention-dropout counters (``dropout_keep``)."""
     if window == "bucket":
         return [-1, 0] if causal else [-1, 0, 1]
     return list(range(-chunks_before, chunks_after + 1))
+
+
+class Window:
+    """What a query sees, and how it is computed: ``chunk`` (the compute chunk length), ``offsets`` (the
+    chunks a query chunk sees, relative to its own), ``reach`` ('bucket': sorted slots back/ahead).
+
+    'chunk' is defined by its chunks. 'bucket' is defined by a reach of ``chunk_len`` sorted slots, so
+    without attention dropout it is computed with query chunks of ``chunk_len / BUCKET_SPLIT``: a chunk of
+    q queries needs the chunk_len slots before it plus its own, (1 + 1/BUCKET_SPLIT) * chunk_len scores per
+    query instead of 2x. With dropout it keeps the ``window_offsets`` geometry that keys the dropout mask
+    (and that ``reformer_dist.kernels.lsh_triton`` reproduces bit for bit).
+    """
+
+    def __init__(self, kind: str, chunk_len: int, chunks_before: int, chunks_after: int, causal: bool,
+                 dropout_p: float):
+        self.kind, self.causal, self.reach = kind, causal, chunk_len
+        split = BUCKET_SPLIT if kind == "bucket" and dropout_p == 0 and chunk_len % BUCKET_SPLIT == 0 else 1
+        self.chunk = chunk_len // split
+        if split == 1:
+            self.offsets = window_offsets(kind, chunks_before, chunks_after, causal)
+        else:
+            self.offsets = list(range(-split, 1 if causal else split + 1))
 
 
 def _fill(t: Tensor, mask: Tensor, value: float) -> Tensor:
@@ -198,8 +223,9 @@ class Block:
     are the query rows.
     """
 
-    def __init__(self, layout: SortedLayout, first: int, last: int, offsets: list[int], window: str, causal: bool):
+    def __init__(self, layout: SortedLayout, first: int, last: int, win: Window):
         c, nc, bh, dev = layout.chunk_len, layout.n_chunks, layout.bh, layout.sorted_idx.device
+        offsets, window, causal, reach = win.offsets, win.kind, win.causal, win.reach
         self.first, self.last, self.nb, self.c, self.bh = first, last, last - first, c, bh
         self.window, self.causal, self.length = window, causal, layout.length
         lo, hi = min(offsets), max(offsets)
@@ -219,12 +245,12 @@ class Block:
             self.q_pos = layout.pos[:, rows].reshape(shape_q)
             self.k_pos = layout.key_pos[:, key_sidx].view(shape_k)  # L for padding
             self.is_self = self.q_pos == layout.pos[:, key_sidx].view(shape_k)
-        else:  # same (round, bucket), at most c sorted slots back (or ahead): a static band per chunk
+        else:  # same (round, bucket), at most `reach` sorted slots back (or ahead): a static band per chunk
             self.q_key = layout.bucket_key[:, rows].reshape(shape_q)
             in_range = ((raw_chunks >= 0) & (raw_chunks < nc)).repeat_interleave(c, dim=1)  # (nb, W)
             self.k_key = layout.bucket_key[:, key_sidx].view(shape_k).masked_fill(~in_range[:, None, :], -1)
             lag = slot[:, None] - (torch.tensor(offsets, device=dev)[:, None] * c + slot).flatten()  # (c, W)
-            self.out_of_band = (lag > c) | (lag < (0 if causal else -c))
+            self.out_of_band = (lag > reach) | (lag < (0 if causal else -reach))
 
     def queries(self, x: Tensor) -> Tensor:
         """Rows of x (B*H*L, D) for this block's queries: (BH, nb, c, D)."""
@@ -332,24 +358,16 @@ def dropout_keep(seed: int, bh: int, n_total: int, first_row: int, shape: tuple[
     return (x & 0xFFFFFF).float() * (1.0 / (1 << 24)) >= p
 
 
-def _blocks(layout: SortedLayout, offsets: list[int], window: str, causal: bool):
+def _blocks(layout: SortedLayout, win: Window):
     """Yield the Blocks of the sorted order, each holding about BLOCK_SCORES score elements."""
-    per_chunk = layout.bh * layout.chunk_len * layout.chunk_len * len(offsets)
+    per_chunk = layout.bh * layout.chunk_len * layout.chunk_len * len(win.offsets)
     step = max(1, BLOCK_SCORES // per_chunk)
     for first in range(0, layout.n_chunks, step):
-        yield Block(layout, first, min(first + step, layout.n_chunks), offsets, window, causal)
+        yield Block(layout, first, min(first + step, layout.n_chunks), win)
 
 
 def attend_sorted(
-    q: Tensor,
-    v: Tensor,
-    layout: SortedLayout,
-    chunks_before: int,
-    chunks_after: int,
-    window: str,
-    causal: bool,
-    dropout_p: float,
-    dropout_seed: int,
+    q: Tensor, v: Tensor, layout: SortedLayout, win: Window, dropout_p: float, dropout_seed: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention over the sorted order, block by block, on rows: q, v (B*H*L, D) (``as_rows``).
 
@@ -361,7 +379,6 @@ def attend_sorted(
     """
     d, rows_total = q.shape[-1], q.shape[0]
     scale = key_scale(q)
-    offsets = window_offsets(window, chunks_before, chunks_after, causal)
     self_masked = mask_values(q.dtype)[1]
     acc = _acc_dtype(q.dtype)
     # destination of each sorted entry: round r of input row flat_pos
@@ -369,7 +386,7 @@ def attend_sorted(
     o = torch.empty(layout.n_hashes * rows_total, d, device=q.device, dtype=v.dtype)
     row_max = torch.empty(layout.n_hashes * rows_total, device=q.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
-    for block in _blocks(layout, offsets, window, causal):
+    for block in _blocks(layout, win):
         scores, m, *_ = block_scores(block, q, scale, self_masked)  # m: a shift, not differentiated
         probs = torch.exp(scores - m) if scores.requires_grad else scores.sub_(m).exp_()
         total = probs.sum(dim=-1, keepdim=True)
@@ -436,9 +453,10 @@ def lsh_attention_forward(
     _check(qk, v, chunk_len, window)
     inner = heads_inner(v)
     buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
-    layout = SortedLayout(buckets, key_padding_mask, chunk_len, inner)
-    o, row_max, log_sum = attend_sorted(as_rows(qk, inner), as_rows(v, inner), layout, chunks_before,
-                                        chunks_after, window, causal, dropout_p, dropout_seed)
+    win = Window(window, chunk_len, chunks_before, chunks_after, causal, dropout_p)
+    layout = SortedLayout(buckets, key_padding_mask, win.chunk, inner)
+    o, row_max, log_sum = attend_sorted(as_rows(qk, inner), as_rows(v, inner), layout, win, dropout_p,
+                                        dropout_seed)
     stats = softmax_stats(row_max.detach(), log_sum.detach())
     return from_rows(combine_rounds(o, row_max, log_sum), tuple(qk.shape), inner), buckets, stats
 
@@ -557,14 +575,13 @@ def _(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len, chunks_
             from_rows(v.new_empty(rows, v.shape[-1]), tuple(v.shape), inner))
 
 
-def _recompute_stats(layout: SortedLayout, q: Tensor, scale: Tensor, offsets: list[int], window: str, causal: bool,
-                     self_masked: float) -> Tensor:
+def _recompute_stats(layout: SortedLayout, q: Tensor, scale: Tensor, win: Window, self_masked: float) -> Tensor:
     """The forward's softmax statistics (2, rows) from one scores-only pass over the blocks."""
     rows_total, n, c = q.shape[0], layout.n_hashes, layout.chunk_len
     row_max = torch.empty(n * rows_total, device=q.device, dtype=_acc_dtype(q.dtype))
     log_sum = torch.empty_like(row_max)
     dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos
-    for block in _blocks(layout, offsets, window, causal):
+    for block in _blocks(layout, win):
         scores, m, *_ = block_scores(block, q, scale, self_masked)
         rows = dest[:, block.first * c : block.last * c].flatten()
         row_max.index_copy_(0, rows, m.flatten())
@@ -575,17 +592,17 @@ def _recompute_stats(layout: SortedLayout, q: Tensor, scale: Tensor, offsets: li
 def _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len, chunks_before, chunks_after, window,
               causal, dropout_p, dropout_seed):
     inner = heads_inner(v)
-    layout = SortedLayout(buckets, key_padding_mask, chunk_len, inner)
+    win = Window(window, chunk_len, chunks_before, chunks_after, causal, dropout_p)
+    layout = SortedLayout(buckets, key_padding_mask, win.chunk, inner)
     q, vf = as_rows(qk, inner), as_rows(v, inner)
     rows_total, d = q.shape
     scale = key_scale(q)
-    offsets = window_offsets(window, chunks_before, chunks_after, causal)
     self_masked = mask_values(qk.dtype)[1]
     acc = _acc_dtype(qk.dtype)
-    c, bh = chunk_len, layout.bh
+    c, bh = win.chunk, layout.bh
 
     if stats is None:
-        stats = _recompute_stats(layout, q, scale, offsets, window, causal, self_masked)
+        stats = _recompute_stats(layout, q, scale, win, self_masked)
     top, log_total = stats[0], stats[1]
 
     go = as_rows(grad_out, inner)
@@ -593,7 +610,7 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len,
     grad_qk = torch.zeros(rows_total, d, device=qk.device, dtype=acc)
     grad_v = torch.zeros_like(grad_qk)
     # P = exp(S - LSE) over the union of windows; dS = P * (dP - delta), zero on self entries
-    for block in _blocks(layout, offsets, window, causal):
+    for block in _blocks(layout, win):
         scores, _, qb, kb, q_span, scale_span = block_scores(block, q, scale, self_masked)
         q_flat = block.q_rows.flatten()
         row_shape = (bh, block.nb, c, 1)
