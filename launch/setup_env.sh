@@ -29,7 +29,9 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "${pip[@]}" "torch==2.13.0"
 else
   echo "[setup] no GPU: installing the CPU build of torch"
-  "${pip[@]}" "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
+  # Only torch itself comes from the CPU index (its dependencies from the default index, below); where
+  # that index is unreachable, fall back to the default one (mirrors that already serve a CPU wheel).
+  "${pip[@]}" --no-deps --retries 0 --timeout 15 "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
     || "${pip[@]}" "torch==2.13.0"
 fi
 echo "[setup] installing reformer-dist[$extras]"
