@@ -1,11 +1,12 @@
 """Training-step benchmark: this Reformer vs HF transformers, lucidrains' reformer-pytorch and plain SDPA.
 
 Each (implementation, length) runs in a fresh process: build the model (seeded), one warm-up step, then
-``--steps`` timed forward+backward steps at batch 1, fp32, 2 threads (``MALLOC_MMAP_THRESHOLD_=65536`` for
-every child unless ``--glibc-malloc``). The parent records the median step
+``--steps`` timed forward+backward steps at batch 1, fp32, 2 threads, with glibc's default allocator
+settings (as the issue's anchor figures were taken). The parent records the median step
 time and the child's peak RSS (``ru_maxrss`` from ``wait4``), prints a markdown table with the ratios to
 HF, and writes the table (.md), the raw numbers (.json) and a log-log plot (.png) to ``--out``.
 
+    pip install -e ".[bench]"                                   # HF 4.57.6, reformer-pytorch, matplotlib
     python benchmarks/bench_train_step.py                       # 1K..64K all four, then ours at 256K, 1M
     python benchmarks/bench_train_step.py --lengths 1024,4096 --impls ours,hf --ours-lengths ''
 """
@@ -26,10 +27,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 IMPLS = ("ours", "hf", "lucidrains", "sdpa")
-# Every child runs with glibc's mmap threshold pinned at 64 KiB, so freed large tensors go back to the OS
-# and peak RSS measures what an implementation holds rather than heap fragmentation (glibc's adaptive
-# threshold otherwise keeps tens-of-MiB tensors in the heap). Applies to all implementations alike.
-MMAP_THRESHOLD = 65536
 
 
 def child(impl: str, length: int, steps: int, threads: int, warmup: int) -> None:
@@ -53,12 +50,13 @@ def child(impl: str, length: int, steps: int, threads: int, warmup: int) -> None
     print(json.dumps({"times": times}), flush=True)
 
 
-def measure(impl: str, length: int, steps: int, threads: int, warmup: int, timeout: float) -> dict:
+def measure(impl: str, length: int, steps: int, threads: int, warmup: int, timeout: float,
+            mmap_threshold: int = 0) -> dict:
     """Run one child; return its times, peak RSS (its own ru_maxrss, via wait4) and status."""
     cmd = [sys.executable, __file__, "--child", impl, str(length), str(steps), str(threads), str(warmup)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if MMAP_THRESHOLD:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         timer = threading.Timer(timeout, proc.kill)
@@ -143,36 +141,44 @@ def main() -> None:
     parser.add_argument("--ours-lengths", default="262144,1048576", help="extra lengths for ours alone")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (median reported)")
     parser.add_argument("--long-steps", type=int, default=1, help="timed steps at lengths >= 65536")
-    parser.add_argument("--huge-warmup", type=int, default=0, help="warm-up steps at lengths >= 262144 (else 1)")
-    parser.add_argument("--glibc-malloc", action="store_true",
-                        help="keep glibc's default mmap threshold (peak RSS then includes heap fragmentation)")
+    parser.add_argument("--long-warmup", type=int, default=0, help="warm-up steps at lengths >= 65536 (else 1)")
+    parser.add_argument("--mmap-threshold", type=int, default=0,
+                        help="pin glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in every child, so freed large tensors go "
+                             "back to the OS and peak RSS excludes heap fragmentation (costs page faults); 0 = default")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per (impl, length) process")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for .md/.json/.png")
     parser.add_argument("--tag", default="train_step", help="file name stem of the outputs")
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="an earlier run's .json: its cells are kept unless this run re-measures them "
+                             "(the .md then lists both commands)")
     args = parser.parse_args()
     if args.child:
         impl, length, steps, threads, warmup = args.child
         child(impl, int(length), int(steps), int(threads), int(warmup))
         return
-    global MMAP_THRESHOLD
-    MMAP_THRESHOLD = 0 if args.glibc_malloc else MMAP_THRESHOLD
-
     plan = [(i, int(n)) for n in args.lengths.split(",") if n for i in args.impls.split(",") if i]
     plan += [("ours", int(n)) for n in args.ours_lengths.split(",") if n]
     results = []
     for impl, length in plan:
         steps = args.long_steps if length >= 65536 else args.steps
-        warmup = args.huge_warmup if length >= 262144 else 1
-        r = measure(impl, length, steps, args.threads, warmup, args.timeout)
+        warmup = args.long_warmup if length >= 65536 else 1
+        r = measure(impl, length, steps, args.threads, warmup, args.timeout, args.mmap_threshold)
         results.append(r)
         print(f"{impl:>10} {length:>8}: {fmt_cell(r)}", flush=True)
+    cmd = "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:])
+    commands = [cmd]
+    if args.merge:
+        earlier = json.loads(args.merge.read_text())
+        fresh = {(r["impl"], r["length"]) for r in results}
+        results = [r for r in earlier["results"] if (r["impl"], r["length"]) not in fresh] + results
+        commands = earlier["commands"] + commands
     md = table(results)
     print("\n" + md)
     args.out.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:])
-    (args.out / f"{args.tag}.md").write_text(f"Command: `{cmd}`\n\n{md}\n")
-    (args.out / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
+    listed = "\n".join(f"- `{c}`" for c in commands)
+    (args.out / f"{args.tag}.md").write_text(f"Commands (later ones re-measure the cells they cover):\n{listed}\n\n{md}\n")
+    (args.out / f"{args.tag}.json").write_text(json.dumps({"commands": commands, "results": results}, indent=1))
     plot(results, args.out / f"{args.tag}.png")
     print(f"\nwrote {args.out / (args.tag + '.md')}, .json and .png")
 

@@ -36,7 +36,7 @@ def build_ours(length: int) -> tuple[nn.Module, Step]:
         attn_layers=["lsh"], lsh_window="bucket", lsh_chunk_len=CHUNK, lsh_n_hashes=HASHES, causal=True,
         reversible=True, dropout=0.0, attn_dropout=0.0, max_seq_len=length,
         axial_pos_shape=[max(1, length // 64), 64], axial_pos_dims=[D_MODEL // 2, D_MODEL // 2],
-        ff_chunk_size=min(length, 4096), loss_chunk_size=min(length, 4096),
+        ff_chunk_size=min(length, 1024), loss_chunk_size=min(length, 1024),
     )
     model = ReformerLM(config).train()
     return model, lambda ids: model.loss(ids, next_tokens(ids))

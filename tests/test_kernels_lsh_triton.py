@@ -155,19 +155,27 @@ def _check_low_precision(case: Case, dtype: torch.dtype, device: str) -> None:
         assert err_kernel <= 2 * err_ref + one_rounding, (name, err_kernel, err_ref)
 
 
-# The kernels were written against the reference op of 11:40 today; the reference's masking since changed
-# (-inf masks, a new self-entry rule, separate max/log-sum statistics), the export bodies and the cache
-# followed, the kernels did not yet. They are not wired into the op, so nothing runs them but these tests.
-# Issue 9 stays open until they follow the reference again; then remove this marker.
-KERNELS_BEHIND_REFERENCE = pytest.mark.xfail(
-    reason="kernels follow an earlier version of the reference op's masking (issue 9 open)", strict=False)
+# The 'chunk' window reproduces HF's fp32 rounding (per round exp(s - lse_r), round weights exp(lse_r - LSE));
+# the kernels keep the precise normalisation, which differs where a causal query sees only copies of itself
+# from several rounds. Not ported yet (issue 9: no GPU to validate a kernel change on); strict, so a port
+# that makes them pass must remove this.
+HF_ROUNDING_NOT_PORTED = pytest.mark.xfail(
+    strict=True, reason="chunk window: HF's fp32 self-mask rounding is not ported to the kernels (issue 9)")
+NOT_PORTED_CASES = ("chunk-causal-padded", "chunk-12-factorised-d24", "chunk-look-back-past-all-chunks",
+                    "chunk-dropout")
+# On a GPU nothing has run yet, and the op does not dispatch to the kernels: that class stays non-strict.
+UNVERIFIED_ON_GPU = pytest.mark.xfail(
+    reason="kernels never ran on a GPU and are not wired into the op yet (issue 9)", strict=False)
+
+
+def _fp32_cases() -> list:
+    return [pytest.param(name, marks=HF_ROUNDING_NOT_PORTED) if name in NOT_PORTED_CASES else name for name in CASES]
 
 
 # ----------------------------------------------------------------------------------- CPU (interpreter)
-@KERNELS_BEHIND_REFERENCE
 @pytest.mark.skipif(CUDA, reason="interpreter cases run only on CPU machines; GPU machines run the gpu class")
 class TestInterpreter:
-    @pytest.mark.parametrize("name", list(CASES))
+    @pytest.mark.parametrize("name", _fp32_cases())
     def test_forward_and_grads_match_reference_fp32(self, name):
         _check_fp32(CASES[name], "cpu", atol=2e-5)
 
@@ -217,7 +225,7 @@ def test_kernels_compile_for_sm90():
 
 
 # ------------------------------------------------------------------------------------------------- GPU
-@KERNELS_BEHIND_REFERENCE
+@UNVERIFIED_ON_GPU
 @pytest.mark.gpu
 class TestGPU:
     @pytest.mark.parametrize("name", list(CASES))

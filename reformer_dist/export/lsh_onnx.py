@@ -250,6 +250,12 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
         valid = g("GreaterOrEqual", q_pos, k_pos) if spec.causal else g("Less", k_pos, l1)
         # self = the query's own position, in any round (padding queries included): every row has one
         is_self = g("Equal", q_pos, g("Reshape", g("Gather", order, key_sidx, axis=2), k_shape))
+        # a sequence within one chunk is one plain attention (as the reference and HF): only the query's own
+        # chunk counts (round 0 alone is kept, below); other windows' copies are masked, self included
+        plain = g("LessOrEqual", l1, g.const([c]))  # (1,)
+        own_chunk = g.const(np.repeat(np.array(offsets) == 0, c), np.bool_)  # (W,)
+        counted = g("Or", g("Not", plain), own_chunk)
+        valid, is_self = g("And", valid, counted), g("And", is_self, counted)
     else:  # 'bucket': same (round, bucket), sorted index within chunk_len before (or after) the query
         round_keys = g("Add", buckets, g.const(np.arange(n).reshape(n, 1) * n_slots))  # (B, H, n, L)
         slot_round = g("Mul", g("Div", g.arange(n_total), length), length)  # (n*L,): r*L of every slot
@@ -275,7 +281,12 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
     row_max = g("ReduceMax", scores, g.const([-1]), keepdims=1)  # (B, H, nc, c, 1)
     shifted = g("Exp", g("Sub", scores, row_max))
     total = g("ReduceSum", shifted, g.const([-1]), keepdims=1)
-    o_sorted = g("MatMul", g("Div", shifted, total), vk)  # (B, H, nc, c, D)
+    log_sum = g("Log", total)
+    if spec.window == "chunk":  # HF's fp32 arithmetic: exp(s - lse) with lse = max + log(sum) rounded
+        norm = g("Exp", g("Sub", row_max, g("Add", row_max, log_sum)))
+        o_sorted = g("Mul", g("MatMul", shifted, vk), norm)  # (B, H, nc, c, D)
+    else:
+        o_sorted = g("MatMul", g("Div", shifted, total), vk)
 
     # ---- 4. unsort, then combine the rounds: weights softmax_r(row_max_r - max_r row_max + log_sum_r)
     o_rows = g("Add", undo, g("Mul", bh_ids, n_total))
@@ -286,9 +297,17 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
     def unsort(stat: str) -> str:  # (B, H, nc, c, 1) sorted -> (B, H, n, L, 1)
         return g("Reshape", g("GatherElements", g("Reshape", stat, g.shape(b1, h1, [-1])), undo, axis=2), per_round)
 
-    row_max, log_sum = unsort(row_max), unsort(g("Log", total))
-    top = g("ReduceMax", row_max, g.const([2]), keepdims=1)
-    weights = g("Softmax", g("Add", g("Sub", row_max, top), log_sum), axis=2)
+    row_max, log_sum = unsort(row_max), unsort(log_sum)
+    if spec.window == "chunk":  # HF: exp(lse_r - logsumexp(lse)), written out as torch.logsumexp computes it
+        lse = g("Add", row_max, log_sum)
+        skipped = g("And", plain, g.const(np.arange(n).reshape(n, 1, 1) > 0, np.bool_))  # plain: round 0 alone
+        lse = g("Where", skipped, g.f32(-math.inf), lse)
+        top = g("ReduceMax", lse, g.const([2]), keepdims=1)
+        lse_all = g("Add", g("Log", g("ReduceSum", g("Exp", g("Sub", lse, top)), g.const([2]), keepdims=1)), top)
+        weights = g("Exp", g("Sub", lse, lse_all))
+    else:
+        top = g("ReduceMax", row_max, g.const([2]), keepdims=1)
+        weights = g("Softmax", g("Add", g("Sub", row_max, top), log_sum), axis=2)
     out = g("ReduceSum", g("Mul", o, weights), g.const([2]), keepdims=0)
     g("CastLike", out, "v", name="out")
 

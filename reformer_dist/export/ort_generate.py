@@ -113,18 +113,12 @@ class OrtGenerator:
 
     def _check(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
                top_p: float | None) -> None:
+        from reformer_dist.model.generation import check_sampling  # torch: loaded by __init__ already
+
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ConfigError("prompt_ids", "need at least one prompt, each of at least one token")
-        if max_new_tokens < 1:
-            raise ConfigError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ConfigError("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ConfigError("top_p", f"must be in (0, 1], got {top_p}")
-        lengths = np.array([len(p) for p in prompt_ids], dtype=np.int64)
-        if int(lengths.max()) + max_new_tokens > self.max_seq_len:
-            raise ConfigError("max_new_tokens", f"prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) "
-                                                f"exceeds the export's max_seq_len={self.max_seq_len}")
+        check_sampling(max(len(p) for p in prompt_ids), max_new_tokens, temperature, top_p, self.max_seq_len,
+                       "the export's max_seq_len")
         if max(max(p) for p in prompt_ids) >= self.vocab_size or min(min(p) for p in prompt_ids) < 0:
             raise ConfigError("prompt_ids", f"ids must be in [0, {self.vocab_size})")
 

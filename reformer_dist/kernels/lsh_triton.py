@@ -478,7 +478,8 @@ def lsh_attention_triton(
     sorted_idx, bucket_key = sort_by_bucket(buckets)  # (B, H, n*L) each: O(n_hashes x L) integers
     o, row_max, log_sum = _forward_rounds(qk.contiguous(), v.contiguous(), sorted_idx, bucket_key,
                                           key_padding_mask, w, stats_only=False)
-    return combine_rounds(o, row_max, log_sum).view(b, h, length, d), buckets
+    rounds_first = (t.transpose(0, 1) for t in (o, row_max, log_sum))  # (n, B*H, L[, D])
+    return combine_rounds(*rounds_first, hf_rounding=window == "chunk").view(b, h, length, d), buckets
 
 
 def lsh_attention_backward_triton(

@@ -410,6 +410,21 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
 
 
 # ------------------------------------------------------------------------------------------ generate
+def check_sampling(longest_prompt: int, max_new_tokens: int, temperature: float, top_p: float | None,
+                   max_seq_len: int, limit_name: str) -> None:
+    """The request checks every generation front end shares (this module, the ONNX Runtime runner):
+    sampling settings, and prompt + new tokens within ``max_seq_len`` (named ``limit_name`` in the error)."""
+    if max_new_tokens < 1:
+        raise ConfigError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError("top_p", f"must be in (0, 1], got {top_p}")
+    if longest_prompt + max_new_tokens > max_seq_len:
+        raise ConfigError("max_new_tokens", f"prompt ({longest_prompt}) + max_new_tokens ({max_new_tokens}) "
+                                            f"exceeds {limit_name}={max_seq_len}")
+
+
 def _check_request(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None,
                    max_new_tokens: int, temperature: float, top_p: float | None) -> Tensor:
     cfg = model.config
@@ -417,12 +432,6 @@ def _check_request(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor 
         raise ConfigError("model.causal", "generation needs a causal model")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ConfigError("input_ids", f"must be (batch, length >= 1), got {tuple(input_ids.shape)}")
-    if max_new_tokens < 1:
-        raise ConfigError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError("top_p", f"must be in (0, 1], got {top_p}")
     lengths = torch.full((input_ids.shape[0],), input_ids.shape[1]) if attention_mask is None \
         else attention_mask.long().sum(-1).cpu()
     if attention_mask is not None:
@@ -430,10 +439,7 @@ def _check_request(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor 
         if not torch.equal(attention_mask.bool().cpu(), expected) or int(lengths.min()) < 1:
             raise ConfigError("attention_mask", "must mark each row's prompt as 1s followed by 0s (right "
                                                 "padding, at least one real token per row)")
-    total = int(lengths.max()) + max_new_tokens
-    if total > cfg.max_seq_len:
-        raise ConfigError("max_new_tokens", f"prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) "
-                                            f"exceeds model.max_seq_len={cfg.max_seq_len}")
+    check_sampling(int(lengths.max()), max_new_tokens, temperature, top_p, cfg.max_seq_len, "model.max_seq_len")
     return lengths
 
 

@@ -8,6 +8,9 @@ The algorithm is HF transformers' Reformer attention (ported from trax), reorgan
            chunks at a time so the (chunks, c, window) score tensor never exists whole;
 4. unsort  the per-round outputs and combine the rounds with logsumexp weights (``combine_rounds``).
 
+A padded sequence that fits in one chunk (``L <= chunk_len``) is not hashed in the 'chunk' window: HF then
+runs one plain causal shared-QK attention over it (one round, no wrap-around), and so does the op.
+
 Queries are the shared projection ``qk`` itself; keys are ``qk`` normalised to unit length and divided
 by sqrt(D) (HF: ``qk * rsqrt(mean(qk^2) + 1e-6) / sqrt(D)``, ``normalize_keys``).
 
@@ -27,10 +30,17 @@ Buckets returned by the op are per round and *without* round offsets: (B, H, n_h
 ``[0, prod(n_buckets)]``, the last value being the padding bucket. Passing them back as ``buckets=``
 reproduces the same sort (the reversible backward replays them).
 
-The backward is flash-style: it saves only qk, v, the output and the buckets, recomputes the scores block
-by block, rebuilds the global logsumexp over all rounds, and uses ``delta = rowsum(dO * O)``. The round
-combination is folded in: ``out = sum_r exp(lse_r - LSE) o_r`` is one softmax over the union of all
-rounds' windows normalised by ``LSE = logsumexp_r(lse_r)`` (kept as max + log-sum for precision).
+Normalisation. 'bucket' keeps every softmax statistic as (row max, log of the shifted sum) and folds the
+rounds into one softmax over the union of their windows (``LSE = logsumexp_r(lse_r)``, never rounded at
+the -1e5 self-mask scale). 'chunk' exists for parity with HF checkpoints, so it reproduces HF's fp32
+arithmetic instead: per round ``p = exp(s - lse_r)`` with ``lse_r = max + log(sum)`` rounded in fp32, and
+round weights ``exp(lse_r - logsumexp(lse))``. At -1e5 that rounding is visible (a token that sees only
+itself gets ~0.997 of its value in HF), and parity needs it.
+
+The backward is flash-style: it saves only qk, v, the output, the buckets and the per-round softmax
+statistics, recomputes the scores block by block and uses ``delta = rowsum(dO * O)``. For both
+normalisations the score gradient is ``dS = P * (dP - delta)`` with P the probabilities the forward used
+(for 'chunk', ``p_r * w_r`` with HF's rounded terms, which is what autograd through HF's code computes).
 
 Inputs may be laid out as (B, H, L, D) or as the (B, L, H, D) memory that head-splitting a projection
 gives (``x.view(B, L, H, D).transpose(1, 2)``): the op works on rows of that memory directly and returns
@@ -49,9 +59,10 @@ from torch import Tensor
 
 WINDOWS = ("bucket", "chunk")
 
-# Score elements per block of chunks (all batch*heads together). 16 MiB of fp32 scores: few enough blocks
-# that op-launch and thread-sync overheads stay small, and a fixed bound on memory at any length.
-BLOCK_SCORES = 1 << 22
+# Score elements per block of chunks (all batch*heads together). 4 MiB of fp32 scores: enough work per block
+# that op-launch and thread-sync overheads stay small (measured: no slower than 16 MiB blocks at 16K
+# tokens), and small temporaries keep the allocator's peak low at any length.
+BLOCK_SCORES = 1 << 20
 # 'bucket' window query chunks are chunk_len / BUCKET_SPLIT long (see ``Window``).
 BUCKET_SPLIT = 2
 # Positions per hashing block (the rotated (B, H, n_hashes, L, R/2) tensor is bounded by this).
@@ -199,14 +210,29 @@ class Window:
     """
 
     def __init__(self, kind: str, chunk_len: int, chunks_before: int, chunks_after: int, causal: bool,
-                 dropout_p: float):
+                 dropout_p: float, length: int):
         self.kind, self.causal, self.reach = kind, causal, chunk_len
+        # HF skips hashing when the sequence fits in one chunk: one round, the chunk sees only itself
+        self.plain = is_plain(kind, length, chunk_len)
         split = BUCKET_SPLIT if kind == "bucket" and dropout_p == 0 and chunk_len % BUCKET_SPLIT == 0 else 1
         self.chunk = chunk_len // split
-        if split == 1:
+        if self.plain:
+            self.offsets = [0]
+        elif split == 1:
             self.offsets = window_offsets(kind, chunks_before, chunks_after, causal)
         else:
             self.offsets = list(range(-split, 1 if causal else split + 1))
+
+    def layout(self, buckets: Tensor, key_padding_mask: Tensor | None, inner: bool) -> SortedLayout:
+        """The sorted order this window attends over: all hash rounds, or one unhashed round if plain."""
+        if self.plain:
+            buckets = torch.zeros_like(buckets[:, :, :1])
+        return SortedLayout(buckets, key_padding_mask, self.chunk, inner)
+
+
+def is_plain(window: str, length: int, chunk_len: int) -> bool:
+    """Whether the 'chunk' window runs as one plain attention (HF: ``sequence_length <= chunk_length``)."""
+    return window == "chunk" and length <= chunk_len
 
 
 def _fill(t: Tensor, mask: Tensor, value: float) -> Tensor:
@@ -219,8 +245,14 @@ class Block:
 
     The keys of all windows come from the contiguous chunk span [first + min(offsets), last + max(offsets))
     (wrapping around): ``span_rows`` (BH, n_span*c) are their rows in the flat (B*H*L, D) inputs, gathered
-    once per block; each query chunk's window is then dense slices of that span. ``q_rows`` (BH, nb*c)
-    are the query rows.
+    once per block. ``q_rows`` (BH, nb*c) are the query rows.
+
+    The window offsets are consecutive, so a query chunk's window is one contiguous run of ``n_off`` span
+    chunks, and consecutive windows overlap. The matmuls therefore run on the span with batch*head folded
+    into the chunk axis, as T = BH*n_span - n_off + 1 overlapping windows (``flat_windows``, a strided
+    view: no window is ever copied out) against T query chunks (``flat_queries``). The last n_off - 1
+    windows of each batch*head straddle into the next one: they are computed and ignored (``valid`` views
+    the (BH, nb, ...) rows that count, ``zero_invalid`` clears the others before anything sums over them).
     """
 
     def __init__(self, layout: SortedLayout, first: int, last: int, win: Window):
@@ -229,8 +261,10 @@ class Block:
         self.first, self.last, self.nb, self.c, self.bh = first, last, last - first, c, bh
         self.window, self.causal, self.length = window, causal, layout.length
         lo, hi = min(offsets), max(offsets)
+        assert offsets == list(range(lo, hi + 1)), offsets  # consecutive: windows are contiguous spans
+        self.n_off = len(offsets)
         self.n_span = self.nb + hi - lo
-        self.span_starts = [o - lo for o in offsets]  # where each offset's chunks start within the span
+        self.n_flat = bh * self.n_span - self.n_off + 1  # T: windows in the flat span, valid or not
         self.span_q_start = -lo  # where the query chunks start within the span
         span_chunks = torch.arange(first + lo, last + hi, device=dev) % nc
         self.span_rows = layout.flat_pos.view(bh, nc, c)[:, span_chunks].flatten(1)
@@ -252,21 +286,39 @@ class Block:
             lag = slot[:, None] - (torch.tensor(offsets, device=dev)[:, None] * c + slot).flatten()  # (c, W)
             self.out_of_band = (lag > reach) | (lag < (0 if causal else -reach))
 
-    def queries(self, x: Tensor) -> Tensor:
-        """Rows of x (B*H*L, D) for this block's queries: (BH, nb, c, D)."""
-        return x.index_select(0, self.q_rows.flatten()).view(self.bh, self.nb, self.c, -1)
-
     def span(self, x: Tensor) -> Tensor:
-        """Rows of x (B*H*L, ...) for the key span: (BH, n_span, c, ...)."""
+        """Rows of x (B*H*L, ...) for the key span: (BH, n_span, c, ...), contiguous."""
         return x.index_select(0, self.span_rows.flatten()).view(self.bh, self.n_span, self.c, *x.shape[1:])
 
-    def query_part(self, span: Tensor) -> Tensor:
-        """The query chunks within a span tensor: (BH, nb, c, ...)."""
-        return span[:, self.span_q_start : self.span_q_start + self.nb]
+    def flat_queries(self, span: Tensor) -> Tensor:
+        """The query chunk of every flat window, (T, c, D), a slice of a contiguous span tensor."""
+        return span.view(-1, self.c, span.shape[-1])[self.span_q_start : self.span_q_start + self.n_flat]
 
-    def windows(self, span: Tensor) -> Tensor:
-        """Key windows (BH, nb, W, D), W = n_offsets * c, from a span tensor (BH, n_span, c, D)."""
-        return torch.cat([span[:, s : s + self.nb] for s in self.span_starts], dim=2)
+    def flat_windows(self, span: Tensor) -> Tensor:
+        """Every flat window, (T, W, D) with W = n_off*c: a strided view of a contiguous span tensor."""
+        d = span.shape[-1]
+        return span.as_strided((self.n_flat, self.n_off * self.c, d), (self.c * d, d, 1), span.storage_offset())
+
+    def valid(self, flat: Tensor) -> Tensor:
+        """The (BH, nb, c, X) view of the windows that count, from a contiguous (T, c, X) tensor."""
+        c, x = flat.shape[1:]
+        return flat.as_strided((self.bh, self.nb, c, x), (self.n_span * c * x, c * x, x, 1), flat.storage_offset())
+
+    def zero_invalid(self, flat: Tensor) -> Tensor:
+        """Zero the rows of the straddling windows of a contiguous (T, c, X) tensor, in place."""
+        c, x = flat.shape[1:]
+        if self.bh > 1 and self.n_off > 1:
+            flat.as_strided((self.bh - 1, self.n_off - 1, c, x), (self.n_span * c * x, c * x, x, 1),
+                            flat.storage_offset() + self.nb * c * x).fill_(0.0)
+        return flat
+
+    def to_flat(self, t: Tensor) -> Tensor:
+        """A (BH, nb, c, X) tensor laid out as a zero-padded contiguous (T, c, X) one."""
+        flat = t.new_zeros(self.n_flat, *t.shape[2:])
+        if t.requires_grad:  # the reference path: stay differentiable
+            return flat.as_strided_scatter(t, t.shape, self.valid(flat).stride(), 0)
+        self.valid(flat).copy_(t)
+        return flat
 
     def _self_entries(self, t: Tensor) -> Tensor:
         """'bucket': the (BH, nb, c) diagonal view of the own-chunk columns (the only self entries)."""
@@ -306,34 +358,35 @@ class Block:
 
     def accumulate(self, grad_qk: Tensor, grad_v: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, q_span: Tensor,
                    scale_span: Tensor) -> None:
-        """Add this block's gradients into ``grad_qk`` and ``grad_v`` (B*H*L, D): dq (BH, nb, c, D) of the
-        queries, dk and dv (BH, nb, W, D) of the window keys. Window contributions are summed per span chunk,
-        dk is mapped through the key normalisation (row-linear), and each span row is added once (rows
-        recur across rounds, so the indexed add accumulates)."""
-        c = self.c
-        span_dk = grad_qk.new_zeros(self.bh, self.n_span, c, dk.shape[-1])
+        """Add this block's gradients into ``grad_qk`` and ``grad_v`` (B*H*L, D): flat dq (T, c, D) of the
+        queries, flat dk and dv (T, W, D) of the window keys (straddling windows zeroed). Window columns are
+        summed per span chunk, dk is mapped through the key normalisation (row-linear), and each span row is
+        added once (rows recur across rounds, so the indexed add accumulates)."""
+        c, t, d = self.c, self.n_flat, dk.shape[-1]
+        span_dk = grad_qk.new_zeros(self.bh * self.n_span, c, d)
         span_dv = torch.zeros_like(span_dk)
-        for i, s in enumerate(self.span_starts):
-            span_dk[:, s : s + self.nb] += dk[:, :, i * c : (i + 1) * c]
-            span_dv[:, s : s + self.nb] += dv[:, :, i * c : (i + 1) * c]
-        span_dqk = _normalize_keys_backward(q_span, span_dk, scale_span)
-        self.query_part(span_dqk).add_(dq)
+        for i in range(self.n_off):  # window column block i is span chunk (window start + i)
+            span_dk[i : i + t] += dk[:, i * c : (i + 1) * c]
+            span_dv[i : i + t] += dv[:, i * c : (i + 1) * c]
+        span_dqk = _normalize_keys_backward(q_span, span_dk.view_as(q_span), scale_span)
+        self.flat_queries(span_dqk).add_(dq)
         rows = self.span_rows.flatten()
         grad_qk.index_put_((rows,), span_dqk.flatten(0, 2), accumulate=True)
-        grad_v.index_put_((rows,), span_dv.flatten(0, 2), accumulate=True)
+        grad_v.index_put_((rows,), span_dv.flatten(0, 1), accumulate=True)
 
 
 def block_scores(block: Block, q: Tensor, scale: Tensor, self_masked: float) -> tuple[Tensor, ...]:
-    """Masked scores (BH, nb, c, W) of one block in the accumulation dtype and their row maxima
-    (BH, nb, c, 1), plus the block's queries (BH, nb, c, D), key windows (BH, nb, W, D), and the raw rows
-    and key scales of its span (for the backward). Keys are normalised here, per block, from the gathered
-    query rows and ``scale = key_scale(q)`` (B*H*L, 1): no full key tensor is ever stored."""
+    """Scores of one block in the accumulation dtype: flat (T, c, W) and masked (BH, nb, c, W) (a view of
+    the flat ones, unless autograd needs a copy), their row maxima (BH, nb, c, 1), plus the flat queries
+    (T, c, D) and key windows (T, W, D), and the raw rows and key scales of the span (for the backward).
+    Keys are normalised here, per block, from the gathered query rows and ``scale = key_scale(q)``
+    (B*H*L, 1): no full key tensor is ever stored."""
     q_span, scale_span = block.span(q), block.span(scale)
     k_span = (q_span.to(scale.dtype) * scale_span).to(q.dtype)
-    qb, kb = block.query_part(q_span), block.windows(k_span)
-    scores = torch.matmul(qb, kb.transpose(-1, -2)).to(scale.dtype)
-    scores, m = block.mask(scores, self_masked)
-    return scores, m, qb, kb, q_span, scale_span
+    qf, kf = block.flat_queries(q_span), block.flat_windows(k_span)
+    flat = torch.bmm(qf, kf.transpose(1, 2)).to(scale.dtype)
+    scores, m = block.mask(block.valid(flat), self_masked)
+    return flat, scores, m, qf, kf, q_span, scale_span
 
 
 def dropout_keep(seed: int, bh: int, n_total: int, first_row: int, shape: tuple[int, ...], p: float,
@@ -374,8 +427,9 @@ def attend_sorted(
     Returns per-round outputs ``o`` (n, B*H*L, D) in v's dtype and the per-round softmax statistics
     ``row_max`` and ``log_sum`` (n, B*H*L) (logsumexp = row_max + log_sum), un-sorted to the input rows.
     The statistics are kept apart because row maxima sit at -1e5 for rows that only see themselves: one
-    fp32 logsumexp there would lose ~4e-3. Differentiable with ordinary autograd (the reference); the op's
-    forward runs it under no_grad, where it works in place.
+    fp32 logsumexp there would lose ~4e-3 ('bucket' avoids that; 'chunk' reproduces it, as HF rounds
+    there). Differentiable with ordinary autograd (the reference); the op's forward runs it under no_grad,
+    where it works in place.
     """
     d, rows_total = q.shape[-1], q.shape[0]
     scale = key_scale(q)
@@ -387,32 +441,42 @@ def attend_sorted(
     row_max = torch.empty(layout.n_hashes * rows_total, device=q.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
     for block in _blocks(layout, win):
-        scores, m, *_ = block_scores(block, q, scale, self_masked)  # m: a shift, not differentiated
-        probs = torch.exp(scores - m) if scores.requires_grad else scores.sub_(m).exp_()
+        flat, scores, m, *_ = block_scores(block, q, scale, self_masked)  # m: a shift, not differentiated
+        in_place = not scores.requires_grad
+        probs = scores.sub_(m).exp_() if in_place else torch.exp(scores - m)  # in place: flat holds them
         total = probs.sum(dim=-1, keepdim=True)
         if dropout_p > 0:
             keep = dropout_keep(dropout_seed, layout.bh, layout.n_total, block.first * block.c,
                                 tuple(probs.shape), dropout_p, probs.device)
-            probs = probs * keep / (1.0 - dropout_p)
-        # normalise the (c, D) output rather than the (c, W) probabilities
-        ob = torch.matmul(probs.to(v.dtype), block.windows(block.span(v))) / total.to(v.dtype)
+            probs, in_place = probs * keep / (1.0 - dropout_p), False
+        log_total = total.log()
+        # normalise the (c, D) output rather than the (c, W) probabilities; 'chunk' as HF:
+        # exp(s - lse) = exp(s - m) * exp(m - lse) with lse = m + log(sum) rounded in fp32
+        norm = torch.exp(m - (m + log_total)) if win.kind == "chunk" else total.reciprocal()
+        # straddling windows' rows of ``flat`` hold raw scores: their outputs are computed and ignored
+        probs_flat = flat if in_place else block.to_flat(probs)
+        ob = block.valid(torch.bmm(probs_flat.to(v.dtype), block.flat_windows(block.span(v)))) * norm.to(v.dtype)
         rows = dest[:, block.first * block.c : block.last * block.c].flatten()
         o.index_copy_(0, rows, ob.flatten(0, 2))
         row_max.index_copy_(0, rows, m.flatten())
-        log_sum.index_copy_(0, rows, total.log().flatten())
+        log_sum.index_copy_(0, rows, log_total.flatten())
     n = layout.n_hashes
     return o.view(n, rows_total, d), row_max.view(n, rows_total), log_sum.view(n, rows_total)
 
 
-def round_weights(row_max: Tensor, log_sum: Tensor) -> Tensor:
-    """Softmax over rounds (dim 0) of the per-round logsumexps ``row_max + log_sum``."""
+def round_weights(row_max: Tensor, log_sum: Tensor, hf_rounding: bool) -> Tensor:
+    """Softmax over rounds (dim 0) of the per-round logsumexps ``row_max + log_sum``; with ``hf_rounding``
+    HF's ``exp(lse - logsumexp(lse))`` on the fp32-rounded sums (weights then need not sum to 1)."""
+    if hf_rounding:
+        lse = row_max + log_sum
+        return torch.exp(lse - torch.logsumexp(lse, dim=0, keepdim=True))
     top = row_max.amax(dim=0, keepdim=True)
     return torch.softmax((row_max - top) + log_sum, dim=0)
 
 
-def combine_rounds(o: Tensor, row_max: Tensor, log_sum: Tensor) -> Tensor:
+def combine_rounds(o: Tensor, row_max: Tensor, log_sum: Tensor, hf_rounding: bool) -> Tensor:
     """``sum_r o_r * exp(lse_r - logsumexp_r lse)``: o (n, R, D), stats (n, R) -> (R, D)."""
-    w = round_weights(row_max, log_sum).unsqueeze(-1).to(o.dtype)
+    w = round_weights(row_max, log_sum, hf_rounding).unsqueeze(-1).to(o.dtype)
     if o.requires_grad:
         return (o * w).sum(dim=0)
     return o.mul_(w).sum(dim=0)  # the op's forward: o is a temporary, reuse it
@@ -437,11 +501,31 @@ def _check(qk: Tensor, v: Tensor, chunk_len: int, window: str) -> None:
     torch._check(window in WINDOWS, lambda: f"window must be one of {WINDOWS}, got {window!r}")
 
 
-def softmax_stats(row_max: Tensor, log_sum: Tensor) -> Tensor:
-    """Per-row statistics of the softmax over all rounds' windows, (2, R): ``[top, log_total]`` with
-    ``LSE = top + log_total`` (kept apart for precision, see ``attend_sorted``)."""
-    top = row_max.amax(dim=0)
-    return torch.stack([top, torch.logsumexp((row_max - top) + log_sum, dim=0)])
+def _pad_rounds(row_max: Tensor, log_sum: Tensor, n_hashes: int) -> Tensor:
+    """Stack the per-round stats (n, R) into (2, n_hashes, R), rounds a plain attention skipped as (-inf, 0)."""
+    stats = torch.stack([row_max, log_sum])
+    missing = n_hashes - stats.shape[1]
+    if missing:
+        pad = stats.new_zeros(2, missing, stats.shape[2])
+        pad[0] = -math.inf
+        stats = torch.cat([stats, pad], dim=1)
+    return stats
+
+
+def probability_terms(stats: Tensor, hf_rounding: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per (round, row) terms (n*R,) of the probabilities the forward used: ``P = exp(s - a - b) * w``.
+
+    Precise ('bucket'): one softmax over all rounds' windows, a = top, b = log_total (LSE = top +
+    log_total, kept apart), no w. HF ('chunk'): a = lse_r = row_max + log_sum (rounded as HF), no b,
+    w = the round weights.
+    """
+    row_max, log_sum = stats[0], stats[1]
+    if hf_rounding:
+        return (row_max + log_sum).flatten(), None, round_weights(row_max, log_sum, True).flatten()
+    top = row_max.amax(dim=0, keepdim=True)
+    log_total = torch.logsumexp((row_max - top) + log_sum, dim=0, keepdim=True)
+    n = row_max.shape[0]
+    return top.expand(n, -1).flatten(), log_total.expand(n, -1).flatten(), None
 
 
 def lsh_attention_forward(
@@ -449,16 +533,18 @@ def lsh_attention_forward(
     n_buckets: list[int], chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool,
     dropout_p: float = 0.0, dropout_seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The op's semantics in plain differentiable PyTorch: (out, buckets, softmax statistics (2, B*H*L))."""
+    """The op's semantics in plain differentiable PyTorch: (out, buckets, per-round softmax statistics
+    (2, n_hashes, B*H*L))."""
     _check(qk, v, chunk_len, window)
     inner = heads_inner(v)
     buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
-    win = Window(window, chunk_len, chunks_before, chunks_after, causal, dropout_p)
-    layout = SortedLayout(buckets, key_padding_mask, win.chunk, inner)
+    win = Window(window, chunk_len, chunks_before, chunks_after, causal, dropout_p, qk.shape[2])
+    layout = win.layout(buckets, key_padding_mask, inner)
     o, row_max, log_sum = attend_sorted(as_rows(qk, inner), as_rows(v, inner), layout, win, dropout_p,
                                         dropout_seed)
-    stats = softmax_stats(row_max.detach(), log_sum.detach())
-    return from_rows(combine_rounds(o, row_max, log_sum), tuple(qk.shape), inner), buckets, stats
+    stats = _pad_rounds(row_max.detach(), log_sum.detach(), buckets.shape[2])
+    out = combine_rounds(o, row_max, log_sum, hf_rounding=window == "chunk")
+    return from_rows(out, tuple(qk.shape), inner), buckets, stats
 
 
 def lsh_attention_reference(
@@ -481,66 +567,10 @@ def _run_forward(qk, v, rotations, key_padding_mask, buckets, *args):
 
 def _fake_forward(qk, v, rotations):
     b, h, length, d = qk.shape
+    n_hashes = rotations.shape[2]
     out = from_rows(v.new_empty(b * h * length, d), tuple(v.shape), heads_inner(v))
-    stats = qk.new_empty((2, b * h * length), dtype=_acc_dtype(qk.dtype))
-    return out, qk.new_empty((b, h, rotations.shape[2], length), dtype=torch.long), stats
-
-
-@torch.library.custom_op("reformer::lsh_attention", mutates_args=())
-def lsh_attention(
-    qk: Tensor,
-    v: Tensor,
-    rotations: Tensor,
-    key_padding_mask: Tensor | None,
-    buckets: Tensor | None,
-    n_buckets: list[int],
-    chunk_len: int,
-    chunks_before: int,
-    chunks_after: int,
-    window: str,
-    causal: bool,
-    dropout_p: float,
-    dropout_seed: int,
-) -> tuple[Tensor, Tensor]:
-    """LSH self-attention. See the module docstring; out (B, H, L, D) in v's dtype, buckets (B, H, n, L)."""
-    out, used, _ = _run_forward(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before,
-                                chunks_after, window, causal, dropout_p, dropout_seed)
-    return out, used
-
-
-@lsh_attention.register_fake
-def _(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before, chunks_after, window,
-      causal, dropout_p, dropout_seed):
-    return _fake_forward(qk, v, rotations)[:2]
-
-
-@torch.library.custom_op("reformer::lsh_attention_with_stats", mutates_args=())
-def lsh_attention_with_stats(
-    qk: Tensor,
-    v: Tensor,
-    rotations: Tensor,
-    key_padding_mask: Tensor | None,
-    buckets: Tensor | None,
-    n_buckets: list[int],
-    chunk_len: int,
-    chunks_before: int,
-    chunks_after: int,
-    window: str,
-    causal: bool,
-    dropout_p: float,
-    dropout_seed: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``lsh_attention`` that also returns the softmax statistics (2, B*H*L) its backward needs, so the
-    backward skips recomputing them (one of its two passes). The model uses it when training; inference
-    and export use ``lsh_attention``."""
-    return _run_forward(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before,
-                        chunks_after, window, causal, dropout_p, dropout_seed)
-
-
-@lsh_attention_with_stats.register_fake
-def _(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before, chunks_after, window,
-      causal, dropout_p, dropout_seed):
-    return _fake_forward(qk, v, rotations)
+    stats = qk.new_empty((2, n_hashes, b * h * length), dtype=_acc_dtype(qk.dtype))
+    return out, qk.new_empty((b, h, n_hashes, length), dtype=torch.long), stats
 
 
 @torch.library.custom_op("reformer::lsh_attention_backward", mutates_args=())
@@ -575,25 +605,26 @@ def _(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len, chunks_
             from_rows(v.new_empty(rows, v.shape[-1]), tuple(v.shape), inner))
 
 
-def _recompute_stats(layout: SortedLayout, q: Tensor, scale: Tensor, win: Window, self_masked: float) -> Tensor:
-    """The forward's softmax statistics (2, rows) from one scores-only pass over the blocks."""
+def _recompute_stats(layout: SortedLayout, q: Tensor, scale: Tensor, win: Window, self_masked: float,
+                     n_hashes: int) -> Tensor:
+    """The forward's softmax statistics (2, n_hashes, rows) from one scores-only pass over the blocks."""
     rows_total, n, c = q.shape[0], layout.n_hashes, layout.chunk_len
     row_max = torch.empty(n * rows_total, device=q.device, dtype=_acc_dtype(q.dtype))
     log_sum = torch.empty_like(row_max)
     dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos
     for block in _blocks(layout, win):
-        scores, m, *_ = block_scores(block, q, scale, self_masked)
+        _, scores, m, *_ = block_scores(block, q, scale, self_masked)
         rows = dest[:, block.first * c : block.last * c].flatten()
         row_max.index_copy_(0, rows, m.flatten())
         log_sum.index_copy_(0, rows, scores.sub_(m).exp_().sum(-1).log_().flatten())
-    return softmax_stats(row_max.view(n, rows_total), log_sum.view(n, rows_total))
+    return _pad_rounds(row_max.view(n, rows_total), log_sum.view(n, rows_total), n_hashes)
 
 
 def _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len, chunks_before, chunks_after, window,
               causal, dropout_p, dropout_seed):
     inner = heads_inner(v)
-    win = Window(window, chunk_len, chunks_before, chunks_after, causal, dropout_p)
-    layout = SortedLayout(buckets, key_padding_mask, win.chunk, inner)
+    win = Window(window, chunk_len, chunks_before, chunks_after, causal, dropout_p, qk.shape[2])
+    layout = win.layout(buckets, key_padding_mask, inner)
     q, vf = as_rows(qk, inner), as_rows(v, inner)
     rows_total, d = q.shape
     scale = key_scale(q)
@@ -602,32 +633,42 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len,
     c, bh = win.chunk, layout.bh
 
     if stats is None:
-        stats = _recompute_stats(layout, q, scale, win, self_masked)
-    top, log_total = stats[0], stats[1]
+        stats = _recompute_stats(layout, q, scale, win, self_masked, buckets.shape[2])
+    shift, log_norm, weight = probability_terms(stats[:, : layout.n_hashes], hf_rounding=window == "chunk")
+    dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos  # (round, row) of each entry
 
     go = as_rows(grad_out, inner)
     delta = (go.to(acc) * as_rows(out, inner).to(acc)).sum(-1)  # (rows,) rowsum(dO * O)
     grad_qk = torch.zeros(rows_total, d, device=qk.device, dtype=acc)
     grad_v = torch.zeros_like(grad_qk)
-    # P = exp(S - LSE) over the union of windows; dS = P * (dP - delta), zero on self entries
+    # P as the forward formed it (``probability_terms``); dS = P * (dP - delta), zero on self entries
     for block in _blocks(layout, win):
-        scores, _, qb, kb, q_span, scale_span = block_scores(block, q, scale, self_masked)
+        flat, scores, _, qf, kf, q_span, scale_span = block_scores(block, q, scale, self_masked)
         q_flat = block.q_rows.flatten()
+        entries = dest[:, block.first * c : block.last * c].flatten()
         row_shape = (bh, block.nb, c, 1)
-        probs = scores.sub_(top[q_flat].view(row_shape)).sub_(log_total[q_flat].view(row_shape)).exp_()
-        go_b, vb = block.queries(go), block.windows(block.span(vf))
-        dp = torch.matmul(go_b, vb.transpose(-1, -2)).to(acc)  # (BH, nb, c, W)
+        probs = scores.sub_(shift[entries].view(row_shape))
+        if log_norm is not None:
+            probs.sub_(log_norm[entries].view(row_shape))
+        probs = probs.exp_()
+        if weight is not None:
+            probs.mul_(weight[entries].view(row_shape))
+        block.zero_invalid(flat)  # flat now holds P (the probs were formed in place), 0 where it straddles
+        go_f = block.flat_queries(block.span(go))  # (T, c, D)
+        dp_flat = block.zero_invalid(torch.bmm(go_f, block.flat_windows(block.span(vf)).transpose(1, 2)).to(acc))
+        dp = block.valid(dp_flat)  # (BH, nb, c, W)
         if dropout_p > 0:
             keep = dropout_keep(dropout_seed, bh, layout.n_total, block.first * c, tuple(probs.shape), dropout_p,
                                 probs.device).to(acc) / (1.0 - dropout_p)
             dp.mul_(keep)
-            p_drop = probs * keep
+            p_drop = block.to_flat(probs * keep)
         else:
-            p_drop = probs
-        dv_b = torch.matmul(p_drop.transpose(-1, -2).to(go.dtype), go_b)
-        ds = block.zero_self(dp.sub_(delta[q_flat].view(row_shape)).mul_(probs)).to(qk.dtype)
-        block.accumulate(grad_qk, grad_v, torch.matmul(ds, kb), torch.matmul(ds.transpose(-1, -2), qb), dv_b,
-                         q_span, scale_span)
+            p_drop = flat
+        dv = torch.bmm(p_drop.transpose(1, 2).to(go.dtype), go_f)  # (T, W, D)
+        block.zero_self(dp.sub_(delta[q_flat].view(row_shape)).mul_(probs))  # dS, in dp_flat
+        ds = dp_flat.to(qk.dtype)
+        block.accumulate(grad_qk, grad_v, torch.bmm(ds, kf), torch.bmm(ds.transpose(1, 2), qf), dv, q_span,
+                         scale_span)
     return (from_rows(grad_qk.to(qk.dtype), tuple(qk.shape), inner),
             from_rows(grad_v.to(v.dtype), tuple(v.shape), inner))
 
@@ -647,5 +688,30 @@ def _autograd_backward(ctx, grad_out, *_unused_grads):
     return grad_qk, grad_v, None, None, None, None, None, None, None, None, None, None, None
 
 
-lsh_attention.register_autograd(_autograd_backward, setup_context=_setup_context)
-lsh_attention_with_stats.register_autograd(_autograd_backward, setup_context=_setup_context)
+# The forward ops share one schema: (qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len,
+# chunks_before, chunks_after, window, causal, dropout_p, dropout_seed).
+_FORWARD_ARGS = ("(Tensor qk, Tensor v, Tensor rotations, Tensor? key_padding_mask, Tensor? buckets, "
+                 "int[] n_buckets, int chunk_len, int chunks_before, int chunks_after, str window, bool causal, "
+                 "float dropout_p, int dropout_seed)")
+
+
+def _forward_op(name: str, n_outputs: int):
+    """Register ``reformer::<name>``: the forward returning its first ``n_outputs`` of (out, buckets,
+    stats), with its fake implementation and the flash-style backward."""
+
+    def forward(*args):
+        return _run_forward(*args)[:n_outputs]
+
+    op = torch.library.custom_op(f"reformer::{name}", forward, mutates_args=(),
+                                 schema=f"{_FORWARD_ARGS} -> ({', '.join(['Tensor'] * n_outputs)})")
+    op.register_fake(lambda qk, v, rotations, *_: _fake_forward(qk, v, rotations)[:n_outputs])
+    op.register_autograd(_autograd_backward, setup_context=_setup_context)
+    return op
+
+
+# LSH self-attention (see the module docstring): (out (B, H, L, D) in v's dtype, buckets (B, H, n, L)).
+lsh_attention = _forward_op("lsh_attention", 2)
+# ``lsh_attention`` that also returns the softmax statistics (2, n_hashes, B*H*L) its backward needs, so the
+# backward skips recomputing them (one of its two passes). The model uses it when training; inference and
+# export use ``lsh_attention``.
+lsh_attention_with_stats = _forward_op("lsh_attention_with_stats", 3)

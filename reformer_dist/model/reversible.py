@@ -77,16 +77,21 @@ class ReversibleStack(torch.autograd.Function):
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             for layer, (f_state, g_state, buckets) in zip(reversed(ctx.layers), reversed(ctx.records)):
                 # G: x2 = y2 - G(y1); dL/dy1 += G'(y1)^T dy2
-                y1 = y1.detach().requires_grad_()
-                x2 = torch.empty_like(y2)
+                y1 = y1.detach()
+                x2, grad_y1 = torch.empty_like(y2), torch.empty_like(y1)
                 with _replaying(layer.feed_forward.generator, g_state), torch.enable_grad():
                     for s, e in _spans(length, ctx.ff_chunk_size):
-                        g = layer.feed_forward(y1[:, s:e])
+                        # each chunk its own leaf: a slice of one leaf would give every chunk's backward a
+                        # zero-filled gradient of the whole sequence to add into (quadratic in length)
+                        part = y1[:, s:e].requires_grad_()
+                        g = layer.feed_forward(part)
                         torch.autograd.backward(g, dy2[:, s:e])
                         x2[:, s:e] = y2[:, s:e] - g.detach()
-                del g
+                        grad_y1[:, s:e] = _take_grad(part)
+                del g, part
                 y2 = None  # reconstructed as x2: free it before the attention recompute
-                dy1 = dy1 + _take_grad(y1)
+                dy1 = dy1 + grad_y1
+                del grad_y1
                 # F: x1 = y1 - F(x2); dL/dx2 = dy2 + F'(x2)^T dy1
                 x2.requires_grad_()
                 replay = None if buckets is None else buckets.long()
