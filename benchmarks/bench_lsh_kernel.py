@@ -43,12 +43,12 @@ def kernel_bytes(batch_heads: int, length: int, d: int, n_hashes: int, elem: int
     assumed to hit L2), index tensors are int64, statistics and gradient partials fp32:
 
     - forward: sorted index (+ bucket key for 'bucket'), qk and v rows, per-round output and 2 stats
-    - backward: sorted index (+ bucket key), qk, v and dO rows, 3 per-position stats, fp32 dqk/dv partials
+    - backward: sorted index (+ bucket key), qk, v and dO rows, 3 probability terms + delta, fp32 dqk/dv partials
     """
     rows = batch_heads * n_hashes * length
     index = 8 * (2 if window == "bucket" else 1)
     forward = rows * (index + 2 * d * elem + d * elem + 2 * 4)
-    backward = rows * (index + 3 * d * elem + 3 * 4 + 2 * d * 4)
+    backward = rows * (index + 3 * d * elem + 4 * 4 + 2 * d * 4)
     return {"forward": forward, "backward": backward}
 
 
@@ -105,8 +105,8 @@ def measure_length(args: argparse.Namespace, length: int, window: str, bandwidth
     from reformer_dist.kernels import DISABLE_ENV
     from reformer_dist.kernels.lsh_triton import (
         _backward_rounds,
-        _combined_softmax_stats,
         _forward_rounds,
+        _probability_terms,
         _Window,
         lsh_attention_backward_triton,
         lsh_attention_triton,
@@ -164,17 +164,17 @@ def measure_length(args: argparse.Namespace, length: int, window: str, bandwidth
         out, buckets = lsh_attention_triton(qk, v, rotations, None, None, factors, *common)
         sorted_idx, bucket_key = sort_by_bucket(buckets)
         _, row_max, log_sum = _forward_rounds(qk, v, sorted_idx, bucket_key, None, _Window(*common), True)
-        top, log_total = _combined_softmax_stats(row_max, log_sum)
+        terms = _probability_terms(row_max, log_sum, window)
         delta = (grad.float() * out.float()).sum(-1).flatten(0, 1)
-        return qk, v, grad, sorted_idx, bucket_key, (top, log_total, delta)
+        return qk, v, grad, sorted_idx, bucket_key, (terms, delta)
 
     def run_fwd_kernel(state):
         qk, v, _, sorted_idx, bucket_key, _ = state
         _forward_rounds(qk, v, sorted_idx, bucket_key, None, _Window(*common), stats_only=False)
 
     def run_bwd_kernel(state):
-        qk, v, grad, sorted_idx, bucket_key, (top, log_total, delta) = state
-        _backward_rounds(qk, v, grad, top, log_total, delta, sorted_idx, bucket_key, None, _Window(*common))
+        qk, v, grad, sorted_idx, bucket_key, (terms, delta) = state
+        _backward_rounds(qk, v, grad, terms, delta, sorted_idx, bucket_key, None, _Window(*common))
 
     model = kernel_bytes(args.batch * args.heads, length, args.d_head, args.n_hashes, qk.element_size(), window)
     for name, run in (("forward", run_fwd_kernel), ("backward", run_bwd_kernel)):

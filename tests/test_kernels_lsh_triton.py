@@ -155,27 +155,15 @@ def _check_low_precision(case: Case, dtype: torch.dtype, device: str) -> None:
         assert err_kernel <= 2 * err_ref + one_rounding, (name, err_kernel, err_ref)
 
 
-# The 'chunk' window reproduces HF's fp32 rounding (per round exp(s - lse_r), round weights exp(lse_r - LSE));
-# the kernels keep the precise normalisation, which differs where a causal query sees only copies of itself
-# from several rounds. Not ported yet (issue 9: no GPU to validate a kernel change on); strict, so a port
-# that makes them pass must remove this.
-HF_ROUNDING_NOT_PORTED = pytest.mark.xfail(
-    strict=True, reason="chunk window: HF's fp32 self-mask rounding is not ported to the kernels (issue 9)")
-NOT_PORTED_CASES = ("chunk-causal-padded", "chunk-12-factorised-d24", "chunk-look-back-past-all-chunks",
-                    "chunk-dropout")
 # On a GPU nothing has run yet, and the op does not dispatch to the kernels: that class stays non-strict.
 UNVERIFIED_ON_GPU = pytest.mark.xfail(
     reason="kernels never ran on a GPU and are not wired into the op yet (issue 9)", strict=False)
 
 
-def _fp32_cases() -> list:
-    return [pytest.param(name, marks=HF_ROUNDING_NOT_PORTED) if name in NOT_PORTED_CASES else name for name in CASES]
-
-
 # ----------------------------------------------------------------------------------- CPU (interpreter)
 @pytest.mark.skipif(CUDA, reason="interpreter cases run only on CPU machines; GPU machines run the gpu class")
 class TestInterpreter:
-    @pytest.mark.parametrize("name", _fp32_cases())
+    @pytest.mark.parametrize("name", list(CASES))
     def test_forward_and_grads_match_reference_fp32(self, name):
         _check_fp32(CASES[name], "cpu", atol=2e-5)
 
@@ -199,8 +187,8 @@ def _compile_for_sm90() -> None:
 
     # argument types (bf16 data); integer scalars not listed are i32
     types = {"QK": "*bf16", "V": "*bf16", "DO": "*bf16", "OUT": "*bf16", "SIDX": "*i64", "BKEY": "*i64",
-             "PAD": "*i1", "RMAX": "*fp32", "LSUM": "*fp32", "TOP": "*fp32", "LOGT": "*fp32", "DELTA": "*fp32",
-             "DQK": "*fp32", "DV": "*fp32", "seed32": "i64", "sqrt_d": "fp32", "dropout_p": "fp32",
+             "PAD": "*i1", "RMAX": "*fp32", "LSUM": "*fp32", "SHIFT": "*fp32", "LOGN": "*fp32",
+             "WEIGHT": "*fp32", "DELTA": "*fp32", "DQK": "*fp32", "DV": "*fp32", "seed32": "i64", "sqrt_d": "fp32", "dropout_p": "fp32",
              "masked": "fp32", "self_masked": "fp32"}
     for window in ("chunk", "bucket"):
         common = dict(C=64, BEFORE=1, N_OFF=2, BUCKET_WINDOW=window == "bucket", CAUSAL=True, HAS_PAD=True,

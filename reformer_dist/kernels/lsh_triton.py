@@ -23,10 +23,12 @@ that lie outside the band or outside the sorted order (their scores are masked c
 exactly 0 next to the always-present self score).
 
 The backward saves nothing extra: one stats-only forward pass rebuilds the per-round softmax statistics,
-the rounds are merged into one logsumexp per position, and a single kernel then computes, for its tile of
-sorted rows, dK/dV (the tile as keys, looping over the query tiles whose windows contain it) and dQ (the
-tile as queries), writing both to per-round fp32 buffers that are summed over rounds at the end. No
-atomics, so gradients are deterministic.
+they become the reference's per-entry probability terms (``probability_terms``: one softmax over all
+rounds for 'bucket', HF's fp32-rounded per-round terms for 'chunk'), and a single kernel then computes,
+for its tile of sorted rows, dK/dV (the tile as keys, looping over the query tiles whose windows contain
+it) and dQ (the tile as queries), writing both to per-round fp32 buffers that are summed over rounds at
+the end. No atomics, so gradients are deterministic. A 'chunk' sequence that fits one chunk runs as the
+reference's plain attention (one unhashed round, ``_attention_order``).
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) tiles are multiplied in fp32, because the interpreter cannot do
 bf16/fp16 arithmetic; loads, stores and everything else are the same code as on the GPU.
@@ -47,7 +49,9 @@ from reformer_dist.model.lsh_attention import (
     _buckets_or_hash,
     _check,
     combine_rounds,
+    is_plain,
     mask_values,
+    probability_terms,
     sort_by_bucket,
     window_offsets,
 )
@@ -241,7 +245,10 @@ def _lsh_fwd_kernel(
     tl.store(RMAX + bh64 * N + sidx_q, m_i, mask=q_ok)
     tl.store(LSUM + bh64 * N + sidx_q, tl.log(l_i), mask=q_ok)
     if not STATS_ONLY:
-        o = acc / l_i[:, None]
+        if BUCKET_WINDOW:
+            o = acc / l_i[:, None]
+        else:  # 'chunk' as HF: exp(s - lse) with lse = max + log(sum) rounded in fp32 (the reference's)
+            o = acc * tl.exp(m_i - (m_i + tl.log(l_i)))[:, None]
         o_ptrs = OUT + (bh64 * N + sidx_q[:, None]) * D + offs_d[None, :]
         tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=q_ok[:, None] & (offs_d[None, :] < D))
 
@@ -249,7 +256,7 @@ def _lsh_fwd_kernel(
 # --------------------------------------------------------------------------------------------- backward
 @triton.jit
 def _lsh_bwd_kernel(
-    QK, V, DO, TOP, LOGT, DELTA, SIDX, BKEY, PAD, DQK, DV,
+    QK, V, DO, SHIFT, LOGN, WEIGHT, DELTA, SIDX, BKEY, PAD, DQK, DV,
     L, N, H, D, sqrt_d, n_chunks, seed32, dropout_p, masked, self_masked,
     C: tl.constexpr, BEFORE: tl.constexpr, N_OFF: tl.constexpr, N_SUB: tl.constexpr,
     BUCKET_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
@@ -257,18 +264,18 @@ def _lsh_bwd_kernel(
 ):
     """One program: BLOCK sorted rows of one batch*head, first as keys (dK, dV), then as queries (dQ).
 
-    DO (BH, L, D) grad of the combined output; TOP, LOGT, DELTA (BH, L) fp32 per position: the max over
-    rounds of the row maxima, the log of the total softmax mass relative to it, and rowsum(dO * O).
-    P = exp((S - TOP) - LOGT) is the combined softmax over all rounds, so dS = P * (dP - delta) needs no
-    per-round terms. Writes DQK, DV (BH, N, D) fp32 at row r*L+pos (summed over rounds later);
-    DQK already holds dQ plus the key-normalisation backward of dK.
+    DO (BH, L, D) grad of the combined output; SHIFT, LOGN, WEIGHT (BH, N) fp32 per sorted entry (at
+    r*L+pos): the terms of the probabilities the forward used, P = exp((S - SHIFT) - LOGN) * WEIGHT (the
+    reference's ``probability_terms``); DELTA (BH, L) rowsum(dO * O). dS = P * (dP - delta). Writes DQK, DV
+    (BH, N, D) fp32 at row r*L+pos (summed over rounds later); DQK already holds dQ plus the
+    key-normalisation backward of dK.
     """
     pid, bh = tl.program_id(0), tl.program_id(1)
     cq, sub = pid // N_SUB, pid % N_SUB
     bh64 = bh.to(tl.int64)
     QK_bh, V_bh, DO_bh = QK + bh64 * L * D, V + bh64 * L * D, DO + bh64 * L * D
     SIDX_bh, BKEY_bh, PAD_b = SIDX + bh64 * N, BKEY + bh64 * N, PAD + (bh64 // H) * L
-    TOP_bh, LOGT_bh, DELTA_bh = TOP + bh64 * L, LOGT + bh64 * L, DELTA + bh64 * L
+    SHIFT_bh, LOGN_bh, WEIGHT_bh, DELTA_bh = SHIFT + bh64 * N, LOGN + bh64 * N, WEIGHT + bh64 * N, DELTA + bh64 * L
     key_dtype = QK.dtype.element_ty
     drop_scale = 1.0 / (1.0 - dropout_p)
 
@@ -297,19 +304,20 @@ def _lsh_bwd_kernel(
                 slot_q = j * BLOCK + ar
                 q_ok = slot_q < C
                 rows_q = qc * C + slot_q
-                _s, pos_q, _kp, bucket_q, x_q, _rk, _k = _load_rows(
+                sidx_q, pos_q, _kp, bucket_q, x_q, _rk, _k = _load_rows(
                     SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_q, q_ok, offs_d, L, D, sqrt_d, HAS_PAD,
                     BUCKET_WINDOW, key_dtype)
                 q = x_q.to(key_dtype).to(DOT_DTYPE)
                 tile_q = q_ok[:, None] & d_ok[None, :]
                 do = tl.load(DO_bh + pos_q[:, None] * D + offs_d[None, :], mask=tile_q, other=0.0)
                 do = do.to(DOT_DTYPE)
-                top = tl.load(TOP_bh + pos_q, mask=q_ok, other=0.0)
-                logt = tl.load(LOGT_bh + pos_q, mask=q_ok, other=0.0)
+                shift = tl.load(SHIFT_bh + sidx_q, mask=q_ok, other=0.0)
+                logn = tl.load(LOGN_bh + sidx_q, mask=q_ok, other=0.0)
+                weight = tl.load(WEIGHT_bh + sidx_q, mask=q_ok, other=0.0)
                 delta = tl.load(DELTA_bh + pos_q, mask=q_ok, other=0.0)
                 s, allowed = _masked_scores(q, k_o, pos_q, key_pos_o, rows_q, rows_o, bucket_q, bucket_o,
                                             o_ok, L, masked, self_masked, C, BUCKET_WINDOW, CAUSAL, IEEE)
-                p = tl.where(q_ok[:, None], tl.exp((s - top[:, None]) - logt[:, None]), 0.0)
+                p = tl.where(q_ok[:, None], tl.exp((s - shift[:, None]) - logn[:, None]) * weight[:, None], 0.0)
                 dp = _dot(do, tl.trans(v_o), IEEE)
                 if DROPOUT:
                     keep = _dropout_keep(bh, N, rows_q, oi * C + slot_o, seed32, dropout_p, N_OFF * C)
@@ -330,8 +338,9 @@ def _lsh_bwd_kernel(
     # ---- phase 2: own rows as queries; the same key tiles as the forward
     q_o = x_o.to(key_dtype).to(DOT_DTYPE)
     do_o = tl.load(DO_bh + pos_o[:, None] * D + offs_d[None, :], mask=tile_o, other=0.0).to(DOT_DTYPE)
-    top_o = tl.load(TOP_bh + pos_o, mask=o_ok, other=0.0)
-    logt_o = tl.load(LOGT_bh + pos_o, mask=o_ok, other=0.0)
+    shift_o = tl.load(SHIFT_bh + sidx_o, mask=o_ok, other=0.0)
+    logn_o = tl.load(LOGN_bh + sidx_o, mask=o_ok, other=0.0)
+    weight_o = tl.load(WEIGHT_bh + sidx_o, mask=o_ok, other=0.0)
     delta_o = tl.load(DELTA_bh + pos_o, mask=o_ok, other=0.0)
     for oi in range(N_OFF):
         kc_raw = cq + oi - BEFORE
@@ -350,7 +359,7 @@ def _lsh_bwd_kernel(
                              other=0.0).to(DOT_DTYPE)
                 s, allowed = _masked_scores(q_o, k, pos_o, key_pos_k, rows_o, rows_k, bucket_o, bucket_k,
                                             k_ok, L, masked, self_masked, C, BUCKET_WINDOW, CAUSAL, IEEE)
-                p = tl.exp((s - top_o[:, None]) - logt_o[:, None])
+                p = tl.exp((s - shift_o[:, None]) - logn_o[:, None]) * weight_o[:, None]
                 dp = _dot(do_o, tl.trans(vt), IEEE)
                 if DROPOUT:
                     keep = _dropout_keep(bh, N, rows_o, oi * C + slot_k, seed32, dropout_p, N_OFF * C)
@@ -441,10 +450,11 @@ def _forward_rounds(qk: Tensor, v: Tensor, sorted_idx: Tensor, bucket_key: Tenso
     return (None if stats_only else o), row_max, log_sum
 
 
-def _backward_rounds(qk: Tensor, v: Tensor, grad_out: Tensor, top: Tensor, log_total: Tensor, delta: Tensor,
+def _backward_rounds(qk: Tensor, v: Tensor, grad_out: Tensor, terms: tuple[Tensor, Tensor, Tensor], delta: Tensor,
                      sorted_idx: Tensor, bucket_key: Tensor, key_padding_mask: Tensor | None,
                      w: _Window) -> tuple[Tensor, Tensor]:
-    """Per-round gradients (B*H, n, L, D) fp32 of qk and v; top, log_total, delta (B*H, L) fp32."""
+    """Per-round gradients (B*H, n, L, D) fp32 of qk and v; ``terms`` (shift, log_norm, weight) (B*H, n*L)
+    from ``_probability_terms``, delta (B*H, L) fp32."""
     b, h, length, d = qk.shape
     n = sorted_idx.shape[-1] // length
     scalars, consts, grid = _launch_args(qk, sorted_idx, key_padding_mask, w, backward=True)
@@ -452,16 +462,30 @@ def _backward_rounds(qk: Tensor, v: Tensor, grad_out: Tensor, top: Tensor, log_t
     dv = torch.empty_like(dqk)
     pad = key_padding_mask.contiguous() if key_padding_mask is not None else sorted_idx  # dummy when unused
     with _on_device(qk):
-        _lsh_bwd_kernel[grid](qk, v, grad_out, top, log_total, delta, sorted_idx, bucket_key, pad, dqk, dv,
-                              *scalars, **consts)
+        _lsh_bwd_kernel[grid](qk, v, grad_out, *terms, delta, sorted_idx, bucket_key, pad, dqk, dv, *scalars,
+                              **consts)
     return dqk, dv
 
 
-def _combined_softmax_stats(row_max: Tensor, log_sum: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-round stats (B*H, n, L) -> (top, log_total) (B*H, L) of one softmax over all rounds' windows,
-    P = exp((S - top) - log_total), as the reference's backward builds them."""
-    top = row_max.amax(dim=1)
-    return top, torch.logsumexp((row_max - top.unsqueeze(1)) + log_sum, dim=1)
+def _probability_terms(row_max: Tensor, log_sum: Tensor, window: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-round stats (B*H, n, L) -> the reference's ``probability_terms`` as (B*H, n*L) fp32 arrays
+    (shift, log_norm, weight), indexed like the sorted entries (r*L + pos); absent terms as 0 and 1."""
+    bh, n, length = row_max.shape
+    stats = torch.stack([row_max, log_sum]).transpose(1, 2).reshape(2, n, bh * length)
+    shift, log_norm, weight = probability_terms(stats, hf_rounding=window == "chunk")
+    log_norm = torch.zeros_like(shift) if log_norm is None else log_norm
+    weight = torch.ones_like(shift) if weight is None else weight
+    return tuple(t.view(n, bh, length).transpose(0, 1).reshape(bh, n * length) for t in (shift, log_norm, weight))
+
+
+def _attention_order(buckets: Tensor, w: _Window) -> tuple[Tensor, Tensor, _Window]:
+    """The sort the kernels walk, as the reference's ``Window.layout``: every round, or for a plain 'chunk'
+    attention (the sequence fits one chunk) one unhashed round whose chunk sees only itself."""
+    if is_plain(w.window, buckets.shape[-1], w.chunk_len):
+        sorted_idx, bucket_key = sort_by_bucket(torch.zeros_like(buckets[:, :, :1]))
+        return sorted_idx, bucket_key, w._replace(chunks_before=0, chunks_after=0)
+    sorted_idx, bucket_key = sort_by_bucket(buckets)  # (B, H, n*L) each: O(n_hashes x L) integers
+    return sorted_idx, bucket_key, w
 
 
 def lsh_attention_triton(
@@ -475,7 +499,7 @@ def lsh_attention_triton(
     b, h, length, d = qk.shape
     w = _Window(chunk_len, chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
     buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
-    sorted_idx, bucket_key = sort_by_bucket(buckets)  # (B, H, n*L) each: O(n_hashes x L) integers
+    sorted_idx, bucket_key, w = _attention_order(buckets, w)
     o, row_max, log_sum = _forward_rounds(qk.contiguous(), v.contiguous(), sorted_idx, bucket_key,
                                           key_padding_mask, w, stats_only=False)
     rounds_first = (t.transpose(0, 1) for t in (o, row_max, log_sum))  # (n, B*H, L[, D])
@@ -494,10 +518,9 @@ def lsh_attention_backward_triton(
     b, h, length, d = qk.shape
     w = _Window(chunk_len, chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
     qk, v, grad_out = qk.contiguous(), v.contiguous(), grad_out.contiguous()
-    sorted_idx, bucket_key = sort_by_bucket(buckets)
+    sorted_idx, bucket_key, w = _attention_order(buckets, w)
     _, row_max, log_sum = _forward_rounds(qk, v, sorted_idx, bucket_key, key_padding_mask, w, stats_only=True)
-    top, log_total = _combined_softmax_stats(row_max, log_sum)
+    terms = _probability_terms(row_max, log_sum, window)
     delta = (grad_out.float() * out.float()).sum(-1).view(b * h, length)  # rowsum(dO * O)
-    dqk, dv = _backward_rounds(qk, v, grad_out, top, log_total, delta, sorted_idx, bucket_key,
-                               key_padding_mask, w)
+    dqk, dv = _backward_rounds(qk, v, grad_out, terms, delta, sorted_idx, bucket_key, key_padding_mask, w)
     return dqk.sum(1).view(b, h, length, d).to(qk.dtype), dv.sum(1).view(b, h, length, d).to(v.dtype)
