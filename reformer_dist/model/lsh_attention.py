@@ -59,10 +59,12 @@ from torch import Tensor
 
 WINDOWS = ("bucket", "chunk")
 
-# Score elements per block of chunks (all batch*heads together). 4 MiB of fp32 scores: enough work per block
-# that op-launch and thread-sync overheads stay small (measured: no slower than 16 MiB blocks at 16K
-# tokens), and small temporaries keep the allocator's peak low at any length.
+# Score elements per block of chunks (all batch*heads together). On CPU 4 MiB of fp32 scores: enough work
+# per block that op-launch and thread-sync overheads stay small (measured: no slower than 16 MiB blocks at
+# 16K tokens), and small temporaries keep the allocator's peak low at any length. On an accelerator each
+# of a block's ~30 ops is a kernel launch, so blocks are 16x larger there (still a fixed bound).
 BLOCK_SCORES = 1 << 20
+ACCELERATOR_BLOCK_SCORES = 1 << 24
 # 'bucket' window query chunks are chunk_len / BUCKET_SPLIT long (see ``Window``).
 BUCKET_SPLIT = 2
 # Positions per hashing block (the rotated (B, H, n_hashes, L, R/2) tensor is bounded by this).
@@ -412,9 +414,10 @@ def dropout_keep(seed: int, bh: int, n_total: int, first_row: int, shape: tuple[
 
 
 def _blocks(layout: SortedLayout, win: Window):
-    """Yield the Blocks of the sorted order, each holding about BLOCK_SCORES score elements."""
+    """Yield the Blocks of the sorted order, each holding about BLOCK_SCORES score elements (CPU)."""
     per_chunk = layout.bh * layout.chunk_len * layout.chunk_len * len(win.offsets)
-    step = max(1, BLOCK_SCORES // per_chunk)
+    budget = BLOCK_SCORES if layout.sorted_idx.device.type == "cpu" else ACCELERATOR_BLOCK_SCORES
+    step = max(1, budget // per_chunk)
     for first in range(0, layout.n_chunks, step):
         yield Block(layout, first, min(first + step, layout.n_chunks), win)
 
