@@ -188,8 +188,8 @@ def _compile_for_sm90() -> None:
     # argument types (bf16 data); integer scalars not listed are i32
     types = {"QK": "*bf16", "V": "*bf16", "DO": "*bf16", "OUT": "*bf16", "SIDX": "*i64", "BKEY": "*i64",
              "PAD": "*i1", "RMAX": "*fp32", "LSUM": "*fp32", "SHIFT": "*fp32", "LOGN": "*fp32",
-             "WEIGHT": "*fp32", "DELTA": "*fp32", "DQK": "*fp32", "DV": "*fp32", "seed32": "i64", "sqrt_d": "fp32", "dropout_p": "fp32",
-             "masked": "fp32", "self_masked": "fp32"}
+             "WEIGHT": "*fp32", "DELTA": "*fp32", "DQK": "*fp32", "DV": "*fp32", "seed32": "i64",
+             "sqrt_d": "fp32", "dropout_p": "fp32", "masked": "fp32", "self_masked": "fp32"}
     for window in ("chunk", "bucket"):
         common = dict(C=64, BEFORE=1, N_OFF=2, BUCKET_WINDOW=window == "bucket", CAUSAL=True, HAS_PAD=True,
                       DROPOUT=True, DOT_DTYPE=triton.language.bfloat16, IEEE=False)

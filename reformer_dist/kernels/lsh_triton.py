@@ -48,6 +48,7 @@ from torch import Tensor
 from reformer_dist.model.lsh_attention import (
     _buckets_or_hash,
     _check,
+    attended_buckets,
     combine_rounds,
     is_plain,
     mask_values,
@@ -481,10 +482,10 @@ def _probability_terms(row_max: Tensor, log_sum: Tensor, window: str) -> tuple[T
 def _attention_order(buckets: Tensor, w: _Window) -> tuple[Tensor, Tensor, _Window]:
     """The sort the kernels walk, as the reference's ``Window.layout``: every round, or for a plain 'chunk'
     attention (the sequence fits one chunk) one unhashed round whose chunk sees only itself."""
+    # (B, H, n*L) each: O(n_hashes x L) integers
+    sorted_idx, bucket_key = sort_by_bucket(attended_buckets(buckets, w.window, w.chunk_len))
     if is_plain(w.window, buckets.shape[-1], w.chunk_len):
-        sorted_idx, bucket_key = sort_by_bucket(torch.zeros_like(buckets[:, :, :1]))
-        return sorted_idx, bucket_key, w._replace(chunks_before=0, chunks_after=0)
-    sorted_idx, bucket_key = sort_by_bucket(buckets)  # (B, H, n*L) each: O(n_hashes x L) integers
+        w = w._replace(chunks_before=0, chunks_after=0)
     return sorted_idx, bucket_key, w
 
 

@@ -166,7 +166,8 @@ class SortedLayout:
     ``flat_pos`` (BH, N) the row of each sorted entry in the (B*H*L, D) rows of qk / v (``as_rows`` with
     layout ``inner``); ``bucket_key`` (BH, N)
     the (round, bucket) id; ``key_pos`` (BH, N) the position, or L for padding (so ``q_pos >= key_pos`` is
-    the causal-and-not-padding test and ``key_pos < L`` the padding test).
+    the causal-and-not-padding test and ``key_pos < L`` the padding test); ``dest`` (BH, N) the row of each
+    sorted entry in per-round (n*B*H*L, ...) outputs and statistics, ``r * B*H*L + flat_pos``.
     """
 
     def __init__(self, buckets: Tensor, key_padding_mask: Tensor | None, chunk_len: int, inner: bool):
@@ -189,6 +190,7 @@ class SortedLayout:
         else:
             real = key_padding_mask.bool().repeat_interleave(h, dim=0)  # (BH, L)
             self.key_pos = torch.where(torch.gather(real, 1, self.pos), self.pos, length)
+        self.dest = (self.sorted_idx // length) * (self.bh * length) + self.flat_pos
 
 
 def window_offsets(window: str, chunks_before: int, chunks_after: int, causal: bool) -> list[int]:
@@ -226,15 +228,18 @@ class Window:
             self.offsets = list(range(-split, 1 if causal else split + 1))
 
     def layout(self, buckets: Tensor, key_padding_mask: Tensor | None, inner: bool) -> SortedLayout:
-        """The sorted order this window attends over: all hash rounds, or one unhashed round if plain."""
-        if self.plain:
-            buckets = torch.zeros_like(buckets[:, :, :1])
-        return SortedLayout(buckets, key_padding_mask, self.chunk, inner)
+        """The sorted order this window attends over (``attended_buckets``)."""
+        return SortedLayout(attended_buckets(buckets, self.kind, self.reach), key_padding_mask, self.chunk, inner)
 
 
 def is_plain(window: str, length: int, chunk_len: int) -> bool:
     """Whether the 'chunk' window runs as one plain attention (HF: ``sequence_length <= chunk_length``)."""
     return window == "chunk" and length <= chunk_len
+
+
+def attended_buckets(buckets: Tensor, window: str, chunk_len: int) -> Tensor:
+    """The buckets to sort by: all hash rounds, or for a plain attention one unhashed round (B, H, 1, L)."""
+    return torch.zeros_like(buckets[:, :, :1]) if is_plain(window, buckets.shape[-1], chunk_len) else buckets
 
 
 def _fill(t: Tensor, mask: Tensor, value: float) -> Tensor:
@@ -438,8 +443,6 @@ def attend_sorted(
     scale = key_scale(q)
     self_masked = mask_values(q.dtype)[1]
     acc = _acc_dtype(q.dtype)
-    # destination of each sorted entry: round r of input row flat_pos
-    dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos
     o = torch.empty(layout.n_hashes * rows_total, d, device=q.device, dtype=v.dtype)
     row_max = torch.empty(layout.n_hashes * rows_total, device=q.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
@@ -459,7 +462,7 @@ def attend_sorted(
         # straddling windows' rows of ``flat`` hold raw scores: their outputs are computed and ignored
         probs_flat = flat if in_place else block.to_flat(probs)
         ob = block.valid(torch.bmm(probs_flat.to(v.dtype), block.flat_windows(block.span(v)))) * norm.to(v.dtype)
-        rows = dest[:, block.first * block.c : block.last * block.c].flatten()
+        rows = layout.dest[:, block.first * block.c : block.last * block.c].flatten()
         o.index_copy_(0, rows, ob.flatten(0, 2))
         row_max.index_copy_(0, rows, m.flatten())
         log_sum.index_copy_(0, rows, log_total.flatten())
@@ -614,10 +617,9 @@ def _recompute_stats(layout: SortedLayout, q: Tensor, scale: Tensor, win: Window
     rows_total, n, c = q.shape[0], layout.n_hashes, layout.chunk_len
     row_max = torch.empty(n * rows_total, device=q.device, dtype=_acc_dtype(q.dtype))
     log_sum = torch.empty_like(row_max)
-    dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos
     for block in _blocks(layout, win):
         _, scores, m, *_ = block_scores(block, q, scale, self_masked)
-        rows = dest[:, block.first * c : block.last * c].flatten()
+        rows = layout.dest[:, block.first * c : block.last * c].flatten()
         row_max.index_copy_(0, rows, m.flatten())
         log_sum.index_copy_(0, rows, scores.sub_(m).exp_().sum(-1).log_().flatten())
     return _pad_rounds(row_max.view(n, rows_total), log_sum.view(n, rows_total), n_hashes)
@@ -638,7 +640,6 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len,
     if stats is None:
         stats = _recompute_stats(layout, q, scale, win, self_masked, buckets.shape[2])
     shift, log_norm, weight = probability_terms(stats[:, : layout.n_hashes], hf_rounding=window == "chunk")
-    dest = (layout.sorted_idx // layout.length) * rows_total + layout.flat_pos  # (round, row) of each entry
 
     go = as_rows(grad_out, inner)
     delta = (go.to(acc) * as_rows(out, inner).to(acc)).sum(-1)  # (rows,) rowsum(dO * O)
@@ -648,7 +649,7 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len,
     for block in _blocks(layout, win):
         flat, scores, _, qf, kf, q_span, scale_span = block_scores(block, q, scale, self_masked)
         q_flat = block.q_rows.flatten()
-        entries = dest[:, block.first * c : block.last * c].flatten()
+        entries = layout.dest[:, block.first * c : block.last * c].flatten()  # (round, row) of each
         row_shape = (bh, block.nb, c, 1)
         probs = scores.sub_(shift[entries].view(row_shape))
         if log_norm is not None:
