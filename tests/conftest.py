@@ -1,4 +1,5 @@
-"""Shared pytest setup: GPU / TensorRT tests skip with a reason where the hardware or library is absent."""
+"""Shared pytest setup: GPU / TensorRT tests skip with a reason where the hardware or library is absent; the
+session leaves no DeepSpeed shared-memory segment of its own launches in /dev/shm."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def _tensorrt_importable() -> bool:
     except Exception:
         return False
     return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left_by_this_session():
+    yield
+    from launch_ports import USED, segments_of
+
+    left = segments_of(USED)  # other jobs' segments on this machine are not this session's business
+    assert not left, f"this session's launches left shared-memory segments in /dev/shm: {left}"
 
 
 def pytest_collection_modifyitems(config, items):
