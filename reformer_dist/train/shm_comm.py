@@ -71,8 +71,9 @@ def parse_segment(path: Path) -> Segment | None:
 
 
 def holders(paths: Iterable[Path]) -> dict[str, list[int]]:
-    """real path -> pids of the processes that have it open or mapped (Linux /proc; processes this user
-    cannot inspect are not counted: they cannot open another user's 0600 segment or lock anyway)."""
+    """real path -> pids of the processes that have it open or mapped (Linux /proc). Processes this user
+    cannot inspect (other users') are not counted: segments are private to their user (mode 0600), and the
+    build cache lives in the user's home."""
     wanted = {os.path.realpath(p) for p in paths}
     found: dict[str, list[int]] = {}
     for pid_dir in Path("/proc").iterdir():
@@ -143,7 +144,7 @@ def remove_orphaned_segments(shm_dir: Path = SHM_DIR, min_age_s: float = FRESH_S
             f"({size / 2**20:.0f} MiB): {names}")
 
 
-def release_segment_names(rank: int, shm_dir: Path = SHM_DIR) -> None:
+def release_segment_name(rank: int, shm_dir: Path = SHM_DIR) -> None:
     """Unlink this rank's segment name. Only once every peer has mapped it: the barrier follows
     DeepSpeed's setup, in which each rank maps every peer's segment (waiting for it to appear)."""
     dist.barrier()
@@ -212,4 +213,4 @@ def housekeeping(rank: int, local_rank: int) -> Iterator[None]:
         if report is not None:
             print(f"reformer-dist train: {report}", flush=True)
     yield
-    release_segment_names(rank)
+    release_segment_name(rank)
