@@ -50,6 +50,10 @@ def _run_onnx(args: argparse.Namespace) -> int:
         from reformer_dist.data.tokenizer import parse_tokenizer_arg
 
         tokenizer = parse_tokenizer_arg(args.tokenizer)
+    if tokenizer is not None:
+        from reformer_dist.data.tokenizer import get_tokenizer
+
+        get_tokenizer(tokenizer)  # a file the deployment could not load is refused before it is embedded
     proto = export_onnx(source.model, args.output, precision=args.precision, flavour=args.flavour, sort=args.sort,
                         opset=args.opset, max_seq_len=args.max_seq_len, tokenizer=tokenizer, generation=args.generation)
     report = check_model(proto, "onnxruntime")

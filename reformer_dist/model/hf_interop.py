@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from reformer_dist.errors import CheckpointError, ConfigError
+from reformer_dist.errors import CheckpointError, ConfigError, describe
 from reformer_dist.model.config import ReformerConfig
 
 if TYPE_CHECKING:
@@ -285,22 +285,40 @@ def state_dict_from_hf(model: ReformerLM, hf_state: dict[str, Tensor], source: s
     return out
 
 
-def _load_weights(path: Path) -> dict[str, Tensor]:
+def _load_safetensors(file: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for bad files
+        raise CheckpointError(f"{file}: not a readable safetensors file ({describe(e)})") from None
+
+
+def _load_weights(path: Path) -> dict[str, Tensor]:
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return _load_safetensors(path / "model.safetensors")
     if (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+        index_file = path / "model.safetensors.index.json"
+        try:
+            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+            files = [path / shard for shard in shards]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index_file}: not a safetensors index ({describe(e)})") from None
+        root = os.path.realpath(path)
         state: dict[str, Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(path / shard))
+        for file in files:
+            if os.path.commonpath([root, os.path.realpath(file)]) != root:
+                raise CheckpointError(f"{index_file}: shard {file.name!r} lies outside the model directory")
+            state.update(_load_safetensors(file))
         return state
     if (path / "pytorch_model.bin").is_file():
         try:
-            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling refuses anything but tensors and plain containers
-            raise CheckpointError(f"{path / 'pytorch_model.bin'}: cannot be loaded safely ({e})") from None
+            raise CheckpointError(f"{path / 'pytorch_model.bin'}: cannot be loaded safely ({describe(e)})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path / 'pytorch_model.bin'}: not a state dict")
+        return state
     raise CheckpointError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
 
 
@@ -311,9 +329,12 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+        config = json.loads(file.read_text())
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise CheckpointError(f"{file}: invalid JSON ({describe(e)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: not a model config (a JSON object)")
+    return config
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -340,9 +361,13 @@ def from_hf(path: str | os.PathLike) -> ReformerLM:
     from reformer_dist.model.reformer import ReformerLM
 
     path = Path(path)
-    cfg = config_from_hf(read_hf_config(path), str(path / "config.json"))
+    try:
+        cfg = config_from_hf(read_hf_config(path), str(path / "config.json"))
+    except (ValueError, TypeError, AttributeError) as e:  # a field of the wrong type
+        raise CheckpointError(f"{path / 'config.json'}: not a valid Reformer config ({describe(e)})") from None
     model = ReformerLM(cfg)
-    model.load_state_dict(state_dict_from_hf(model, _load_weights(path), str(path)))
+    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), path)
+    model.load_state_dict(state_dict_from_hf(model, _load_weights(path), str(weights)))
     return model.eval()
 
 

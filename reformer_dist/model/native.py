@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reformer_dist.errors import CheckpointError
+from reformer_dist.errors import CheckpointError, ReformerDistError, describe
 
 if TYPE_CHECKING:
     from reformer_dist.model.reformer import ReformerLM
@@ -79,14 +79,18 @@ def from_native(path: str | os.PathLike) -> ReformerLM:
     if not is_native_dir(path):
         raise CheckpointError(f"{path}: not a native model directory ({WEIGHTS} + {CONFIG})")
     try:
-        config = ReformerConfig(**yaml.safe_load((path / CONFIG).read_text())["model"])
-    except (KeyError, TypeError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{path / CONFIG}: no valid model section ({e})") from None
+        config = ReformerConfig(**yaml.safe_load((path / CONFIG).read_text())["model"]).validate()
+    except (KeyError, TypeError, ValueError, yaml.YAMLError, ReformerDistError) as e:
+        raise CheckpointError(f"{path / CONFIG}: no valid model section ({describe(e)})") from None
+    try:
+        weights = load_file(str(path / WEIGHTS))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for bad files
+        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file ({describe(e)})") from None
     model = ReformerLM(config)
     try:
-        model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path / WEIGHTS}: weights do not match {CONFIG}: {e}") from None
+        raise CheckpointError(f"{path / WEIGHTS}: weights do not match {path / CONFIG}: {describe(e)}") from None
     return model.eval()
 
 
@@ -95,7 +99,15 @@ def native_tokenizer(path: str | os.PathLike) -> dict[str, Any] | None:
     file = Path(path) / TOKENIZER
     if not file.is_file():
         return None
-    spec = json.loads(file.read_text())
+    try:
+        spec = json.loads(file.read_text())
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise CheckpointError(f"{file}: not a tokenizer spec ({describe(e)})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or not isinstance(spec.get("path", ""), str):
+        raise CheckpointError(f"{file}: not a tokenizer spec (expected an object like {{\"kind\": \"bytes\"}})")
     if "path" in spec:
+        root = os.path.realpath(path)
         spec["path"] = str(Path(path) / spec["path"])
+        if os.path.commonpath([root, os.path.realpath(spec["path"])]) != root:
+            raise CheckpointError(f"{file}: its tokenizer path lies outside the model directory {path}")
     return spec

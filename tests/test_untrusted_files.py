@@ -1,0 +1,239 @@
+"""Files a user hands reformer-dist: every loader refuses a bad one with one line naming it, and no
+checkpoint file can run code when it is loaded.
+
+The fixture is built once: a 2-step single-process ZeRO-1 training run of a micro Reformer (DeepSpeed's
+model/optimizer states, our RNG file, meta.json, latest, the consolidated native model), its ONNX export,
+a Hugging Face directory and a tokenizers JSON file. Each case copies it, damages one file (truncated to
+half, overwritten with random bytes of the same size, or replaced by another kind of file from the same
+fixture) and runs one command that reads that file in-process through the CLI's ``main``: exit status 2,
+one line on stderr that names the file, no traceback. Training must refuse before any process group
+exists and serving before it binds a port (both are replaced by a failing stub, so a missed case fails
+instead of training or serving).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reformer_dist.cli import main
+
+STEP = "checkpoints/step_00000002"
+MICRO = """
+model:
+  vocab_size: 256
+  d_model: 32
+  n_heads: 2
+  d_head: 16
+  d_ff: 64
+  n_layers: 2
+  attn_layers: [local, lsh]
+  lsh_chunk_len: 16
+  local_chunk_len: 16
+  max_seq_len: 64
+  axial_pos_shape: [8, 8]
+  axial_pos_dims: [16, 16]
+train:
+  max_steps: 2
+  seq_len: 64
+  micro_batch_size: 2
+  warmup_steps: 1
+  eval_every: 0
+  eval_batches: 1
+  save_every: 0
+  log_every: 1
+deepspeed:
+  zero_stage: 1
+"""
+WORDS = ["the", "reformer", "hashes", "queries", "into", "buckets", "and", "attends", "within", "chunks"]
+
+
+# ---------------------------------------------------------------------------------------------- fixture
+def _write_tokenizer(path: Path) -> None:
+    """A word-level tokenizers JSON over the corpus words (ids < 256, so the byte-vocabulary model fits)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *WORDS, "."])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def _write_hf_dir(path: Path) -> None:
+    from reformer_dist.configuration import load_config
+    from reformer_dist.model import ReformerLM
+    from reformer_dist.model.hf_interop import save_hf
+
+    cfg = load_config([str(path.parent / "micro.yaml")], ["model.lsh_window=chunk"]).model
+    torch.manual_seed(0)
+    save_hf(ReformerLM(cfg), path)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    from reformer_dist.data import prepare_corpus
+
+    root = tmp_path_factory.mktemp("untrusted")
+    rng = np.random.default_rng(0)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("".join(" ".join(rng.choice(WORDS, size=12)) + ".\n" for _ in range(300)))
+    prepare_corpus([str(corpus)], str(root / "data"), val_fraction=0.1)
+    (root / "micro.yaml").write_text(MICRO)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "reformer_dist", "train", "--config", str(root / "micro.yaml"),
+                           f"data.path={root / 'data'}", f"train.output_dir={root / 'run'}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main(["export", "onnx", "--checkpoint", str(root / "run"), "--output", str(root / "model.onnx")]) == 0
+    _write_hf_dir(root / "hf")
+    _write_tokenizer(root / "tok.json")
+    return root
+
+
+@pytest.fixture
+def fixture(pristine: Path, tmp_path: Path) -> Path:
+    """A private copy of the fixture to damage."""
+    shutil.copytree(pristine, tmp_path / "f", ignore=shutil.ignore_patterns("corpus"))
+    return tmp_path / "f"
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_no_server(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("reached past the loaders: the damaged file was not refused")
+
+    monkeypatch.setattr("reformer_dist.train.trainer.init_distributed", refuse)
+    monkeypatch.setattr("reformer_dist.serve.server.run_server", refuse)
+
+
+# ------------------------------------------------------------------------------------------- commands
+def train_cmd(f: Path) -> list[str]:
+    return ["train", "--config", str(f / "micro.yaml"), f"data.path={f / 'data'}", f"train.output_dir={f / 'run'}",
+            "train.max_steps=4", "data.verify_checksums=true"]
+
+
+def eval_cmd(f: Path) -> list[str]:
+    return ["eval", str(f / "run"), f"data.path={f / 'data'}", "data.verify_checksums=true"]
+
+
+def export_native(f: Path) -> list[str]:
+    return ["export", "onnx", "--checkpoint", str(f / "run"), "--output", str(f / "out.onnx")]
+
+
+def export_hf(f: Path) -> list[str]:
+    return ["export", "onnx", "--checkpoint", str(f / "hf"), "--output", str(f / "out.onnx")]
+
+
+def export_tokenizer(f: Path) -> list[str]:
+    return [*export_native(f), "--tokenizer", str(f / "tok.json")]
+
+
+def check_cmd(f: Path) -> list[str]:
+    return ["export", "check", str(f / "model.onnx"), "--target", "onnxruntime"]
+
+
+GENERATE = ["generate", "--prompt", "the reformer", "--max-new-tokens", "2", "--seed", "0"]
+
+
+def generate_native(f: Path) -> list[str]:
+    return [*GENERATE, "--checkpoint", str(f / "run")]
+
+
+def generate_hf(f: Path) -> list[str]:
+    return [*GENERATE, "--checkpoint", str(f / "hf")]
+
+
+def generate_onnx(f: Path) -> list[str]:
+    return [*GENERATE, "--model", str(f / "model.onnx")]
+
+
+def generate_tokenizer(f: Path) -> list[str]:
+    return [*generate_native(f), "--tokenizer", str(f / "tok.json")]
+
+
+def serve_native(f: Path) -> list[str]:
+    return ["serve", "--model", str(f / "run"), "--backend", "torch", "--port", "0"]
+
+
+def serve_hf(f: Path) -> list[str]:
+    return ["serve", "--model", str(f / "hf"), "--backend", "torch", "--port", "0"]
+
+
+def serve_onnx(f: Path) -> list[str]:
+    return ["serve", "--model", str(f / "model.onnx"), "--backend", "onnxruntime", "--port", "0"]
+
+
+def serve_tokenizer(f: Path) -> list[str]:
+    return [*serve_native(f), "--tokenizer", str(f / "tok.json")]
+
+
+def convert_native(f: Path) -> list[str]:
+    return ["convert", "--from", "native", "--to", "hf", "--input", str(f / "run"), "--output", str(f / "out")]
+
+
+def convert_hf(f: Path) -> list[str]:
+    return ["convert", "--from", "hf", "--to", "native", "--input", str(f / "hf"), "--output", str(f / "out")]
+
+
+# artifact -> (its path in the fixture, the file that replaces it in the wrong-type case, commands reading it)
+NATIVE_READERS = (export_native, generate_native, serve_native, convert_native)
+HF_READERS = (export_hf, generate_hf, serve_hf, convert_hf)
+ARTIFACTS = {
+    "model-states": (f"run/{STEP}/mp_rank_00_model_states.pt", f"run/{STEP}/rng_rank00000.pt", (train_cmd, eval_cmd)),
+    "optimizer-shard": (f"run/{STEP}/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                        f"run/{STEP}/mp_rank_00_model_states.pt", (train_cmd, eval_cmd)),
+    "rng-file": (f"run/{STEP}/rng_rank00000.pt", f"run/{STEP}/mp_rank_00_model_states.pt", (train_cmd, eval_cmd)),
+    "meta.json": (f"run/{STEP}/meta.json", f"run/{STEP}/config.yaml", (train_cmd, eval_cmd)),
+    "latest": ("run/latest", f"run/{STEP}/meta.json", (train_cmd, eval_cmd)),
+    "checkpoint-config": (f"run/{STEP}/config.yaml", f"run/{STEP}/meta.json", (eval_cmd,)),
+    "manifest": ("data/manifest.json", f"run/{STEP}/meta.json", (train_cmd, eval_cmd)),
+    "train-shard": ("data/train-00000.bin", "run/native/model.safetensors", (train_cmd,)),
+    "val-shard": ("data/val-00000.bin", "run/native/model.safetensors", (eval_cmd,)),
+    "native-weights": ("run/native/model.safetensors", f"run/{STEP}/mp_rank_00_model_states.pt", NATIVE_READERS),
+    "native-config": ("run/native/config.yaml", "run/native/tokenizer.json", NATIVE_READERS),
+    "native-tokenizer-spec": ("run/native/tokenizer.json", "run/native/config.yaml", NATIVE_READERS),
+    "hf-config": ("hf/config.json", "run/native/config.yaml", HF_READERS),
+    "hf-weights": ("hf/model.safetensors", "run/native/model.safetensors", HF_READERS),
+    "onnx": ("model.onnx", "run/native/model.safetensors", (check_cmd, generate_onnx, serve_onnx)),
+    "tokenizer-file": ("tok.json", "data/manifest.json", (export_tokenizer, generate_tokenizer, serve_tokenizer)),
+}
+
+
+def damage(f: Path, target: Path, how: str, wrong_type: Path) -> None:
+    data = target.read_bytes()
+    if how == "truncated":
+        target.write_bytes(data[:len(data) // 2])
+    elif how == "random":
+        target.write_bytes(random.Random(len(data)).randbytes(len(data)))
+    else:
+        shutil.copyfile(wrong_type, target)
+
+
+CASES = [pytest.param(artifact, how, cmd, id=f"{artifact}-{how}-{cmd.__name__}")
+         for artifact, (_, _, cmds) in ARTIFACTS.items() for cmd in cmds
+         for how in ("truncated", "random", "wrong-type")]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("artifact", "how", "cmd"), CASES)
+def test_damaged_file_is_refused_with_one_line_naming_it(artifact, how, cmd, fixture, capsys):
+    path, wrong, _ = ARTIFACTS[artifact]
+    target = fixture / path
+    damage(fixture, target, how, fixture / wrong)
+    code, err = run_cli(cmd(fixture), capsys)
+    errors = [line for line in err.splitlines() if line.startswith("reformer-dist ")]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1, err[-3000:]
+    assert str(target) in errors[0], errors[0]
