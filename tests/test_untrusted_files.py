@@ -13,6 +13,7 @@ instead of training or serving).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -237,3 +238,113 @@ def test_damaged_file_is_refused_with_one_line_naming_it(artifact, how, cmd, fix
     assert code == 2 and "Traceback" not in err, err[-3000:]
     assert len(errors) == 1, err[-3000:]
     assert str(target) in errors[0], errors[0]
+
+
+# ------------------------------------------------------------------------------------- pickle payloads
+class Payload:
+    """Unpickling this object runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def plant(file: Path, marker: Path) -> None:
+    """Replace a checkpoint file by a pickle holding the keys the file should have, plus the payload."""
+    from reformer_dist.train.checkpoint import required_keys
+
+    torch.save({**{key: {} for key in required_keys(file)}, "payload": Payload(marker)}, file)
+
+
+def universal_conversion(run: Path) -> Path:
+    """Convert the ZeRO-1 checkpoint for ZeRO-2, as a launch with another stage does (and keeps for the next)."""
+    from reformer_dist.train.checkpoint import convert_to_universal, plan_resume
+
+    point = plan_resume(run / STEP, world_size=1, zero_stage=2, run_dir=run)
+    convert_to_universal(point)
+    return point.load_dir / point.tag
+
+
+PAYLOAD_CASES = [pytest.param(file, cmd, id=f"{file.split('/')[-1]}-{cmd.__name__}")
+                 for file in (ARTIFACTS["model-states"][0], ARTIFACTS["optimizer-shard"][0], ARTIFACTS["rng-file"][0])
+                 for cmd in (train_cmd, eval_cmd)]
+PAYLOAD_CASES += [pytest.param(f"run/universal/step_00000002/{file}", train_cmd, id=f"universal-{file.split('/')[-1]}")
+                  for file in ("mp_rank_00_model_states.pt", "zero/optimizer_state.pt", "zero/lm_head.weight/fp32.pt")]
+
+
+@pytest.mark.parametrize(("file", "cmd"), PAYLOAD_CASES)
+def test_pickle_payload_in_a_checkpoint_file_is_refused_and_never_runs(file, cmd, fixture, capsys):
+    argv = cmd(fixture)
+    if "universal" in file:  # a conversion an earlier launch left; this launch changes the ZeRO stage
+        universal_conversion(fixture / "run")
+        argv.append("deepspeed.zero_stage=2")
+    marker = fixture / "marker"
+    plant(fixture / file, marker)
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert f"{fixture / file}: refused: loading it would import exec" in err, err[-3000:]
+    assert not marker.exists()
+
+
+def _zero_to_fp32(checkpoint: Path) -> None:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def _ds_to_universal(checkpoint: Path) -> None:
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = dict(input_folder=str(checkpoint), output_folder=str(checkpoint.parent / "universal"),
+                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=True)
+    ds_to_universal(type("Args", (), args)())
+
+
+def _engine_load(checkpoint: Path) -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    TorchCheckpointEngine().load(str(checkpoint / "mp_rank_00_model_states.pt"), map_location="cpu")
+
+
+@pytest.mark.parametrize("deepspeed_loader", [_zero_to_fp32, _ds_to_universal, _engine_load])
+def test_deepspeed_loaders_run_a_payload_except_inside_weights_only_loads(deepspeed_loader, fixture):
+    """DeepSpeed's own readers (consolidation, universal conversion, its default checkpoint engine) pass
+    weights_only=False: alone they run the payload; inside ``weights_only_loads`` they refuse it."""
+    from reformer_dist.train.weights_only import weights_only_loads
+
+    checkpoint, marker = fixture / "run" / STEP, fixture / "marker"
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        plant(checkpoint / name, marker)
+    with weights_only_loads(), pytest.raises(Exception, match=r"GLOBAL.*exec"):
+        deepspeed_loader(checkpoint)
+    assert not marker.exists()
+    with contextlib.suppress(Exception):  # the payload evaluates to None: DeepSpeed may then fail on the contents
+        deepspeed_loader(checkpoint)
+    assert marker.exists()  # the control: the payload is live, and these loaders run it
+
+
+def test_our_checkpoint_engine_refuses_a_payload_naming_the_file(fixture):
+    from reformer_dist.errors import CheckpointError
+    from reformer_dist.train.weights_only import WeightsOnlyCheckpointEngine
+
+    file, marker = fixture / "run" / STEP / "mp_rank_00_model_states.pt", fixture / "marker"
+    assert set(WeightsOnlyCheckpointEngine().load(str(file), map_location="cpu")) >= {"module", "optimizer"}
+    plant(file, marker)
+    with pytest.raises(CheckpointError, match=f"{file}: refused"):
+        WeightsOnlyCheckpointEngine().load(str(file), map_location="cpu")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------- checksums
+def test_verify_checksums_stops_training_before_the_process_group_naming_a_flipped_shard(fixture, capsys):
+    shard = fixture / "data" / "train-00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the sha256 can tell
+    shard.write_bytes(bytes(data))
+    (fixture / "run").rename(fixture / "other-run")  # a fresh start, no checkpoint involved
+    code, err = run_cli(train_cmd(fixture), capsys)
+    assert code == 2, err[-3000:]
+    assert f"{shard}: sha256 does not match the manifest" in err

@@ -151,12 +151,16 @@ def read_saved_config(path: Path, meta: dict[str, Any]) -> str:
     return text
 
 
-def verify_resume_point(resume: str, run_dir: Path) -> None:
-    """Check the checkpoint ``train.resume`` picks (if any): complete, and every file loadable."""
+def verify_resume_point(resume: str, run_dir: Path, world_size: int, zero_stage: int) -> None:
+    """Check the checkpoint ``train.resume`` picks (if any) before training starts: complete, loadable
+    by this world size and ZeRO stage, every file loadable (a universal conversion it reuses included)."""
     found = find_checkpoint(resume, run_dir)
-    if found is not None:
-        read_meta(found)
-        verify_checkpoint_files(found)
+    if found is None:
+        return
+    point = plan_resume(found, world_size, zero_stage, run_dir)
+    verify_checkpoint_files(point.path)
+    if point.universal_dir is not None and (point.load_dir / point.tag / META).is_file():
+        verify_checkpoint_files(point.load_dir / point.tag)  # left by an earlier launch, loaded as it is
 
 
 # DeepSpeed's files (model states, ZeRO optimizer partitions) and ours: the keys each must hold
@@ -311,8 +315,6 @@ class Checkpointer:
         Every file is read weights-only (``weights_only``), a universal conversion's files included."""
         from reformer_dist.train import weights_only
 
-        if point.universal_dir is not None:
-            verify_checkpoint_files(point.load_dir / point.tag)  # a conversion left by an earlier launch
         with weights_only.weights_only_loads():
             loaded, client = engine.load_checkpoint(str(point.load_dir), tag=point.tag)
         if loaded is None:

@@ -81,7 +81,7 @@ def train(cfg: JobConfig) -> int:
     rank, _, world_size = rank_from_env(os.environ)
     build_deepspeed_config(cfg, world_size)
     if rank == 0:  # a broken checkpoint is refused, naming the file, before the ranks gather
-        ckpt.verify_resume_point(cfg.train.resume, Path(cfg.train.output_dir))
+        ckpt.verify_resume_point(cfg.train.resume, Path(cfg.train.output_dir), world_size, cfg.deepspeed.zero_stage)
     dist_info = init_distributed(cfg.deepspeed.collective_timeout_s)
     try:
         return Trainer(cfg, dist_info, train_ds, val_ds).train()
