@@ -1,9 +1,8 @@
 """Files a user hands reformer-dist: every loader refuses a bad one with one line naming it, and no
 checkpoint file can run code when it is loaded.
 
-The fixture is built once: a 2-step single-process ZeRO-1 training run of a micro Reformer (DeepSpeed's
-model/optimizer states, our RNG file, meta.json, latest, the consolidated native model), its ONNX export,
-a Hugging Face directory and a tokenizers JSON file. Each case copies it, damages one file (truncated to
+The fixture (``micro_run``, built once per session: see micro_run.py) is a 2-step ZeRO-1 training run
+of a micro Reformer, its ONNX export, a Hugging Face directory and a tokenizers JSON file. Each case copies it, damages one file (truncated to
 half, overwritten with random bytes of the same size, or replaced by another kind of file from the same
 fixture) and runs one command that reads that file in-process through the CLI's ``main``: exit status 2,
 one line on stderr that names the file, no traceback. Training must refuse before any process group
@@ -14,95 +13,21 @@ instead of training or serving).
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from micro_run import STEP
 
 from reformer_dist.cli import main
 
-STEP = "checkpoints/step_00000002"
-MICRO = """
-model:
-  vocab_size: 256
-  d_model: 32
-  n_heads: 2
-  d_head: 16
-  d_ff: 64
-  n_layers: 2
-  attn_layers: [local, lsh]
-  lsh_chunk_len: 16
-  local_chunk_len: 16
-  max_seq_len: 64
-  axial_pos_shape: [8, 8]
-  axial_pos_dims: [16, 16]
-train:
-  max_steps: 2
-  seq_len: 64
-  micro_batch_size: 2
-  warmup_steps: 1
-  eval_every: 0
-  eval_batches: 1
-  save_every: 0
-  log_every: 1
-deepspeed:
-  zero_stage: 1
-"""
-WORDS = ["the", "reformer", "hashes", "queries", "into", "buckets", "and", "attends", "within", "chunks"]
-
-
-# ---------------------------------------------------------------------------------------------- fixture
-def _write_tokenizer(path: Path) -> None:
-    """A word-level tokenizers JSON over the corpus words (ids < 256, so the byte-vocabulary model fits)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *WORDS, "."])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path))
-
-
-def _write_hf_dir(path: Path) -> None:
-    from reformer_dist.configuration import load_config
-    from reformer_dist.model import ReformerLM
-    from reformer_dist.model.hf_interop import save_hf
-
-    cfg = load_config([str(path.parent / "micro.yaml")], ["model.lsh_window=chunk"]).model
-    torch.manual_seed(0)
-    save_hf(ReformerLM(cfg), path)
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    from reformer_dist.data import prepare_corpus
-
-    root = tmp_path_factory.mktemp("untrusted")
-    rng = np.random.default_rng(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    (corpus / "a.txt").write_text("".join(" ".join(rng.choice(WORDS, size=12)) + ".\n" for _ in range(300)))
-    prepare_corpus([str(corpus)], str(root / "data"), val_fraction=0.1)
-    (root / "micro.yaml").write_text(MICRO)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "reformer_dist", "train", "--config", str(root / "micro.yaml"),
-                           f"data.path={root / 'data'}", f"train.output_dir={root / 'run'}"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert main(["export", "onnx", "--checkpoint", str(root / "run"), "--output", str(root / "model.onnx")]) == 0
-    _write_hf_dir(root / "hf")
-    _write_tokenizer(root / "tok.json")
-    return root
-
 
 @pytest.fixture
-def fixture(pristine: Path, tmp_path: Path) -> Path:
+def fixture(micro_run: Path, tmp_path: Path) -> Path:
     """A private copy of the fixture to damage."""
-    shutil.copytree(pristine, tmp_path / "f", ignore=shutil.ignore_patterns("corpus"))
+    shutil.copytree(micro_run, tmp_path / "f", ignore=shutil.ignore_patterns("corpus"))
     return tmp_path / "f"
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from reformer_dist.atomic_write import write_text_atomic
 from reformer_dist.errors import DataError
 
 FORMAT = "reformer-dist-tokens"
@@ -56,13 +57,7 @@ def sha256_file(path: str, block_bytes: int = 1 << 20) -> str:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file + os.replace, so readers see the old or the new file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n", fsync=True)
 
 
 def _fsync(path: str) -> None:

@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from reformer_dist.atomic_write import umask_mode
 from reformer_dist.errors import ReformerDistError
 
 ONNX_TO_TRITON = {
@@ -178,11 +179,12 @@ def write_triton_repo(model: str | os.PathLike, output: str | os.PathLike, *, na
                 for extra in _external_data_files(file):
                     shutil.copy2(extra, staging / "1" / extra.name)
             (staging / "config.pbtxt").write_text(text)
-            # mkdtemp/mkstemp create owner-only modes; the server often runs as another user
+            # mkdtemp creates an owner-only directory and copy2 keeps the source's mode; the server often
+            # runs as another user: give the modes mkdir()/open() would (under the usual umask 755/644)
             for p in (staging, staging / "1"):
-                p.chmod(0o755)
+                p.chmod(umask_mode(0o777))
             for p in (*staging.glob("*.pbtxt"), *(staging / "1").iterdir()):
-                p.chmod(0o644)
+                p.chmod(umask_mode())
             final = out / model_name
             if final.exists():
                 shutil.rmtree(final)

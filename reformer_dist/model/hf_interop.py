@@ -38,13 +38,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from reformer_dist.atomic_write import atomic_write
 from reformer_dist.errors import CheckpointError, ConfigError, describe
 from reformer_dist.model.config import ReformerConfig
 
@@ -371,18 +371,6 @@ def from_hf(path: str | os.PathLike) -> ReformerLM:
     return model.eval()
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``target``, then rename it over ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_hf(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str, Any] | None = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` for ``transformers``' ``from_pretrained``, plus the
     tokenizer file (``spiece.model`` / ``tokenizer.json``) if ``tokenizer`` names one.
@@ -395,12 +383,12 @@ def save_hf(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str, Any
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = state_dict_to_hf(model)
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     if tokenizer is not None and "path" in tokenizer:
         name = {"sentencepiece": "spiece.model", "hf_tokenizers": "tokenizer.json"}[tokenizer["kind"]]
-        _atomic_write(path / name, lambda tmp: shutil.copyfile(tokenizer["path"], tmp))
+        atomic_write(path / name, lambda tmp: shutil.copyfile(tokenizer["path"], tmp))
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
 __all__ = ["config_from_hf", "config_to_hf", "from_hf", "hf_auto_buckets", "hf_tokenizer_spec", "is_hf_dir", "save_hf"]

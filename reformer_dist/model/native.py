@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reformer_dist.atomic_write import atomic_write
 from reformer_dist.errors import CheckpointError, ReformerDistError, describe
 
 if TYPE_CHECKING:
@@ -49,13 +50,14 @@ def save_native(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": NATIVE_FORMAT, "version": "1"})
+    # safetensors writes 0600 files; atomic_write gives the mode open() would (the directory is shared)
+    atomic_write(tmp / WEIGHTS, lambda file: save_file(state, file, metadata={"format": NATIVE_FORMAT, "version": "1"}))
     (tmp / CONFIG).write_text(yaml.safe_dump({"model": asdict(model.config)}, sort_keys=False))
     if tokenizer is not None:
         spec = dict(tokenizer)
         if "path" in spec:  # the directory must stand alone: copy the file in
             name = TOKENIZER_FILES.get(spec["kind"], Path(spec["path"]).name)
-            shutil.copy(spec["path"], tmp / name)
+            shutil.copyfile(spec["path"], tmp / name)  # the contents, not the source's permission bits
             spec["path"] = name
         (tmp / TOKENIZER).write_text(json.dumps(spec, indent=1) + "\n")
     old = path.with_name(f".{path.name}.old")

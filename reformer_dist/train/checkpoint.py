@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from reformer_dist import atomic_write
 from reformer_dist.errors import CheckpointError, describe
 from reformer_dist.train.distributed import DistInfo, barrier
 
@@ -61,12 +62,8 @@ def step_of(tag: str) -> int | None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Checkpoint records (meta.json, latest) mark other files complete: on disk before they are named."""
+    atomic_write.write_text_atomic(path, text, fsync=True)
 
 
 def save_torch_atomic(obj: Any, path: Path) -> None:
