@@ -165,6 +165,11 @@ def test_damaged_file_is_refused_with_one_line_naming_it(artifact, how, cmd, fix
     assert str(target) in errors[0], errors[0]
 
 
+def test_eval_of_a_missing_directory_names_it_not_a_config_key(tmp_path, capsys):
+    code, err = run_cli(["eval", str(tmp_path / "missing")], capsys)
+    assert code == 2 and err == f"reformer-dist eval: error: {tmp_path / 'missing'}: no such checkpoint or run directory\n"
+
+
 # ------------------------------------------------------------------------------------- pickle payloads
 class Payload:
     """Unpickling this object runs code: it creates the marker file."""

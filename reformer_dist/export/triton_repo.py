@@ -138,7 +138,7 @@ def _external_data_files(path: Path) -> list[Path]:
 
 
 def write_triton_repo(model: str | os.PathLike, output: str | os.PathLike, *, name: str = "reformer",
-                      max_batch_size: int = 8, instances: int = 1, kind: str = "KIND_GPU",
+                      max_batch_size: int = 8, instances: int = 1, kind: str = "KIND_AUTO",
                       queue_delay_us: int = 1000) -> list[Path]:
     """Write a Triton model repository for ``model`` (and its prefill/decode companions) under ``output``.
     Returns the directories of the models written. The repository is assembled in a temporary directory
@@ -208,8 +208,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=8,
                    help="Triton's max_batch_size for graphs with a leading batch dimension (default 8)")
     p.add_argument("--instances", type=int, default=1, help="model instances per device (default 1)")
-    p.add_argument("--kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default="KIND_GPU",
-                   help="where the instances run (default KIND_GPU)")
+    p.add_argument("--kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default="KIND_AUTO",
+                   help="where the instances run (default KIND_AUTO: Triton uses the GPUs of the machine that "
+                        "serves the repository, or its CPU when it has none)")
     p.add_argument("--queue-delay-us", type=int, default=1000,
                    help="dynamic batching: how long Triton may hold a request to batch it (default 1000)")
 
