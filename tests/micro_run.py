@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 STEP = "checkpoints/step_00000002"
-MICRO = """
+# the micro Reformer of the training tests (test_train_distributed.py trains it too)
+MICRO_MODEL = """
 model:
   vocab_size: 256
   d_model: 32
@@ -33,7 +34,8 @@ model:
   max_seq_len: 64
   axial_pos_shape: [8, 8]
   axial_pos_dims: [16, 16]
-train:
+"""
+MICRO = MICRO_MODEL + """train:
   max_steps: 2
   seq_len: 64
   micro_batch_size: 2
