@@ -24,6 +24,7 @@ from reformer_dist.atomic_write import atomic_write
 from reformer_dist.errors import CheckpointError, ReformerDistError, describe
 
 if TYPE_CHECKING:
+    from reformer_dist.model.config import ReformerConfig
     from reformer_dist.model.reformer import ReformerLM
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.json"
@@ -69,21 +70,33 @@ def save_native(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str,
     return path
 
 
-def from_native(path: str | os.PathLike) -> ReformerLM:
-    """The ReformerLM (fp32, eval mode) of a native directory; CheckpointError names what is wrong."""
+def model_config_from_yaml(text: str, source: str) -> ReformerConfig:
+    """The ReformerConfig of a run config's ``model:`` section (a native directory's ``config.yaml`` or a
+    training run's); CheckpointError naming ``source`` if there is no valid one."""
     import yaml
-    from safetensors.torch import load_file
 
     from reformer_dist.model.config import ReformerConfig
+
+    try:
+        return ReformerConfig(**yaml.safe_load(text)["model"]).validate()
+    except (KeyError, TypeError, ValueError, yaml.YAMLError, ReformerDistError) as e:
+        raise CheckpointError(f"{source}: no valid model section ({describe(e)})") from None
+
+
+def from_native(path: str | os.PathLike) -> ReformerLM:
+    """The ReformerLM (fp32, eval mode) of a native directory; CheckpointError names what is wrong."""
+    from safetensors.torch import load_file
+
     from reformer_dist.model.reformer import ReformerLM
 
     path = Path(path)
     if not is_native_dir(path):
         raise CheckpointError(f"{path}: not a native model directory ({WEIGHTS} + {CONFIG})")
     try:
-        config = ReformerConfig(**yaml.safe_load((path / CONFIG).read_text())["model"]).validate()
-    except (KeyError, TypeError, ValueError, yaml.YAMLError, ReformerDistError) as e:
-        raise CheckpointError(f"{path / CONFIG}: no valid model section ({describe(e)})") from None
+        text = (path / CONFIG).read_text()
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8
+        raise CheckpointError(f"{path / CONFIG}: unreadable ({describe(e)})") from None
+    config = model_config_from_yaml(text, str(path / CONFIG))
     try:
         weights = load_file(str(path / WEIGHTS))
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for bad files

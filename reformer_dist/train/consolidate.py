@@ -12,16 +12,12 @@ weights the forward used are upcast (within one 16-bit rounding of the optimizer
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import yaml
 
-from reformer_dist.errors import CheckpointError, ReformerDistError, describe
+from reformer_dist.errors import CheckpointError, describe
 from reformer_dist.train.checkpoint import CONFIG_FILE, read_meta, read_saved_config, verify_checkpoint_files
-
-if TYPE_CHECKING:
-    from reformer_dist.model import ReformerConfig
 
 
 def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -50,25 +46,15 @@ def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {name: t.float() for name, t in state.items()}
 
 
-def model_config(config_yaml: str, source: str) -> ReformerConfig:
-    """The ReformerConfig of a run config's ``model:`` section (CheckpointError naming ``source``)."""
-    from reformer_dist.model import ReformerConfig
-
-    try:
-        return ReformerConfig(**yaml.safe_load(config_yaml)["model"]).validate()
-    except (ValueError, yaml.YAMLError, KeyError, TypeError, ReformerDistError) as e:
-        raise CheckpointError(f"{source}: no valid model section ({describe(e)})") from None
-
-
 def write_native(state_dict: dict[str, torch.Tensor], config_yaml: str, tokenizer: dict[str, Any] | None,
                  out_dir: Path, source: str = "the run config") -> Path:
     """Build the ReformerLM that ``config_yaml``'s ``model:`` section describes, load ``state_dict`` into it
     (strictly: weights that do not fit are refused) and save it as a native directory. ``source`` names
     the config in errors."""
     from reformer_dist.model import ReformerLM
-    from reformer_dist.model.native import save_native
+    from reformer_dist.model.native import model_config_from_yaml, save_native
 
-    model = ReformerLM(model_config(config_yaml, source))
+    model = ReformerLM(model_config_from_yaml(config_yaml, source))
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
