@@ -201,13 +201,29 @@ def test_generation_stops_at_max_seq_len():
 
 def test_limits_body_size_and_max_tokens_cap():
     async def go(client):
-        big = await client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 5000 + b'"}')
+        big = await client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 5000 + b'"}',
+                                headers={"content-type": "application/json"})
         capped = await complete(client, prompt="a", max_tokens=33)
         return big, capped
 
     big, capped = run_app(CountingBackend(), go, max_body_bytes=4096, max_tokens_cap=32)
     assert big.status_code == 413
     assert capped.status_code == 400 and capped.json()["error"]["param"] == "max_tokens"
+
+
+def test_bodies_not_declared_json_get_415():
+    body = b'{"prompt": "a", "max_tokens": 1}'
+
+    async def go(client):
+        return [(await client.post(path, content=body, headers=headers)).status_code
+                for path in ("/v1/completions", "/v1/score")
+                for headers in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"})]
+
+    codes = run_app(CountingBackend(), go)
+    assert codes == [415] * 6
+    ok = run_app(CountingBackend(), lambda client: client.post(
+        "/v1/completions", content=body, headers={"content-type": "application/json; charset=utf-8"}))
+    assert ok.status_code == 200
 
 
 def test_score_matches_the_model_log_likelihood():

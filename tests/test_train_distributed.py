@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from launch_ports import free_port, segments_of
+from micro_run import MICRO_MODEL
 from wandb_records import history_rows, read_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -28,21 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 STEPS = 20
-MICRO_CONFIG = """
-model:
-  vocab_size: 256
-  d_model: 32
-  n_heads: 2
-  d_head: 16
-  d_ff: 64
-  n_layers: 2
-  attn_layers: [local, lsh]
-  lsh_chunk_len: 16
-  local_chunk_len: 16
-  max_seq_len: 64
-  axial_pos_shape: [8, 8]
-  axial_pos_dims: [16, 16]
-train:
+MICRO_CONFIG = MICRO_MODEL + """train:
   max_steps: 20
   seq_len: 64
   micro_batch_size: 2

@@ -23,7 +23,8 @@ def _add_onnx(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="training run directory, native model directory / .safetensors, or HF Reformer directory")
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="the .onnx file to write")
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help=f"weights and activations of the graph (default {d.precision})")
     p.add_argument("--flavour", choices=FLAVOURS, default=d.flavour,
                    help="portable: standard-op LSH body; tensorrt: + plugin attributes; ort-tensorrt: "
                         "node in ONNX Runtime's trt.plugins domain")
@@ -31,7 +32,7 @@ def _add_onnx(p: argparse.ArgumentParser) -> None:
                    help="sort of the LSH body: counting (TensorRT-parsable) or topk (fewer ops)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="longest sequence the deployment accepts (default: the model's max_seq_len)")
-    p.add_argument("--opset", type=int, default=d.opset)
+    p.add_argument("--opset", type=int, default=d.opset, help=f"ONNX opset version (default {d.opset})")
     p.add_argument("--tokenizer", default=None, metavar="SPEC",
                    help="tokenizer to record (bytes, a tokenizer.json, a .model); default: the checkpoint's")
     p.add_argument("--generation", action="store_true",
@@ -50,6 +51,10 @@ def _run_onnx(args: argparse.Namespace) -> int:
         from reformer_dist.data.tokenizer import parse_tokenizer_arg
 
         tokenizer = parse_tokenizer_arg(args.tokenizer)
+    if tokenizer is not None:
+        from reformer_dist.data.tokenizer import get_tokenizer
+
+        get_tokenizer(tokenizer)  # a file the deployment could not load is refused before it is embedded
     proto = export_onnx(source.model, args.output, precision=args.precision, flavour=args.flavour, sort=args.sort,
                         opset=args.opset, max_seq_len=args.max_seq_len, tokenizer=tokenizer, generation=args.generation)
     report = check_model(proto, "onnxruntime")
@@ -66,8 +71,9 @@ def _run_onnx(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- check
 def _add_check(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--target", choices=["tensorrt", "onnxruntime"], required=True)
+    p.add_argument("model", metavar="MODEL.onnx", help="the exported graph to check")
+    p.add_argument("--target", choices=["tensorrt", "onnxruntime"], required=True,
+                   help="the runtime whose importer the graph must pass")
 
 
 def _run_check(args: argparse.Namespace) -> int:

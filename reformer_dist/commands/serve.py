@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field, flag, kind, text in SERVE_FLAGS:
         parser.add_argument(flag, dest=field, type=kind, default=None, metavar=flag[2:].upper().replace("-", "_"),
                             help=f"{text} (default {getattr(d, field)})")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                        help="server and access log verbosity (default info)")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:

@@ -72,7 +72,11 @@ class TokenWindowDataset:
         while pos < stop:
             lo = pos - self._starts[k]
             hi = min(stop, self._starts[k + 1]) - self._starts[k]
-            out[pos - start:pos - start + hi - lo] = self._maps[k][lo:hi]
+            piece = out[pos - start:pos - start + hi - lo]
+            piece[:] = self._maps[k][lo:hi]
+            if piece.size and piece.max() >= self.vocab_size:  # an overwritten shard (sizes still match)
+                raise DataError(f"{self._paths[k]}: token id {piece.max()} is outside the vocabulary "
+                                f"({self.vocab_size} ids); the shard is corrupted, re-run prepare-data")
             pos += hi - lo
             k += 1
         return out

@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -37,6 +36,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from reformer_dist.atomic_write import atomic_write
 from reformer_dist.errors import ReformerDistError
 from reformer_dist.export.config import ExportConfig
 from reformer_dist.export.lsh_onnx import DOMAIN, OP_TYPE, LshSpec, lsh_function, translate_lsh_attention
@@ -191,16 +191,9 @@ def apply_flavour(proto: onnx.ModelProto, flavour: str) -> None:
 def save_model(proto: onnx.ModelProto, output: str | os.PathLike) -> None:
     """Save atomically (temp file + rename); weights above protobuf's 2 GiB limit go to ``<name>.data``."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     large = proto.ByteSize() > 2**31 - 2**24
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp, save_as_external_data=large, location=f"{output.name}.data")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(output, lambda tmp: onnx.save_model(proto, tmp, save_as_external_data=large,
+                                                     location=f"{output.name}.data"))
 
 
 def tokenizer_metadata(spec: dict | None) -> dict[str, str]:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from reformer_dist.atomic_write import atomic_write
 from reformer_dist.errors import ReformerDistError
 
 DEFAULT_PLUGIN = Path(__file__).resolve().parents[2] / "export" / "tensorrt" / "lsh_plugin.py"
@@ -194,8 +194,4 @@ class TensorRTRunner:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

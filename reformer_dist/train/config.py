@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from reformer_dist.errors import ConfigError
 
@@ -114,23 +115,41 @@ class DeepSpeedConfig:
         return self
 
 
+# W&B's own spellings of WANDB_MODE -> ours ("dryrun" and "run" are its older names)
+WANDB_ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline",
+                   "run": "online"}
+
+
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"
-    """online, offline or disabled."""
-    project: str = "reformer-dist"
-    """W&B project."""
+    mode: str | None = None
+    """online, offline or disabled; null = $WANDB_MODE if set, else disabled."""
+    project: str | None = None
+    """W&B project; null = $WANDB_PROJECT if set, else reformer-dist."""
     entity: str | None = None
-    """W&B entity (team or user); null = the default."""
+    """W&B entity (team or user); null = $WANDB_ENTITY if set, else your W&B default."""
     group: str | None = None
     """W&B run group."""
     tags: list[str] = field(default_factory=list)
     """W&B run tags."""
 
     def validate(self) -> WandbConfig:
-        if self.mode not in ("online", "offline", "disabled"):
+        if self.mode not in (None, "online", "offline", "disabled"):
             raise ConfigError("logging.wandb.mode", f"must be online, offline or disabled, got {self.mode!r}")
         return self
+
+    def resolve(self, env: Mapping[str, str]) -> WandbConfig:
+        """This config with each unset key taken from W&B's environment variables (as ``wandb`` itself
+        does), then from the defaults; a key the config sets wins over the environment."""
+        mode = self.mode
+        if mode is None:
+            raw = env.get("WANDB_MODE", "").strip().lower()
+            if raw and raw not in WANDB_ENV_MODES:
+                raise ConfigError("WANDB_MODE", f"must be online, offline or disabled, got {raw!r} (it applies "
+                                                f"because logging.wandb.mode is not set)")
+            mode = WANDB_ENV_MODES.get(raw, "disabled")
+        return replace(self, mode=mode, project=self.project or env.get("WANDB_PROJECT") or "reformer-dist",
+                       entity=self.entity or env.get("WANDB_ENTITY") or None)
 
 
 @dataclass

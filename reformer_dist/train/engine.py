@@ -99,6 +99,8 @@ def initialize_engine(model: TrainingReformerLM, ds_config: dict[str, Any], trai
     """``deepspeed.initialize`` with our parameter groups and schedule; returns the engine."""
     import deepspeed
 
+    from reformer_dist.train import weights_only
+
     ds_config = copy.deepcopy(ds_config)  # DeepSpeed annotates the dict it is given
     groups = param_groups(model, train.weight_decay)
     optimizer = None
@@ -114,4 +116,5 @@ def initialize_engine(model: TrainingReformerLM, ds_config: dict[str, Any], trai
     scheduler = None if "scheduler" in ds_config else scheduler_factory(train)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
                                       optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    weights_only.install(engine)  # checkpoints are read without unpickling code
     return engine

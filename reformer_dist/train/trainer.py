@@ -60,8 +60,11 @@ class TrainState:
 
 def open_datasets(cfg: JobConfig) -> tuple[TokenWindowDataset, TokenWindowDataset | None]:
     """Training and (if the manifest has enough tokens for one window) validation windows; checked before
-    any process group exists, so a wrong data.path fails fast with a one-line error."""
-    train_ds = TokenWindowDataset(cfg.data.path, cfg.data.train_split, cfg.train.seq_len)
+    any process group exists, so a wrong data.path fails fast with a one-line error. With
+    data.verify_checksums rank 0 hashes every file of the manifest; the other ranks then wait for it in the
+    rendezvous, which a failed rank 0 never joins (the launcher ends them, or the rendezvous times out)."""
+    verify = cfg.data.verify_checksums and rank_from_env(os.environ)[0] == 0
+    train_ds = TokenWindowDataset(cfg.data.path, cfg.data.train_split, cfg.train.seq_len, verify_checksums=verify)
     if train_ds.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the vocabulary of "
                                               f"{cfg.data.path} ({train_ds.vocab_size} ids)")
@@ -75,7 +78,10 @@ def train(cfg: JobConfig) -> int:
     """Run (or resume) the training job ``cfg`` on this rank; returns the exit status."""
     # user errors (data, batch triple, DeepSpeed JSON) surface before any process group is formed
     train_ds, val_ds = open_datasets(cfg)
-    build_deepspeed_config(cfg, rank_from_env(os.environ)[2])
+    rank, _, world_size = rank_from_env(os.environ)
+    build_deepspeed_config(cfg, world_size)
+    if rank == 0:  # a broken checkpoint is refused, naming the file, before the ranks gather
+        ckpt.verify_resume_point(cfg.train.resume, Path(cfg.train.output_dir), world_size, cfg.deepspeed.zero_stage)
     dist_info = init_distributed(cfg.deepspeed.collective_timeout_s)
     try:
         return Trainer(cfg, dist_info, train_ds, val_ds).train()
