@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from reformer_dist.data.tokenizer import ByteTokenizer
+from reformer_dist.decoding.sampler import SamplingParams, choose_token, top_logprobs
 from reformer_dist.serve.protocol import ApiError, CompletionRequest, parse_json, validate
-from reformer_dist.serve.sampling import SamplingParams, choose_token, top_logprobs
 from reformer_dist.serve.textstream import TextStream
 
 

@@ -93,6 +93,11 @@ class DecodingBackend(ABC):
             row[: len(seq)] = seq
         return ids, lengths
 
+    def last_logits(self, sequences: Sequence[list[int]]) -> np.ndarray:
+        """Next-token logits (B, V) of each whole sequence, recomputed from its first token."""
+        ids, lengths = self.pack(sequences)
+        return self.forward(ids, lengths)[np.arange(len(sequences)), lengths - 1]
+
     def score(self, sequences: Sequence[list[int]], top: int = 0) -> list[TokenScores]:
         """For each sequence, its tokens' log-probabilities and the ``top`` likeliest alternatives."""
         ids, lengths = self.pack(sequences)
@@ -107,18 +112,14 @@ class RecomputingBackend(DecodingBackend):
 
     cached = False
 
-    def _last_logits(self, rows: list[list[int]]) -> np.ndarray:
-        ids, lengths = self.pack(rows)
-        return self.forward(ids, lengths)[np.arange(len(rows)), lengths - 1]
-
     def prefill(self, prompts: list[list[int]]) -> tuple[list[list[int]], np.ndarray]:
         rows = [list(p) for p in prompts]
-        return rows, self._last_logits(rows)
+        return rows, self.last_logits(rows)
 
     def decode(self, state: list[list[int]], tokens: np.ndarray) -> np.ndarray:
         for row, token in zip(state, tokens.tolist()):
             row.append(int(token))
-        return self._last_logits(state)
+        return self.last_logits(state)
 
     def merge(self, state: list[list[int]], other: list[list[int]]) -> list[list[int]]:
         return state + other
