@@ -66,7 +66,7 @@ def test_cache_sizes_are_bounded():
         for t in range(3):
             _, cache = decode_step(model, torch.tensor([1]), torch.tensor([40 + t]), cache)
     assert cache["0.k"].shape[2] == 2 * 4  # local: (chunks_before + 1) * chunk_len
-    assert cache["1.k"].shape[3] == 4 * 4  # lsh bucket window: n_buckets * chunk_len per round
+    assert cache["1.k"].shape[3] == 4 * 5  # lsh bucket window: n_buckets * (chunk_len + 1) per round
     assert cache["2.k"].shape[2] == 16  # full: max_cache_len
     assert int(cache["1.count"].sum()) == 43 * 2 * 2  # every token counted once per head and round
 

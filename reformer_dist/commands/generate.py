@@ -53,10 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from reformer_dist.decoding import SamplingParams, generate_stream
-    from reformer_dist.decoding.loading import open_model
+    from reformer_dist.decoding.loading import open_model, quiet_openmp
     from reformer_dist.errors import ConfigError
     from reformer_dist.serve.textstream import TextStream
 
+    quiet_openmp()  # before torch is imported
     if (args.checkpoint is None) == (args.model is None):
         raise ConfigError("--checkpoint", "give exactly one of --checkpoint (PyTorch) or --model (an export)")
     loaded = open_model(args.checkpoint or args.model, "torch" if args.checkpoint else None, device=args.device,

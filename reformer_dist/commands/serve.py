@@ -94,10 +94,11 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from reformer_dist.decoding.loading import open_model
+    from reformer_dist.decoding.loading import open_model, quiet_openmp
     from reformer_dist.serve.app import create_app
     from reformer_dist.serve.server import run_server
 
+    quiet_openmp()  # before torch is imported
     cfg = serve_config(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     loaded = open_model(args.model, args.backend, device=args.device, threads=args.threads,

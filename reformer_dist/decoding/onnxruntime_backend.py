@@ -3,9 +3,10 @@
 ``<stem>.prefill.onnx`` and ``<stem>.decode.onnx`` (``export onnx --generation``) run the same cached
 algorithm as PyTorch's ``reformer_dist.model.generation`` with the rotations frozen at export, so greedy
 tokens equal the PyTorch backend's. The batch state is the decode graph's cache as ``OrtValue``s plus
-each row's next position: IO binding feeds a step's ``present.*`` outputs back as the next step's
-``cache.*`` inputs where the provider computes (on a GPU provider the cache never leaves the device;
-only the logits come back to the host). Joining and leaving run two tiny graphs built here (``Concat``
+each row's next position. IO binding binds each step's ``present.*`` outputs to the very buffers of its
+``cache.*`` inputs, so a step updates the cache in place where the provider computes (on a GPU provider
+the cache never leaves the device; only the logits come back to the host): a step's cost does not grow
+with the cache, which for LSH layers is n_buckets * (chunk_len + 1) entries per round. Joining and leaving run two tiny graphs built here (``Concat``
 and ``Gather`` along the batch over every cache tensor) on the same provider, so they stay on the device
 too. A batch's rows decode at their own positions; newcomers are prefilled right-padded to one width,
 which is exact because every layer the graphs support is strictly causal.
@@ -92,11 +93,15 @@ class OrtBackend(DecodingBackend):
         binding = self.decode_session.io_binding()
         binding.bind_cpu_input("token", np.ascontiguousarray(tokens, dtype=np.int64))
         binding.bind_cpu_input("position", state.position)
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
         for name, value in zip(self.cache_names, state.cache):
+            # in place: the step writes its new entries into the buffers it reads (the decode graph
+            # reads only what it has written, see generation.decode_step), so no step copies the cache
             binding.bind_ortvalue_input(f"cache.{name}", value)
-        logits, state.cache = self._run(self.decode_session, binding)
+            binding.bind_ortvalue_output(f"present.{name}", value)
+        self.decode_session.run_with_iobinding(binding)
         state.position = state.position + 1
-        return logits
+        return binding.get_outputs()[0].numpy()
 
     def _run(self, session, binding) -> tuple[np.ndarray, list[Any]]:
         """Logits to the host, the cache where the provider computes (it feeds the next step)."""

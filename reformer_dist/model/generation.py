@@ -11,12 +11,13 @@ engineer can trace them into ONNX prefill / decode graphs. Each layer's cache de
 ``full``   a ring of keys/values of capacity ``max_cache_len`` (default: the whole generation). Exact
            while the sequence fits; beyond it, a sliding window over the most recent tokens.
 ``lsh``, ``lsh_window="bucket"``
-           per (batch, head, round, bucket) a ring of the last ``chunk_len`` keys (unit-normalised) and
+           per (batch, head, round, bucket) a ring of the last ``chunk_len + 1`` keys (unit-normalised) and
            values and their positions, plus ``count`` tokens seen per bucket and the layer's rotations
-           ``rot``. The new token is hashed with the same rotations, attends to its bucket's ring plus
-           itself (self-masked, so only when the ring is empty), rounds are combined by logsumexp weights,
-           then it replaces the bucket's oldest entry. Bounded by ``n_buckets * chunk_len`` per round, and
-           equal to recomputation because a bucket window only ever looks at earlier tokens.
+           ``rot``. The new token is hashed with the same rotations and replaces its bucket's oldest entry,
+           then attends to the ring: the last ``chunk_len`` earlier tokens of its bucket and itself
+           (self-masked, so only when it is alone); rounds are combined by logsumexp weights. Bounded by
+           ``n_buckets * (chunk_len + 1)`` per round, and equal to recomputation because a bucket window
+           only ever looks at earlier tokens.
 ``lsh``, ``lsh_window="chunk"`` (imported HF checkpoints)
            HF's cached algorithm (``ReformerDynamicCache`` / ``_get_relevant_hid_states_and_buckets``)
            in fixed shapes: every token's key/value and HF-style bucket value (round offsets included),
@@ -151,8 +152,9 @@ def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: 
             "hashed": torch.full((b,), hf_hashed, dtype=torch.bool, device=h.device),
         }
         return out, cache
-    # bucket window: per bucket, the last chunk_len tokens, at ring slot (rank within bucket) % chunk_len
-    c = sa.chunk_len
+    # bucket window: per bucket, the last chunk_len + 1 tokens (a decode step writes the new one first, see
+    # _step_lsh_bucket), at ring slot (rank within bucket) % (chunk_len + 1)
+    c = sa.chunk_len + 1
     real = buckets < nb  # (B, H, n, L); padding sits in bucket nb
     rank, counts = (_bucket_ranks_counting if counting else _bucket_ranks_sorting)(buckets, nb)
     seen = torch.gather(counts, 3, buckets.clamp(max=nb - 1))  # tokens in each position's bucket
@@ -278,40 +280,38 @@ def _step_local(sa, h: Tensor, position: Tensor, c: Cache, full: bool, inplace: 
 
 
 def _step_lsh_bucket(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache, inplace: bool) -> tuple[Tensor, Cache]:
-    """Bucket window: attend the bucket's ring (last chunk_len tokens) plus self, then join the ring."""
+    """Bucket window: the new token joins its bucket's ring of chunk_len + 1 slots (replacing the oldest),
+    then attends to that ring: the last chunk_len earlier tokens of its bucket, and itself self-masked.
+    Written first, read after: nothing reads the incoming cache once it is written, so a runtime may
+    update it in place (ONNX Runtime binds each ``present.*`` output to its ``cache.*`` input)."""
     b, n_heads, _, d = qk.shape
-    width = sa.chunk_len
+    width = sa.chunk_len + 1
     buckets = hash_vectors(qk, c["rot"], sa.n_buckets, None)[..., 0]  # (B, H, n)
     n_hashes = buckets.shape[-1]
-    k = normalize_keys(qk)
-    slots = buckets[..., None] * width + torch.arange(width, device=qk.device)  # (B, H, n, c)
-    ring_k = torch.gather(c["k"], 3, slots[..., None].expand(-1, -1, -1, -1, d))  # (B, H, n, c, D)
-    ring_v = torch.gather(c["v"], 3, slots[..., None].expand(-1, -1, -1, -1, d))
-    ring_pos = torch.gather(c["pos"], 3, slots)
+    seen = torch.gather(c["count"], 3, buckets[..., None])  # (B, H, n, 1) tokens of the bucket so far
+    slot = buckets[..., None] * width + seen % width
+    index = slot[..., None].expand(-1, -1, -1, -1, d)
+    keys = _write(c["k"], 3, index, normalize_keys(qk)[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace)
+    values = _write(c["v"], 3, index, v[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace)
+    pos = _write(c["pos"], 3, slot, position.view(-1, 1, 1, 1).expand_as(slot), inplace)
+    count = _write(c["count"], 3, buckets[..., None], seen + 1, inplace)
+
+    slots = buckets[..., None] * width + torch.arange(width, device=qk.device)  # (B, H, n, c+1)
+    ring_k = torch.gather(keys, 3, slots[..., None].expand(-1, -1, -1, -1, d))  # (B, H, n, c+1, D)
+    ring_v = torch.gather(values, 3, slots[..., None].expand(-1, -1, -1, -1, d))
+    ring_pos = torch.gather(pos, 3, slots)
     masked, self_masked = mask_values(qk.dtype)
     scores = torch.einsum("bhqd,bhnkd->bhnk", qk, ring_k).float().masked_fill(ring_pos < 0, masked)
-    scores = torch.cat([scores, scores.new_full((b, n_heads, n_hashes, 1), self_masked)], dim=-1)
-    values = torch.cat([ring_v, v[:, :, None].expand(-1, -1, n_hashes, -1, -1)], dim=3)  # (B, H, n, c+1, D)
+    scores = scores.masked_fill(ring_pos == position.view(-1, 1, 1, 1), self_masked)
     # the model's LSH op arithmetic: per-round softmax statistics kept as (max, log-sum) — at the -1e5
     # self-mask scale a folded logsumexp would lose ~1e-2 in fp32 — then a softmax over rounds
     top = scores.amax(dim=-1, keepdim=True)  # (B, H, n, 1)
     probs = torch.exp(scores - top)
     total = probs.sum(dim=-1, keepdim=True)
-    o = torch.einsum("bhnk,bhnkd->bhnd", (probs / total).to(v.dtype), values)
+    o = torch.einsum("bhnk,bhnkd->bhnd", (probs / total).to(v.dtype), ring_v)
     weights = torch.softmax((top - top.amax(dim=2, keepdim=True)) + total.log(), dim=2)  # (B, H, n, 1)
     out = (o * weights.to(o.dtype)).sum(dim=2, keepdim=True).transpose(1, 2)  # (B, 1, H, D)
-
-    # the new token replaces the oldest entry of its bucket's ring
-    seen = torch.gather(c["count"], 3, buckets[..., None])  # (B, H, n, 1)
-    slot = buckets[..., None] * width + seen % width
-    index = slot[..., None].expand(-1, -1, -1, -1, d)
-    new = {
-        "rot": c["rot"],
-        "k": _write(c["k"], 3, index, k[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace),
-        "v": _write(c["v"], 3, index, v[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace),
-        "pos": _write(c["pos"], 3, slot, position.view(-1, 1, 1, 1).expand_as(slot), inplace),
-        "count": _write(c["count"], 3, buckets[..., None], seen + 1, inplace),
-    }
+    new = {"rot": c["rot"], "k": keys, "v": values, "pos": pos, "count": count}
     return out.reshape(b, 1, n_heads * d), new
 
 
@@ -382,7 +382,9 @@ def decode_step(model: ReformerLM, token: Tensor, position: Tensor, cache: Cache
     """One new token per row: token (B,) int64 at position (B,) int64 -> (logits (B, vocab), new cache).
 
     A pure function by default (the input cache is left as it was); ``inplace=True`` writes the new
-    entries into the input cache's tensors instead of copying them, which eager generation uses."""
+    entries into the input cache's tensors instead of copying them, which eager generation uses. Every
+    layer writes its new entries before it reads the cache, and reads only what it wrote: an exported
+    decode graph may therefore run with its outputs bound to its cache inputs (in place)."""
     x = (model.embeddings.word_embeddings(token) + _axial_at(model, position))[:, None]  # (B, 1, d_model)
     x1, x2, new_cache = x, x, {}
     for i, layer in enumerate(model.layers):
