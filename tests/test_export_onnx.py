@@ -186,6 +186,7 @@ def _op_inputs(spec: lsh_onnx.LshSpec, b: int, h: int, length: int, d: int, seed
 BODY_CASES = [  # window, causal, n_hashes, factors, chunk, before, after, mask, (B, H, L, D)
     ("bucket", True, 2, (8,), 4, 1, 0, True, (2, 2, 32, 8)),
     ("bucket", False, 3, (4, 4), 8, 1, 0, False, (1, 2, 64, 16)),
+    ("bucket", True, 2, (4, 8), 4, 1, 0, True, (2, 2, 64, 8)),  # factorised and padded: radix counting sort
     ("chunk", True, 2, (8,), 4, 1, 0, True, (2, 2, 32, 8)),
     ("chunk", False, 3, (4, 4), 8, 2, 1, True, (1, 2, 64, 16)),
     ("chunk", True, 1, (4,), 8, 3, 0, False, (1, 2, 8, 16)),  # look-back wider than the sequence
