@@ -177,9 +177,10 @@ def test_prefill_and_decode_step_trace_with_torch_export(window):
         assert torch.equal(exported(*args)[0], decode_step(model, *args)[0])
 
 
-def test_counting_layout_of_the_bucket_cache_equals_the_sorted_one():
-    """The exported prefill's TensorRT-legal layout (one-hot counts) builds the very cache sorting builds."""
-    model = make_model(["lsh", "local"], lsh_chunk_len=2)  # short rings: buckets overflow and wrap
+@pytest.mark.parametrize("buckets", [4, [2, 4]], ids=["one_factor", "factorised"])
+def test_counting_layout_of_the_bucket_cache_equals_the_sorted_one(buckets):
+    """The exported prefill's TensorRT-legal layout (radix counting) builds the very cache sorting builds."""
+    model = make_model(["lsh", "local"], lsh_chunk_len=2, lsh_n_buckets=buckets)  # short rings overflow and wrap
     ids, mask = padded_batch([23, 14])
     with torch.no_grad():
         logits, sorted_cache = prefill(model, ids, mask, None, 40)

@@ -156,7 +156,7 @@ def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: 
     # _step_lsh_bucket), at ring slot (rank within bucket) % (chunk_len + 1)
     c = sa.chunk_len + 1
     real = buckets < nb  # (B, H, n, L); padding sits in bucket nb
-    rank, counts = (_bucket_ranks_counting if counting else _bucket_ranks_sorting)(buckets, nb)
+    rank, counts = _bucket_ranks_counting(buckets, sa.n_buckets) if counting else _bucket_ranks_sorting(buckets, nb)
     seen = torch.gather(counts, 3, buckets.clamp(max=nb - 1))  # tokens in each position's bucket
     keep = real & (rank >= seen - c)
     slot = torch.where(keep, buckets * c + rank % c, nb * c)  # nb * c: a discard slot, dropped below
@@ -192,14 +192,36 @@ def _bucket_ranks_sorting(buckets: Tensor, nb: int) -> tuple[Tensor, Tensor]:
     return rank, counts[..., :nb]
 
 
-def _bucket_ranks_counting(buckets: Tensor, nb: int) -> tuple[Tensor, Tensor]:
-    """As :func:`_bucket_ranks_sorting`, by counting: a running fp32 count per bucket (one-hot + CumSum,
-    exact below 2**24 tokens) instead of a sort, because TensorRT takes neither a TopK whose K is the
-    prompt length nor an INT64 CumSum. Costs B*H*n*L*nb floats: the exported prefill's layout."""
-    onehot = (buckets[..., None] == torch.arange(nb, device=buckets.device)).float()  # padding: all zero
-    running = torch.cumsum(onehot, dim=3)  # (B, H, n, L, nb): tokens of each bucket up to each position
-    rank = torch.gather(running, 4, buckets.clamp(max=nb - 1)[..., None])[..., 0] - 1
-    return rank.long(), running[:, :, :, -1].long()
+def _bucket_ranks_counting(buckets: Tensor, factors: list[int]) -> tuple[Tensor, Tensor]:
+    """As :func:`_bucket_ranks_sorting`, by counting, because TensorRT takes neither a TopK whose K is the
+    prompt length nor an INT64 CumSum: the exported prefill's layout. A least-significant-digit radix sort
+    with one stable counting pass per bucket factor (one-hot + fp32 CumSum, exact below 2**24 tokens), so
+    it costs B*H*n*L*(factor + 1) floats per pass rather than B*H*n*L*n_buckets; the tokens per bucket are
+    a sum over positions of (top digit one-hot) x (lower digits one-hot): one MatMul."""
+    nb, top_factor = math.prod(factors), factors[-1]
+    positions = torch.arange(buckets.shape[-1], device=buckets.device).expand_as(buckets)
+    order, stride = positions, 1  # order: slot -> position, sorted by the digits so far
+    for i, factor in enumerate(factors):
+        digit = torch.div(buckets, stride, rounding_mode="floor")
+        last = i == len(factors) - 1
+        digit = digit if last else digit % factor  # padding (bucket nb) is the top digit's extra value
+        keys = torch.gather(digit, 3, order)
+        onehot = (keys[..., None] == torch.arange(factor + last, device=buckets.device)).float()
+        running = torch.cumsum(onehot, dim=3)  # (B, H, n, L, width): each value's count up to each slot
+        counts = running[:, :, :, -1]
+        starts = torch.cumsum(counts, dim=-1) - counts
+        slot = torch.gather(running, 4, keys[..., None])[..., 0] + torch.gather(starts, 3, keys) - 1
+        order = torch.zeros_like(order).scatter(3, slot.long(), order)
+        stride *= factor
+    slot_of = torch.zeros_like(order).scatter(3, order, positions)  # position -> slot in (bucket, position)
+    low = nb // top_factor
+    top_hot = (torch.div(buckets, low, rounding_mode="floor")[..., None]
+               == torch.arange(top_factor + 1, device=buckets.device)).float()
+    low_hot = ((buckets % low)[..., None] == torch.arange(low, device=buckets.device)).float()
+    counts = torch.matmul(top_hot.transpose(-1, -2), low_hot)[:, :, :, :top_factor].flatten(3)  # (B, H, n, nb)
+    starts = torch.cumsum(counts, dim=-1) - counts
+    rank = slot_of - torch.gather(starts, 3, buckets.clamp(max=nb - 1)).long()
+    return rank, counts.long()
 
 
 def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None = None,

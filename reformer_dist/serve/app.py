@@ -1,10 +1,13 @@
 """The HTTP API: an OpenAI-compatible completions endpoint plus scoring, health and Prometheus metrics.
 
-    POST /v1/completions   prompt (string or list) → completions, plain JSON or server-sent events
-    POST /v1/score         text (string or list) → log-likelihood, bits per token and per byte
-    GET  /v1/models        the one model this server serves
-    GET  /health           200 {"status": "ok"}; 503 while draining or if the engine died
-    GET  /metrics          Prometheus text
+    POST /v1/completions        prompt (string or list) → completions, plain JSON or server-sent events;
+                                OpenAI's sampling fields (penalties, logit_bias, echo, logprobs, seed...)
+    POST /v1/chat/completions   messages → a chat completion, only with a chat template (else 400: a
+                                base language model continues text)
+    POST /v1/score              text (string or list) → log-likelihood, bits per token and per byte
+    GET  /v1/models             the one model this server serves
+    GET  /health                200 {"status": "ok"}; 503 while draining or if the engine died
+    GET  /metrics               Prometheus text
 
 Bodies are read by hand, not by FastAPI's parameter machinery, so the size cap applies while reading
 (before anything is parsed) and every failure, from bad UTF-8 to a wrong type, is answered in OpenAI's
