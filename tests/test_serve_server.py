@@ -409,6 +409,20 @@ def test_16_concurrent_requests_of_different_lengths_equal_one_at_a_time(long_se
         assert together == alone, backend
 
 
+def test_onnxruntime_serving_needs_no_torch(long_model):
+    probe = ("import sys\nsys.modules['torch'] = None  # importing it now raises ImportError\n"
+             "from reformer_dist.decoding import SamplingParams, generate_stream\n"
+             "from reformer_dist.decoding.loading import open_model\n"
+             "from reformer_dist.serve.app import create_app\n"
+             "from reformer_dist.serve.config import ServeConfig\n"
+             f"loaded = open_model({str(long_model[1])!r})\n"
+             "create_app(loaded.backend, loaded.tokenizer, ServeConfig(), loaded.name)\n"
+             "next(generate_stream(loaded.backend, [[1, 2]], SamplingParams(max_tokens=1, temperature=0)))\n"
+             "print('clean', loaded.name)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "clean long", out.stderr
+
+
 def test_openai_client_penalties_change_the_output_as_specified(long_servers):
     c = client(long_servers["onnxruntime"])
     prompt = "x = 1\n" * 8

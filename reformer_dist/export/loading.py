@@ -17,10 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from reformer_dist.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 RUN_NATIVE_DIR = "native"
 
