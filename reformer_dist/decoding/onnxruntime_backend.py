@@ -61,7 +61,9 @@ class OrtBackend(DecodingBackend):
         paths = generation_paths(model_path, ".onnx")
         self.model_path, self.providers, self.threads = str(model_path), providers, threads
         self.prefill_session = create_session(paths["prefill"], providers, threads=threads)
-        self.decode_session = create_session(paths["decode"], providers, threads=threads)
+        # a decode step is small (one token per row): one intra-op thread, as the PyTorch backend decodes;
+        # more only add synchronisation (measured: batch-1 step 6.6 ms on 1 thread, 10.8 ms on 2, busy CPU)
+        self.decode_session = create_session(paths["decode"], providers, threads=1)
         self.metadata = read_metadata(self.prefill_session.get_modelmeta().custom_metadata_map)
         self.cache_names: list[str] = json.loads(self.metadata["cache_names"])
         self.max_seq_len = int(self.metadata["max_seq_len"])
@@ -70,8 +72,8 @@ class OrtBackend(DecodingBackend):
         self.device = output_device(self.decode_session)
         inputs = {i.name: i for i in self.decode_session.get_inputs()}
         specs = [(_ONNX_TYPES[inputs[f"cache.{n}"].type], inputs[f"cache.{n}"].shape) for n in self.cache_names]
-        self._concat = _batch_op_session(specs, "Concat", self.decode_session.get_providers(), threads)
-        self._gather = _batch_op_session(specs, "Gather", self.decode_session.get_providers(), threads)
+        self._concat = _batch_op_session(specs, "Concat", self.decode_session.get_providers(), 1)
+        self._gather = _batch_op_session(specs, "Gather", self.decode_session.get_providers(), 1)
         self._runner: OrtRunner | None = None
 
     def prefill(self, prompts: list[list[int]]) -> tuple[OrtState, np.ndarray]:
