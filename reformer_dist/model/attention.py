@@ -89,10 +89,14 @@ class LSHSelfAttention(nn.Module):
         self.window, self.causal = config.lsh_window, config.causal
         self.dropout = config.attn_dropout
         self.hash_seed = config.hash_seed
+        self.frozen_rotations: Tensor | None = None  # set by ReformerLM.freeze_rotations (fp32, kept as is)
 
-    def rotations(self, generator: torch.Generator, device: torch.device) -> Tensor:
-        """Random rotations (H, D, n_hashes, sum(n_buckets)//2) fp32. With hash_seed set, the same ones every
-        call (equal to HF's ``torch.manual_seed(hash_seed); torch.randn(...)`` on CPU)."""
+    def rotations(self, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """Random rotations (H, D, n_hashes, sum(n_buckets)//2) fp32: the frozen ones when frozen; with
+        hash_seed set, the same ones every call (equal to HF's ``torch.manual_seed(hash_seed);
+        torch.randn(...)`` on CPU); otherwise a fresh draw from ``generator``."""
+        if self.frozen_rotations is not None:
+            return self.frozen_rotations.to(device)
         shape = (self.n_heads, self.d_head, self.n_hashes, sum(self.n_buckets) // 2)
         if self.hash_seed is not None:
             generator = torch.Generator().manual_seed(self.hash_seed)
@@ -104,7 +108,9 @@ class LSHSelfAttention(nn.Module):
         qk = split_heads(self.query_key(x), self.n_heads)
         v = split_heads(self.value(x), self.n_heads)
         rotations = self.rotations(generator, x.device)
-        seed = draw_seed(generator)
+        # frozen rotations mean deployment: no random draw unless dropout is live (export traces this)
+        live = self.training and self.dropout > 0
+        seed = draw_seed(generator) if self.frozen_rotations is None or live else 0
         args = (qk, v, rotations, key_padding_mask, buckets, self.n_buckets, self.chunk_len, self.chunks_before,
                 self.chunks_after, self.window, self.causal, self.dropout if self.training else 0.0, seed)
         if torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad):

@@ -19,12 +19,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from reformer_dist.errors import ReformerDistError
-from reformer_dist.model import generation, hf_interop, native
-from reformer_dist.model.attention import AttentionBlock
+from reformer_dist.model import hf_interop, native
+from reformer_dist.model.attention import AttentionBlock, LSHSelfAttention
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.embeddings import Embeddings
 from reformer_dist.model.reversible import residual_stack, reversible_stack
 from reformer_dist.model.rng import GeneratorHolder, dropout
+
+ROTATION_SEED = 0  # the default draw of inference rotations (see ReformerLM.draw_rotations)
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -127,13 +129,43 @@ class ReformerLM(nn.Module):
         logits = self.lm_head(hidden).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
-    # ------------------------------------------------------------------ checkpoints and decoding
-    # (implemented beside the model: hf_interop.py, native.py, generation.py)
+    # ------------------------------------------------------------------ checkpoints
+    # (implemented beside the model: hf_interop.py, native.py; cached decoding: generation.py)
     from_hf = staticmethod(hf_interop.from_hf)
     save_hf = hf_interop.save_hf
     from_native = staticmethod(native.from_native)
     save_native = native.save_native
-    generate = generation.generate
+
+    # ------------------------------------------------------------------ deployment: one draw of rotations
+    def draw_rotations(self, seed: int = ROTATION_SEED) -> list[Tensor | None]:
+        """Each layer's LSH rotations for inference (None for other layers): the frozen ones when the model
+        has them (``seed`` is then ignored), else one fixed draw: layer i uses ``hash_seed``'s when the
+        config sets one, else a generator seeded ``seed + i``. Cached decoding, export and every serving
+        backend take their rotations from here, so a prompt hashes (and decodes) alike everywhere."""
+        lsh = [layer.attention.self_attention for layer in self.layers]
+        if any(isinstance(sa, LSHSelfAttention) and sa.frozen_rotations is not None for sa in lsh):
+            return [sa.frozen_rotations if isinstance(sa, LSHSelfAttention) else None for sa in lsh]
+        device = self.lm_head.weight.device
+        return [sa.rotations(torch.Generator().manual_seed(seed + i), device) if isinstance(sa, LSHSelfAttention)
+                else None for i, sa in enumerate(lsh)]
+
+    def freeze_rotations(self, seed: int = ROTATION_SEED) -> ReformerLM:
+        """Record a fresh ``draw_rotations(seed)`` in the LSH layers (fp32, untouched by dtype casts):
+        until :meth:`unfreeze_rotations`, every forward hashes with them and draws no dropout seed while
+        dropout is off, which is what an exported graph holds as constants (unfrozen, a model without
+        ``hash_seed`` draws fresh rotations per forward, as in training). Returns the model."""
+        self.unfreeze_rotations()
+        for layer, rotations in zip(self.layers, self.draw_rotations(seed)):
+            if rotations is not None:
+                layer.attention.self_attention.frozen_rotations = rotations.float()
+        return self
+
+    def unfreeze_rotations(self) -> ReformerLM:
+        """Back to per-forward rotations (training)."""
+        for layer in self.layers:
+            if isinstance(layer.attention.self_attention, LSHSelfAttention):
+                layer.attention.self_attention.frozen_rotations = None
+        return self
 
     # ------------------------------------------------------------------ private randomness
     def _generators(self) -> dict[str, torch.Generator]:
