@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from reformer_dist.decoding.backend import DecodingBackend
-from reformer_dist.model.generation import Cache, decode_step, prefill
+from reformer_dist.model.generation import Cache, Decoder, prefill
 from reformer_dist.model.reformer import ReformerLM
 
 
@@ -50,6 +50,7 @@ class TorchBackend(DecodingBackend):
         if freeze:
             self.model.freeze_rotations()
         self.rotations = self.model.draw_rotations()
+        self.decoder = Decoder(self.model)  # the decode step's weights, prepared once
         cfg = model.config
         self.max_seq_len = cfg.max_seq_len
         self.vocab_size = cfg.vocab_size
@@ -94,7 +95,7 @@ class TorchBackend(DecodingBackend):
     def decode(self, state: TorchState, tokens: np.ndarray) -> np.ndarray:
         token = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.device)
         with self._threads(1):
-            logits, state.cache = decode_step(self.model, token, state.position, state.cache, inplace=True)
+            logits, state.cache = self.decoder.step(token, state.position, state.cache, inplace=True)
         state.position += 1
         return logits.float().cpu().numpy()
 

@@ -49,10 +49,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from reformer_dist.model.attention import merge_heads, split_heads
-from reformer_dist.model.lsh_attention import hash_vectors, mask_values, normalize_keys
+from reformer_dist.model.lsh_attention import hash_vectors, mask_values, normalize_keys, rotated_buckets
 
 if TYPE_CHECKING:
     from reformer_dist.model.reformer import ReformerLM
@@ -175,7 +175,8 @@ def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: 
         "pos": pos_buf.scatter(3, slot, pos.expand_as(slot))[..., : nb * c],
         "count": counts,
     }
-    return out, cache
+    # contiguous: a decode step reads and writes the rings as rows of flat views
+    return out, {name: t.contiguous() for name, t in cache.items()}
 
 
 def _bucket_ranks_sorting(buckets: Tensor, nb: int) -> tuple[Tensor, Tensor]:
@@ -280,61 +281,203 @@ def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None 
 
 
 # ------------------------------------------------------------------------------------------ decode
-def _step_local(sa, h: Tensor, position: Tensor, c: Cache, full: bool, inplace: bool) -> tuple[Tensor, Cache]:
-    q, k, v = (split_heads(proj(h), sa.n_heads) for proj in (sa.query, sa.key, sa.value))  # (B, H, 1, D)
-    _, n_heads, _, d = q.shape
+# A decode step computes little: a few (B, d_model) x (d_model, n) products per layer and attention over a
+# few dozen cached entries. On a CPU its cost is the number of ops, each paying microseconds of dispatch
+# whatever its size (profiled on the tiny config: ~600 aten calls per step, views included, bound by that
+# overhead). So :class:`Decoder` prepares what it can once (one input projection per layer over weights
+# concatenated at construction, transposed weight views, cache keys), builds what depends on the
+# positions alone once per step and shares it between layers (:class:`_StepPositions`), keeps hidden
+# states as (B, d_model) rows, writes rings through flat row indices, and fuses what the arithmetic allows
+# (residual adds into the matmuls, an LSH step's rounds into one softmax).
+
+
+class _StepPositions:
+    """Per-step values derived from the positions alone, built on first use and shared by the layers.
+
+    Every local (and every full) layer writes the same positions into rings of the same size, so their
+    slots and masks are equal: computed once per step, not once per layer."""
+
+    def __init__(self, position: Tensor, n_heads: int, d_head: int):
+        self.position, self.n_heads, self.d_head = position, n_heads, d_head
+        self._rings: dict[int, tuple[Tensor, Tensor]] = {}
+        self._blocked: dict[tuple[int, bool], Tensor] = {}
+        self._lsh_rows: dict[tuple[int, int], Tensor] = {}
+
+    def ring(self, size: int) -> tuple[Tensor, Tensor]:
+        """(slot (B, 1): the new token's slot in a ring of ``size``, index (B, H, 1, D) to scatter a row)."""
+        if size not in self._rings:
+            slot = (self.position % size)[:, None]
+            self._rings[size] = slot, slot[:, :, None, None].expand(-1, self.n_heads, 1, self.d_head)
+        return self._rings[size]
+
+    def blocked(self, pos: Tensor, full: bool, chunk_len: int, chunks_before: int) -> Tensor:
+        """(B, 1, 1, W) True where a ring entry is hidden from the new token: empty, or (local) before the
+        first chunk it sees, ``(p // chunk_len - chunks_before) * chunk_len``. pos: the ring's positions
+        after the new token's write."""
+        key = (pos.shape[1], full)
+        if key not in self._blocked:
+            first = 0 if full else ((torch.div(self.position, chunk_len, rounding_mode="floor") - chunks_before)
+                                    * chunk_len).clamp(min=0)[:, None]
+            self._blocked[key] = (pos < first)[:, None, None, :]
+        return self._blocked[key]
+
+    def lsh_rows(self, per_row: int, n_buckets: int) -> Tensor:
+        """(B * per_row,) the first bucket row of each (batch, head, round) in a (B*H*n*n_buckets, ...)
+        view (per_row = H*n)."""
+        key = (per_row, n_buckets)  # static sizes only: an exported graph keeps its batch dynamic
+        if key not in self._lsh_rows:
+            rows = self.position.shape[0] * per_row
+            self._lsh_rows[key] = torch.arange(rows, device=self.position.device) * n_buckets
+        return self._lsh_rows[key]
+
+
+class _LayerWeights:
+    """One layer's decode weights: the attention's input projections concatenated into one matrix
+    (local/full: [query; key; value], LSH: [query_key; value]), the module's other weights as transposed
+    views (for ``addmm``), and the layer's cache keys."""
+
+    def __init__(self, index: int, layer):
+        block, ff = layer.attention, layer.feed_forward
+        sa = block.self_attention
+        self.kind, self.attention = block.kind, sa
+        projections = (sa.query_key, sa.value) if block.kind == "lsh" else (sa.query, sa.key, sa.value)
+        self.w_in = torch.cat([p.weight for p in projections]).detach().t()  # (d_model, n * H*D)
+        self.inner = projections[0].weight.shape[0]  # H*D
+        self.d_head = self.inner // sa.n_heads
+        self.w_out = block.output.weight.t()
+        self.norm, self.ff_norm, self.act = block.layer_norm, ff.layer_norm, ff.act
+        self.w_dense, self.b_dense = ff.dense.weight.t(), ff.dense.bias
+        self.w_ff_out, self.b_ff_out = ff.output.weight.t(), ff.output.bias
+        names = ("rot", "k", "v", "pos", "count", "bucket", "order", "hashed") if block.kind == "lsh" else ("k", "v", "pos")
+        self.keys = {name: f"{index}.{name}" for name in names}
+
+
+def _layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+class _AxialRows:
+    """The axial positional embedding of single positions by two lookups: per position its row in every
+    axis table (precomputed, offset into one stacked table), and the stacked table with each axis's rows
+    in its own columns (zeros elsewhere), so the sum of a position's rows is the concatenation
+    ``cat[w_0[i_0], w_1[i_1], ...]`` exactly (adding zeros is exact)."""
+
+    def __init__(self, model: ReformerLM):
+        emb = model.embeddings.position_embeddings
+        self.period = math.prod(emb.shape)
+        pos = torch.arange(self.period, device=emb.weights[0].device)
+        width = sum(w.shape[1] for w in emb.weights)
+        blocks, index, stride, row, col = [], [], self.period, 0, 0
+        for n, weight in zip(emb.shape, emb.weights):
+            stride //= n
+            index.append(torch.div(pos, stride, rounding_mode="floor") % n + row)
+            blocks.append(F.pad(weight.detach(), (col, width - col - weight.shape[1])))
+            row, col = row + n, col + weight.shape[1]
+        self.index = torch.stack(index, dim=-1)  # (period, axes)
+        self.table = torch.cat(blocks)  # (sum(shape), sum(dims))
+
+    def __call__(self, position: Tensor) -> Tensor:
+        """(B,) -> (B, d_model)."""
+        return F.embedding(self.index.index_select(0, position % self.period), self.table).sum(dim=1)
+
+
+class Decoder:
+    """The cached decode step of ``model`` with its weights prepared once (see above):
+    ``Decoder(model).step(token, position, cache)``. It holds the model's tensors (views, and copies only
+    of the concatenated projections and the axial tables): build it again after changing the weights.
+    Inference only (eval mode: no dropout)."""
+
+    def __init__(self, model: ReformerLM):
+        self.model = model
+        self.layers = [_LayerWeights(i, layer) for i, layer in enumerate(model.layers)]
+        self.n_heads, self.d_head = model.config.n_heads, model.config.d_head
+        self.axial = _AxialRows(model)
+
+    def step(self, token: Tensor, position: Tensor, cache: Cache, inplace: bool = False) -> tuple[Tensor, Cache]:
+        """One new token per row: token (B,) int64 at position (B,) int64 -> (logits (B, vocab), new cache).
+
+        A pure function by default (the input cache is left as it was); ``inplace=True`` writes the new
+        entries into the input cache's tensors instead of copying them, which eager generation uses. Every
+        layer writes its new entries before it reads the cache, and reads only what it wrote: an exported
+        decode graph may therefore run with its outputs bound to its cache inputs (in place)."""
+        model = self.model
+        x = F.embedding(token, model.embeddings.word_embeddings.weight)  # (B, d_model)
+        x = x + self.axial(position).to(x.dtype)
+        x1, x2, new_cache = x, x, {}
+        positions = _StepPositions(position, self.n_heads, self.d_head)
+        for layer in self.layers:
+            proj = torch.mm(_layer_norm(x2, layer.norm), layer.w_in)  # (B, n * H*D)
+            c = {name: cache[key] for name, key in layer.keys.items() if key in cache}
+            if layer.kind != "lsh":
+                out, layer_cache = _step_local(layer, proj, positions, c, inplace)
+            elif layer.attention.window == "chunk":
+                qk, v = proj.view(proj.shape[0], 2, layer.attention.n_heads, 1, layer.d_head).unbind(1)
+                out, layer_cache = _step_lsh_chunk(layer.attention, qk, v, position, c, inplace)
+            else:
+                out, layer_cache = _step_lsh_bucket(layer, proj, positions, c, inplace)
+            new_cache.update({layer.keys[name]: t for name, t in layer_cache.items()})
+            x1 = torch.addmm(x1, out.reshape(x.shape[0], layer.inner), layer.w_out)  # x1 + output(out)
+            # the feed-forward block in eval mode, on rows (position-wise)
+            h = layer.act(torch.addmm(layer.b_dense, _layer_norm(x1, layer.ff_norm), layer.w_dense))
+            x2 = x2 + torch.addmm(layer.b_ff_out, h, layer.w_ff_out)
+        return model.lm_head(model.final_norm(torch.cat([x1, x2], dim=-1))), new_cache
+
+
+def _step_local(layer: _LayerWeights, proj: Tensor, positions: _StepPositions, c: Cache,
+                inplace: bool) -> tuple[Tensor, Cache]:
+    """Local or full attention of the new token over its ring (keys already divided by sqrt(D) for local)."""
+    sa, d = layer.attention, layer.d_head
+    b, n_heads, full = proj.shape[0], sa.n_heads, layer.kind == "full"
+    q, k, v = proj.view(b, 3, n_heads, 1, d).unbind(1)  # (B, H, 1, D) each
     if not full:
         k = k / math.sqrt(d)
-    slot = position % c["k"].shape[2]  # (B,) ring slot of the new token
-    index = slot.view(-1, 1, 1, 1).expand(-1, n_heads, 1, d)
+    slot, index = positions.ring(c["k"].shape[2])
     keys, values = _write(c["k"], 2, index, k, inplace), _write(c["v"], 2, index, v, inplace)
-    pos = _write(c["pos"], 1, slot[:, None], position[:, None], inplace)
+    pos = _write(c["pos"], 1, slot, positions.position[:, None], inplace)
     scores = torch.matmul(q, keys.transpose(-1, -2)).float()  # (B, H, 1, W)
     if full:
         scores = scores / math.sqrt(d)
-        allowed = pos >= 0
-    else:
-        first = (torch.div(position, sa.chunk_len, rounding_mode="floor") - sa.chunks_before) * sa.chunk_len
-        allowed = (pos >= 0) & (pos >= first[:, None])
-    scores = scores.masked_fill(~allowed[:, None, None, :], mask_values(q.dtype)[0])
-    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), values)
-    return merge_heads(out), {"k": keys, "v": values, "pos": pos}
+    scores = scores.masked_fill_(positions.blocked(pos, full, sa.chunk_len, sa.chunks_before), mask_values(q.dtype)[0])
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), values)  # (B, H, 1, D)
+    return out, {"k": keys, "v": values, "pos": pos}
 
 
-def _step_lsh_bucket(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache, inplace: bool) -> tuple[Tensor, Cache]:
+def _step_lsh_bucket(layer: _LayerWeights, proj: Tensor, positions: _StepPositions, c: Cache,
+                     inplace: bool) -> tuple[Tensor, Cache]:
     """Bucket window: the new token joins its bucket's ring of chunk_len + 1 slots (replacing the oldest),
     then attends to that ring: the last chunk_len earlier tokens of its bucket, and itself self-masked.
     Written first, read after: nothing reads the incoming cache once it is written, so a runtime may
     update it in place (ONNX Runtime binds each ``present.*`` output to its ``cache.*`` input)."""
-    b, n_heads, _, d = qk.shape
-    width = sa.chunk_len + 1
-    buckets = hash_vectors(qk, c["rot"], sa.n_buckets, None)[..., 0]  # (B, H, n)
-    n_hashes = buckets.shape[-1]
-    seen = torch.gather(c["count"], 3, buckets[..., None])  # (B, H, n, 1) tokens of the bucket so far
-    slot = buckets[..., None] * width + seen % width
+    sa, d = layer.attention, layer.d_head
+    b, n_heads, position = proj.shape[0], sa.n_heads, positions.position
+    qk, v = proj.view(b, 2, n_heads, 1, d).unbind(1)  # (B, H, 1, D) each
+    rot = c["rot"]
+    n_hashes, width = rot.shape[2], sa.chunk_len + 1
+    # hash as hash_vectors does (fp32), the rounds' rotations side by side: (B, H, n, R/2)
+    rotated = torch.matmul(qk.float(), rot.float().flatten(2)).view(b, n_heads, n_hashes, -1)
+    buckets = rotated_buckets(rotated, sa.n_buckets)  # (B, H, n)
+    # the cache as (B*H*n*buckets) bucket rings, each a row of (c+1) slots (x D): read by row index;
+    # written by scatter (an exported graph then writes straight into its bound output: in place)
+    bucket = positions.lsh_rows(n_heads * n_hashes, c["count"].shape[-1]) + buckets.view(-1)  # (B*H*n,)
+    seen = c["count"].view(-1).index_select(0, bucket).view(b, n_heads, n_hashes, 1)  # tokens so far
+    slot = buckets[..., None] * width + seen % width  # (B, H, n, 1): the bucket's oldest entry
     index = slot[..., None].expand(-1, -1, -1, -1, d)
     keys = _write(c["k"], 3, index, normalize_keys(qk)[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace)
     values = _write(c["v"], 3, index, v[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace)
     pos = _write(c["pos"], 3, slot, position.view(-1, 1, 1, 1).expand_as(slot), inplace)
     count = _write(c["count"], 3, buckets[..., None], seen + 1, inplace)
 
-    slots = buckets[..., None] * width + torch.arange(width, device=qk.device)  # (B, H, n, c+1)
-    ring_k = torch.gather(keys, 3, slots[..., None].expand(-1, -1, -1, -1, d))  # (B, H, n, c+1, D)
-    ring_v = torch.gather(values, 3, slots[..., None].expand(-1, -1, -1, -1, d))
-    ring_pos = torch.gather(pos, 3, slots)
+    ring_k = keys.view(-1, width * d).index_select(0, bucket).view(b, n_heads, n_hashes * width, d)
+    ring_v = values.view(-1, width * d).index_select(0, bucket).view(b, n_heads, n_hashes * width, d)
+    ring_pos = pos.view(-1, width).index_select(0, bucket).view(b, n_heads, 1, n_hashes * width)
     masked, self_masked = mask_values(qk.dtype)
-    scores = torch.einsum("bhqd,bhnkd->bhnk", qk, ring_k).float().masked_fill(ring_pos < 0, masked)
-    scores = scores.masked_fill(ring_pos == position.view(-1, 1, 1, 1), self_masked)
-    # the model's LSH op arithmetic: per-round softmax statistics kept as (max, log-sum) — at the -1e5
-    # self-mask scale a folded logsumexp would lose ~1e-2 in fp32 — then a softmax over rounds
-    top = scores.amax(dim=-1, keepdim=True)  # (B, H, n, 1)
-    probs = torch.exp(scores - top)
-    total = probs.sum(dim=-1, keepdim=True)
-    o = torch.einsum("bhnk,bhnkd->bhnd", (probs / total).to(v.dtype), ring_v)
-    weights = torch.softmax((top - top.amax(dim=2, keepdim=True)) + total.log(), dim=2)  # (B, H, n, 1)
-    out = (o * weights.to(o.dtype)).sum(dim=2, keepdim=True).transpose(1, 2)  # (B, 1, H, D)
-    new = {"rot": c["rot"], "k": keys, "v": values, "pos": pos, "count": count}
-    return out.reshape(b, 1, n_heads * d), new
+    scores = torch.matmul(qk, ring_k.transpose(-1, -2)).float()  # (B, H, 1, n*(c+1))
+    scores = scores.masked_fill_(ring_pos < 0, masked).masked_fill_(ring_pos == position.view(-1, 1, 1, 1), self_masked)
+    # The rounds combine as the model's LSH op does: weights softmax_r(lse_r) over per-round softmaxes,
+    # i.e. one softmax over the union of the rounds' rings (duplicates counted per round), computed here
+    # as such (max-shifted once: no logsumexp is ever formed at the -1e5 self-mask scale).
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), ring_v)  # (B, H, 1, D)
+    return out, {"rot": rot, "k": keys, "v": values, "pos": pos, "count": count}
 
 
 def _hf_softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -401,29 +544,9 @@ def _step_lsh_chunk(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache, inpla
 
 def decode_step(model: ReformerLM, token: Tensor, position: Tensor, cache: Cache,
                 inplace: bool = False) -> tuple[Tensor, Cache]:
-    """One new token per row: token (B,) int64 at position (B,) int64 -> (logits (B, vocab), new cache).
-
-    A pure function by default (the input cache is left as it was); ``inplace=True`` writes the new
-    entries into the input cache's tensors instead of copying them, which eager generation uses. Every
-    layer writes its new entries before it reads the cache, and reads only what it wrote: an exported
-    decode graph may therefore run with its outputs bound to its cache inputs (in place)."""
-    x = (model.embeddings.word_embeddings(token) + _axial_at(model, position))[:, None]  # (B, 1, d_model)
-    x1, x2, new_cache = x, x, {}
-    for i, layer in enumerate(model.layers):
-        block = layer.attention
-        sa = block.self_attention
-        c = {key.split(".", 1)[1]: t for key, t in cache.items() if key.split(".", 1)[0] == str(i)}
-        h = block.layer_norm(x2)
-        if block.kind == "lsh":
-            qk, v = split_heads(sa.query_key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
-            step = _step_lsh_chunk if sa.window == "chunk" else _step_lsh_bucket
-            out, layer_cache = step(sa, qk, v, position, c, inplace)
-        else:
-            out, layer_cache = _step_local(sa, h, position, c, block.kind == "full", inplace)
-        new_cache.update({f"{i}.{name}": t for name, t in layer_cache.items()})
-        x1 = x1 + block.output(out).to(x1.dtype)
-        x2 = x2 + layer.feed_forward(x1)
-    return model.lm_head(model.final_norm(torch.cat([x1, x2], dim=-1)))[:, 0], new_cache
+    """One step of :class:`Decoder` (see :meth:`Decoder.step`), its weights prepared for this call only:
+    code that steps many times builds a ``Decoder`` once."""
+    return Decoder(model).step(token, position, cache, inplace)
 
 
-__all__ = ["Cache", "decode_step", "prefill"]
+__all__ = ["Cache", "Decoder", "decode_step", "prefill"]
