@@ -4,6 +4,10 @@ Each kind keeps HF's parameter meaning so checkpoints map 1:1: LSH has ``query_k
 (shared-QK), local and full have ``query``, ``key`` and ``value``; all without bias. The branch module
 (``AttentionBlock``) owns the layer's private generator: LSH rotations, the attention-dropout seed and
 the output dropout all come from it, so the reversible backward replays them by restoring its state.
+
+Under sequence parallelism (``shard``, see ``sequence_parallel.py``) the projections run on this rank's
+positions for all heads; ``split_heads`` exchanges them for all positions of this rank's heads, the
+attention kernel runs as in one process, and ``merge_heads`` exchanges the output back.
 """
 
 from __future__ import annotations
@@ -17,19 +21,25 @@ from torch import Tensor, nn
 import reformer_dist.model.lsh_attention  # noqa: F401  (registers torch.ops.reformer.lsh_attention)
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.lsh_attention import mask_values
-from reformer_dist.model.rng import GeneratorHolder, draw_seed, dropout
+from reformer_dist.model.rng import GeneratorHolder, draw_seed, dropout, positional_dropout
+from reformer_dist.model.sequence_parallel import SequenceShard
 
 
-def split_heads(x: Tensor, n_heads: int) -> Tensor:
-    """(B, L, H*D) -> (B, H, L, D)."""
+def split_heads(x: Tensor, n_heads: int, shard: SequenceShard | None = None) -> Tensor:
+    """(B, L, H*D) -> (B, H, L, D), a view of (B, L, H, D) memory. With a shard: (B, l, H*D) of the local
+    positions -> (B, H/P, L, D), this rank's heads over the whole sequence."""
     b, length, _ = x.shape
-    return x.view(b, length, n_heads, -1).transpose(1, 2)
+    x = x.view(b, length, n_heads, -1)
+    return (x if shard is None else shard.to_heads(x)).transpose(1, 2)
 
 
-def merge_heads(x: Tensor) -> Tensor:
-    """(B, H, L, D) -> (B, L, H*D)."""
-    b, h, length, d = x.shape
-    return x.transpose(1, 2).reshape(b, length, h * d)
+def merge_heads(x: Tensor, shard: SequenceShard | None = None) -> Tensor:
+    """(B, H, L, D) -> (B, L, H*D). With a shard: (B, H/P, L, D) -> (B, l, H*D) of the local positions."""
+    x = x.transpose(1, 2)
+    if shard is not None:
+        x = shard.to_sequence(x)
+    b, length, h, d = x.shape
+    return x.reshape(b, length, h * d)
 
 
 def look_adjacent(x: Tensor, before: int, after: int, dim: int) -> Tensor:
@@ -42,11 +52,13 @@ def look_adjacent(x: Tensor, before: int, after: int, dim: int) -> Tensor:
 def local_attention(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, chunk_len: int, chunks_before: int,
     chunks_after: int, causal: bool, dropout_p: float = 0.0, generator: torch.Generator | None = None,
+    head_offset: int = 0,
 ) -> Tensor:
     """Chunked attention with look-back/ahead (HF ``LocalSelfAttention``): keys / sqrt(D), no self-mask.
 
     q, k, v (B, H, L, D) with L a multiple of chunk_len; key_padding_mask (B, L) bool, True = real.
-    Returns (B, H, L, D). Softmax runs in fp32.
+    Returns (B, H, L, D). Softmax runs in fp32. Dropout masks are addressed by (head_offset + head,
+    query position), so a slice of a layer's heads draws what the whole layer draws for them.
     """
     b, h, length, d = q.shape
     c = min(chunk_len, length)
@@ -69,7 +81,10 @@ def local_attention(
         scores = scores.masked_fill(~allowed, masked)
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0:
-        probs = dropout(probs, dropout_p, generator, training=True)
+        seed = draw_seed(generator)
+        rows = probs.view(b, h, length, -1)
+        probs = torch.stack([positional_dropout(rows[:, i], dropout_p, seed, stream=head_offset + i)
+                             for i in range(h)], dim=1).view_as(probs)
     return torch.matmul(probs.to(v.dtype), vc).reshape(b, h, length, d)
 
 
@@ -99,20 +114,24 @@ class LSHSelfAttention(nn.Module):
         return torch.randn(shape, generator=generator).to(device)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
-                generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """x (B, L, d_model) -> (B, L, H*D) and the buckets (B, H, n_hashes, L) used."""
-        qk = split_heads(self.query_key(x), self.n_heads)
-        v = split_heads(self.value(x), self.n_heads)
-        rotations = self.rotations(generator, x.device)
+                generator: torch.Generator, shard: SequenceShard | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, L, d_model) -> (B, L, H*D) and the buckets (B, H, n_hashes, L) used. With a shard, x holds
+        the local positions and the buckets are those of this rank's heads (B, H/P, n_hashes, L)."""
+        qk = split_heads(self.query_key(x), self.n_heads, shard)
+        v = split_heads(self.value(x), self.n_heads, shard)
+        rotations = self.rotations(generator, x.device)  # all heads' draw, sliced under a shard
         seed = draw_seed(generator)
         args = (qk, v, rotations, key_padding_mask, buckets, self.n_buckets, self.chunk_len, self.chunks_before,
                 self.chunks_after, self.window, self.causal, self.dropout if self.training else 0.0, seed)
+        if shard is not None:
+            first, count = shard.heads(self.n_heads)
+            args = (qk, v, rotations[first : first + count], *args[3:], first, self.n_heads)
         if torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad):
             # same op, but it hands its softmax statistics to its backward (one pass fewer there)
             out, buckets, _ = torch.ops.reformer.lsh_attention_with_stats(*args)
         else:
             out, buckets = torch.ops.reformer.lsh_attention(*args)
-        return merge_heads(out), buckets
+        return merge_heads(out, shard), buckets
 
 
 class LocalSelfAttention(nn.Module):
@@ -131,11 +150,12 @@ class LocalSelfAttention(nn.Module):
         self.dropout = config.attn_dropout if config.local_attn_dropout is None else config.local_attn_dropout
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
-                generator: torch.Generator) -> tuple[Tensor, None]:
-        q, k, v = (split_heads(proj(x), self.n_heads) for proj in (self.query, self.key, self.value))
+                generator: torch.Generator, shard: SequenceShard | None = None) -> tuple[Tensor, None]:
+        q, k, v = (split_heads(proj(x), self.n_heads, shard) for proj in (self.query, self.key, self.value))
         out = local_attention(q, k, v, key_padding_mask, self.chunk_len, self.chunks_before, self.chunks_after,
-                              self.causal, self.dropout if self.training else 0.0, generator)
-        return merge_heads(out), None
+                              self.causal, self.dropout if self.training else 0.0, generator,
+                              0 if shard is None else shard.heads(self.n_heads)[0])
+        return merge_heads(out, shard), None
 
 
 class FullSelfAttention(LocalSelfAttention):
@@ -143,11 +163,12 @@ class FullSelfAttention(LocalSelfAttention):
     math as one local chunk covering the sequence, because SDPA's dropout would draw from the global RNG."""
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
-                generator: torch.Generator) -> tuple[Tensor, None]:
-        q, k, v = (split_heads(proj(x), self.n_heads) for proj in (self.query, self.key, self.value))
-        length = x.shape[1]
+                generator: torch.Generator, shard: SequenceShard | None = None) -> tuple[Tensor, None]:
+        q, k, v = (split_heads(proj(x), self.n_heads, shard) for proj in (self.query, self.key, self.value))
+        length = q.shape[2]
         if self.training and self.dropout > 0:
-            out = local_attention(q, k, v, key_padding_mask, length, 0, 0, self.causal, self.dropout, generator)
+            out = local_attention(q, k, v, key_padding_mask, length, 0, 0, self.causal, self.dropout, generator,
+                                  0 if shard is None else shard.heads(self.n_heads)[0])
         elif key_padding_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
@@ -155,7 +176,7 @@ class FullSelfAttention(LocalSelfAttention):
             if self.causal:
                 allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return merge_heads(out), None
+        return merge_heads(out, shard), None
 
 
 ATTENTION_CLASSES = {"lsh": LSHSelfAttention, "local": LocalSelfAttention, "full": FullSelfAttention}
@@ -172,9 +193,11 @@ class AttentionBlock(GeneratorHolder):
         self.output = nn.Linear(config.n_heads * config.d_head, config.d_model, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None,
-                buckets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """x (B, L, d_model) -> (branch output (B, L, d_model), LSH buckets or None)."""
-        h, buckets = self.self_attention(self.layer_norm(x), key_padding_mask, buckets, self.generator)
-        out = dropout(self.output(h), self.dropout, self.generator, self.training)
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, buckets: Tensor | None = None,
+                shard: SequenceShard | None = None) -> tuple[Tensor, Tensor | None]:
+        """x (B, L, d_model) -> (branch output (B, L, d_model), LSH buckets or None). With a shard, x holds
+        this rank's positions and key_padding_mask covers the whole sequence."""
+        h, buckets = self.self_attention(self.layer_norm(x), key_padding_mask, buckets, self.generator, shard)
+        start = 0 if shard is None else shard.start(x.shape[1])
+        out = dropout(self.output(h), self.dropout, self.generator, self.training, start)
         return out.to(x.dtype), buckets

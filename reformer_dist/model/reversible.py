@@ -24,6 +24,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from reformer_dist.model.sequence_parallel import SequenceShard
+
 
 @contextmanager
 def _replaying(generator: torch.Generator, state: Tensor):
@@ -46,19 +48,21 @@ class ReversibleStack(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x1: Tensor, x2: Tensor, layers: nn.ModuleList, key_padding_mask: Tensor | None,
-                ff_chunk_size: int) -> tuple[Tensor, Tensor]:
+                ff_chunk_size: int, shard: SequenceShard | None) -> tuple[Tensor, Tensor]:
         records = []
+        start = 0 if shard is None else shard.start(x1.shape[1])
         with torch.no_grad():
             for layer in layers:
                 f_state = layer.attention.generator.get_state()
-                f, buckets = layer.attention(x2, key_padding_mask)
+                f, buckets = layer.attention(x2, key_padding_mask, None, shard)
                 x1 = x1 + f
                 g_state = layer.feed_forward.generator.get_state()
-                x2 = x2 + layer.feed_forward(x1)
+                x2 = x2 + layer.feed_forward(x1, start)
                 records.append((f_state, g_state, None if buckets is None else buckets.to(torch.int32)))
         device = x1.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.layers, ctx.records, ctx.mask, ctx.ff_chunk_size = layers, records, key_padding_mask, ff_chunk_size
+        ctx.shard, ctx.start = shard, start
         # kept as detached aliases rather than save_for_backward, so the backward can drop them as soon as
         # the top layer has been reconstructed (the streams are never modified in place)
         ctx.outputs = [x1.detach(), x2.detach()]
@@ -79,12 +83,13 @@ class ReversibleStack(torch.autograd.Function):
                 # G: x2 = y2 - G(y1); dL/dy1 += G'(y1)^T dy2
                 y1 = y1.detach()
                 x2, grad_y1 = torch.empty_like(y2), torch.empty_like(y1)
-                with _replaying(layer.feed_forward.generator, g_state), torch.enable_grad():
-                    for s, e in _spans(length, ctx.ff_chunk_size):
-                        # each chunk its own leaf: a slice of one leaf would give every chunk's backward a
-                        # zero-filled gradient of the whole sequence to add into (quadratic in length)
+                for s, e in _spans(length, ctx.ff_chunk_size):
+                    # each chunk its own leaf: a slice of one leaf would give every chunk's backward a
+                    # zero-filled gradient of the whole sequence to add into (quadratic in length); each
+                    # chunk replays the call's seed (the masks are addressed by position)
+                    with _replaying(layer.feed_forward.generator, g_state), torch.enable_grad():
                         part = y1[:, s:e].requires_grad_()
-                        g = layer.feed_forward(part)
+                        g = layer.feed_forward(part, ctx.start + s)
                         torch.autograd.backward(g, dy2[:, s:e])
                         x2[:, s:e] = y2[:, s:e] - g.detach()
                         grad_y1[:, s:e] = _take_grad(part)
@@ -96,7 +101,7 @@ class ReversibleStack(torch.autograd.Function):
                 x2.requires_grad_()
                 replay = None if buckets is None else buckets.long()
                 with _replaying(layer.attention.generator, f_state), torch.enable_grad():
-                    f, _ = layer.attention(x2, ctx.mask, replay)
+                    f, _ = layer.attention(x2, ctx.mask, replay, ctx.shard)
                     torch.autograd.backward(f, dy1)
                 with torch.no_grad():
                     y1 = y1.detach() - f
@@ -104,7 +109,7 @@ class ReversibleStack(torch.autograd.Function):
                 dy2 = dy2 + _take_grad(x2)
                 y2 = x2.detach()
                 del x2
-        return dy1, dy2, None, None, None
+        return dy1, dy2, None, None, None, None
 
 
 def _take_grad(x: Tensor) -> Tensor:
@@ -114,18 +119,20 @@ def _take_grad(x: Tensor) -> Tensor:
 
 
 def reversible_stack(x1: Tensor, x2: Tensor, layers: nn.ModuleList, key_padding_mask: Tensor | None,
-                     ff_chunk_size: int) -> tuple[Tensor, Tensor]:
-    """The reversible stack when gradients are needed, the plain recurrence otherwise (same result)."""
+                     ff_chunk_size: int, shard: SequenceShard | None = None) -> tuple[Tensor, Tensor]:
+    """The reversible stack when gradients are needed, the plain recurrence otherwise (same result).
+    With a shard the streams hold this rank's positions (``sequence_parallel.py``)."""
     if torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad):
-        return ReversibleStack.apply(x1, x2, layers, key_padding_mask, ff_chunk_size)
-    return residual_stack(x1, x2, layers, key_padding_mask)
+        return ReversibleStack.apply(x1, x2, layers, key_padding_mask, ff_chunk_size, shard)
+    return residual_stack(x1, x2, layers, key_padding_mask, shard)
 
 
-def residual_stack(x1: Tensor, x2: Tensor, layers: nn.ModuleList,
-                   key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def residual_stack(x1: Tensor, x2: Tensor, layers: nn.ModuleList, key_padding_mask: Tensor | None,
+                   shard: SequenceShard | None = None) -> tuple[Tensor, Tensor]:
     """Ordinary residual stack with ordinary autograd (``reversible=False`` and no-grad inference)."""
+    start = 0 if shard is None else shard.start(x1.shape[1])
     for layer in layers:
-        f, _ = layer.attention(x2, key_padding_mask)
+        f, _ = layer.attention(x2, key_padding_mask, None, shard)
         x1 = x1 + f
-        x2 = x2 + layer.feed_forward(x1)
+        x2 = x2 + layer.feed_forward(x1, start)
     return x1, x2

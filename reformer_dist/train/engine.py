@@ -95,8 +95,10 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def initialize_engine(model: TrainingReformerLM, ds_config: dict[str, Any], train: TrainConfig) -> Any:
-    """``deepspeed.initialize`` with our parameter groups and schedule; returns the engine."""
+def initialize_engine(model: TrainingReformerLM, ds_config: dict[str, Any], train: TrainConfig,
+                      mpu: Any = None) -> Any:
+    """``deepspeed.initialize`` with our parameter groups and schedule; returns the engine. ``mpu``:
+    DeepSpeed's sequence-parallel groups (``sequence_parallel.initialize``), or None."""
     import deepspeed
 
     ds_config = copy.deepcopy(ds_config)  # DeepSpeed annotates the dict it is given
@@ -113,5 +115,5 @@ def initialize_engine(model: TrainingReformerLM, ds_config: dict[str, Any], trai
     # a scheduler in the user's DeepSpeed JSON replaces the built-in warmup + cosine
     scheduler = None if "scheduler" in ds_config else scheduler_factory(train)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
-                                      optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+                                      optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
     return engine
