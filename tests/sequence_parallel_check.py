@@ -1,7 +1,9 @@
 """One rank of the sequence-parallel gradient check (``test_train_sequence_parallel.py`` starts it with the
 `deepspeed` launcher): every rank builds the same model twice, runs it on the whole batch as one process
 would (the reference) and on its shard of each sequence through DeepSpeed-Ulysses exchanges, for a few
-steps with dropout everywhere and fresh LSH rotations per call, and writes the differences as JSON.
+steps with dropout everywhere and fresh LSH rotations per call, and writes the differences as JSON. The
+reversible backward is made to split attention into the smallest head groups (1 head in the reference,
+P heads, i.e. one per rank, in the sharded model), so grouping and sharding are checked together.
 
     deepspeed --num_gpus 2 tests/sequence_parallel_check.py OUT_DIR
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from reformer_dist.model import ReformerConfig, ReformerLM
+from reformer_dist.model import ReformerConfig, ReformerLM, reversible
 from reformer_dist.train.distributed import init_distributed
 from reformer_dist.train.sequence_parallel import initialize
 
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--local_rank", type=int, default=None)  # the launcher's; LOCAL_RANK is read instead
     args = parser.parse_args()
+    reversible.HEAD_GROUP_ELEMENTS = 1
     info = init_distributed(60.0)
     _, shard = initialize(dist.get_world_size())
     results = {}

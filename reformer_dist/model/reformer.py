@@ -23,7 +23,7 @@ from reformer_dist.model import generation, hf_interop, native
 from reformer_dist.model.attention import AttentionBlock
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.embeddings import Embeddings
-from reformer_dist.model.reversible import residual_stack, reversible_stack
+from reformer_dist.model.reversible import TileHook, residual_stack, reversible_stack
 from reformer_dist.model.rng import GeneratorHolder, draw_seed, positional_dropout
 from reformer_dist.model.sequence_parallel import SequenceShard
 
@@ -83,6 +83,8 @@ class ReformerLM(nn.Module):
 
     sequence_shard: SequenceShard | None = None
     """Set by :meth:`shard_sequence`: this process holds one shard of each sequence."""
+    tile_hook: TileHook | None = None
+    """Set by :meth:`set_tile_hook`: told before each tile of a reversible layer's backward."""
 
     def __init__(self, config: ReformerConfig):
         super().__init__()
@@ -106,6 +108,12 @@ class ReformerLM(nn.Module):
             raise ReformerDistError(f"model.n_heads={self.config.n_heads} is not divisible by the "
                                     f"{shard.size} ranks that share a sequence")
         self.sequence_shard = shard
+
+    def set_tile_hook(self, hook: TileHook | None) -> None:
+        """The reversible backward runs each layer in tiles (feed-forward chunks, attention head groups) whose
+        nested backwards accumulate into the same parameters; ``hook(parameters, last)`` is called before
+        each tile (``reversible.py``), e.g. to hold back a reduction that would fire on every accumulation."""
+        self.tile_hook = hook
 
     # ------------------------------------------------------------------ forward paths
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -132,7 +140,7 @@ class ReformerLM(nn.Module):
             mask = F.pad(real, (0, padded - length), value=False)
         x = self.embeddings(input_ids, 0 if shard is None else shard.start(length))
         if self.config.reversible:
-            y1, y2 = reversible_stack(x, x, self.layers, mask, self.config.ff_chunk_size, shard)
+            y1, y2 = reversible_stack(x, x, self.layers, mask, self.config.ff_chunk_size, shard, self.tile_hook)
         else:
             y1, y2 = residual_stack(x, x, self.layers, mask, shard)
         return self.final_norm(torch.cat([y1[:, :length], y2[:, :length]], dim=-1))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -36,7 +36,18 @@ def build_model(config: ReformerConfig, seed: int) -> TrainingReformerLM:
     so N ranks compute exactly what one process computes on the same global batch.
     """
     torch.manual_seed(seed)
-    return TrainingReformerLM(config)
+    model = TrainingReformerLM(config)
+    model.set_tile_hook(hold_reduction_until_last_tile)
+    return model
+
+
+def hold_reduction_until_last_tile(parameters: Iterable[torch.nn.Parameter], last: bool) -> None:
+    """The model's tile hook (``ReformerLM.set_tile_hook``): a reversible layer's backward accumulates a
+    parameter's gradient once per tile (feed-forward chunk, head group); ZeRO-2/3 reduce a gradient as
+    soon as it is accumulated and refuse a second one, unless DeepSpeed's ``ds_grad_is_ready`` says the
+    accumulation is not complete yet (the flag DeepSpeed provides for tiled computations)."""
+    for p in parameters:
+        p.ds_grad_is_ready = last
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
