@@ -23,6 +23,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("export", "export"),
     ("convert", "convert"),
     ("generate", "generate"),
+    ("plan", "plan"),
 )
 
 
