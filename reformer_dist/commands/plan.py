@@ -2,7 +2,7 @@
 
 Examples:
   reformer-dist plan --config base --world-size 8
-  reformer-dist plan --config base train.seq_len=262144 deepspeed.sequence_parallel_size=8 --world-size 8
+  reformer-dist plan --config base --world-size 8 deepspeed.sequence_parallel_size=8 --seq-len 1048576
   reformer-dist plan --config base --world-size 8 deepspeed.sequence_parallel_size=8 --memory-gib 80 --device cuda
 
 Parameters, gradients and optimizer states follow the ZeRO stage; activations follow the reversible
@@ -19,6 +19,8 @@ from reformer_dist.commands.common import add_config_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--world-size", type=int, default=1, help="ranks of the launch (default 1)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="plan train.seq_len=N, growing the model's positional table when it is shorter")
     parser.add_argument("--memory-gib", type=float, default=None,
                         help="memory per rank: also print the longest train.seq_len that fits in it")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -28,12 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from reformer_dist.configuration import load_config
     from reformer_dist.errors import ConfigError
-    from reformer_dist.train.memory_plan import longest_seq_len, plan_memory
+    from reformer_dist.train.memory_plan import longest_seq_len, plan_memory, with_seq_len
     from reformer_dist.train.sequence_parallel import layout_for
 
     if args.memory_gib is not None and not args.memory_gib > 0:
         raise ConfigError("--memory-gib", f"must be > 0, got {args.memory_gib}")
     cfg = load_config(args.config, args.overrides)
+    if args.seq_len is not None:
+        cfg = with_seq_len(cfg, args.seq_len)
+        cfg.validate()  # the new length against the chunk length and the sequence-parallel size
     layout = layout_for(args.world_size, cfg.deepspeed.sequence_parallel_size)
     plan = plan_memory(cfg, args.world_size, args.device)
     print(f"layout: {layout.describe(cfg.train.seq_len, cfg.model.n_heads)}")

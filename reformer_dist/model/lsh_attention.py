@@ -67,8 +67,9 @@ BLOCK_SCORES = 1 << 20
 ACCELERATOR_BLOCK_SCORES = 1 << 24
 # 'bucket' window query chunks are chunk_len / BUCKET_SPLIT long (see ``Window``).
 BUCKET_SPLIT = 2
-# Positions per hashing block (the rotated (B, H, n_hashes, L, R/2) tensor is bounded by this).
-HASH_BLOCK = 1 << 15
+# Rotated elements per hashing block: a block of positions whose (B, H, n_hashes, positions, R/2) rotations
+# (and their (..., R) sign-doubled copy) stay a few MiB at any length and head count.
+HASH_BLOCK_ELEMENTS = 1 << 21
 
 
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:
@@ -499,10 +500,11 @@ def _buckets_or_hash(qk: Tensor, rotations: Tensor, key_padding_mask: Tensor | N
                      n_buckets: list[int]) -> Tensor:
     if buckets is not None:
         return buckets
-    length = qk.shape[2]
+    b, h, length, _ = qk.shape
+    block = max(1, HASH_BLOCK_ELEMENTS // (b * h * rotations.shape[2] * rotations.shape[3]))
     parts = []
-    for start in range(0, length, HASH_BLOCK):
-        stop = min(start + HASH_BLOCK, length)
+    for start in range(0, length, block):
+        stop = min(start + block, length)
         mask = None if key_padding_mask is None else key_padding_mask[:, start:stop]
         parts.append(hash_vectors(qk[:, :, start:stop], rotations, n_buckets, mask))
     return torch.cat(parts, dim=-1)

@@ -119,6 +119,11 @@ class ReformerLM(nn.Module):
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """(B, L) int64 -> (B, L, 2*d_model) after the final LayerNorm; attention_mask (B, L), 1 = real.
         Under :meth:`shard_sequence`, L is this rank's shard (the whole sequence is P times longer)."""
+        return self.final_norm(torch.cat(self.streams(input_ids, attention_mask), dim=-1))
+
+    def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The two residual streams after the last layer, (B, L, d_model) each: the final LayerNorm reads
+        their concatenation (``hidden_states``). Arguments as there."""
         batch, length = input_ids.shape
         shard = self.sequence_shard
         total = length if shard is None else length * shard.size
@@ -143,7 +148,7 @@ class ReformerLM(nn.Module):
             y1, y2 = reversible_stack(x, x, self.layers, mask, self.config.ff_chunk_size, shard, self.tile_hook)
         else:
             y1, y2 = residual_stack(x, x, self.layers, mask, shard)
-        return self.final_norm(torch.cat([y1[:, :length], y2[:, :length]], dim=-1))
+        return y1[:, :length], y2[:, :length]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits (B, L, vocab_size). Builds all logits: for training use :meth:`loss`."""
@@ -152,26 +157,27 @@ class ReformerLM(nn.Module):
     def loss(self, input_ids: Tensor, targets: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Mean cross-entropy of ``logits[:, t]`` against ``targets[:, t]`` (-100 = ignore).
 
-        The head + cross-entropy run over ``loss_chunk_size`` positions at a time and each chunk is
-        recomputed in the backward, so (B, L, vocab) logits never exist whole, not even for autograd.
+        The final LayerNorm + head + cross-entropy run over ``loss_chunk_size`` positions at a time and each
+        chunk is recomputed in the backward, so neither the (B, L, 2*d_model) normalised streams nor the
+        (B, L, vocab) logits ever exist whole, not even for autograd.
         Under :meth:`shard_sequence` the value is the whole sequence's mean (each shard's sum, summed over
         the shards, over the global count of targets); the gradient flows through this shard's positions.
         """
-        hidden = self.hidden_states(input_ids, attention_mask)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for h, t in zip(hidden.split(self.config.loss_chunk_size, dim=1),
-                        targets.split(self.config.loss_chunk_size, dim=1)):
+        y1, y2 = self.streams(input_ids, attention_mask)
+        total = y1.new_zeros((), dtype=torch.float32)
+        chunk = self.config.loss_chunk_size
+        for a, b, t in zip(y1.split(chunk, dim=1), y2.split(chunk, dim=1), targets.split(chunk, dim=1)):
             if torch.is_grad_enabled():
-                total = total + checkpoint(self._chunk_loss_sum, h, t, use_reentrant=False, preserve_rng_state=False)
+                total = total + checkpoint(self._chunk_loss_sum, a, b, t, use_reentrant=False, preserve_rng_state=False)
             else:
-                total = total + self._chunk_loss_sum(h, t)
+                total = total + self._chunk_loss_sum(a, b, t)
         count = (targets != -100).sum()
         if self.sequence_shard is not None:
             total, count = self.sequence_shard.sum(total), self.sequence_shard.sum(count)
         return total / count.clamp(min=1)
 
-    def _chunk_loss_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:
-        logits = self.lm_head(hidden).float()
+    def _chunk_loss_sum(self, y1: Tensor, y2: Tensor, targets: Tensor) -> Tensor:
+        logits = self.lm_head(self.final_norm(torch.cat([y1, y2], dim=-1))).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
     # ------------------------------------------------------------------ checkpoints and decoding

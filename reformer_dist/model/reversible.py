@@ -15,7 +15,8 @@ The recompute must equal the forward exactly:
 Memory is what bounds the longest sequence, so every layer works in tiles and in place:
 - G is position-wise: it runs in chunks of ``ff_chunk_size`` positions;
 - F runs in groups of heads (``head_groups``: each group's (B, L, heads, D) tensors stay under
-  ``HEAD_GROUP_ELEMENTS``), each group adding its share of the output projection;
+  ``HEAD_GROUP_ELEMENTS``), each group adding its share of the output projection (in the backward
+  each group normalises its input again, so no normalised copy outlives a group);
 - the two streams are two buffers updated in place, forward (X -> Y) and backward (Y -> X), and the
   backward accumulates the stream gradients into the gradient tensors it receives (``ReformerLM``'s head
   creates them for it and reads nothing else from them), so a layer allocates only its tiles' temporaries.
@@ -143,24 +144,22 @@ class ReversibleStack(torch.autograd.Function):
                 x2 = y2.detach().requires_grad_()
                 with _replaying(attention.generator, f_state):
                     draw = attention.draw(y1.device)
-                with torch.enable_grad():
-                    h = attention.layer_norm(x2)
-                normed = h.detach().requires_grad_()
                 groups = _layer_groups(layer, y2, ctx.shard)
                 for i, (heads, replay) in enumerate(zip(groups, buckets)):
-                    _mark(ctx.tile_hook, [attention.self_attention, attention.output], last=i == len(groups) - 1)
+                    # each group normalises x2 again, so the LayerNorm's output and gradient exist for one
+                    # group at a time
+                    _mark(ctx.tile_hook, [attention], last=i == len(groups) - 1)
                     with torch.enable_grad():
-                        f, _ = attention.attend(normed, ctx.mask, None if replay is None else replay.long(),
-                                               ctx.shard, draw, heads)
+                        f, _ = attention.attend(attention.layer_norm(x2), ctx.mask,
+                                               None if replay is None else replay.long(), ctx.shard, draw, heads)
                     y1 -= f.detach()
                     # the backward reads the branch's inputs, never its output's values: free them first
                     f.untyped_storage().resize_(0)
-                    # outside grad mode, gradients accumulate in place (normed.grad, parameters)
-                    torch.autograd.backward(f, dy1)
+                    torch.autograd.backward(f, dy1)  # outside grad mode: parameter gradients accumulate in place
                     del f
-                torch.autograd.backward(h, normed.grad)
-                dy2 += x2.grad
-                del h, normed, x2
+                    dy2 += x2.grad
+                    x2.grad = None
+                del x2
         return dy1, dy2, None, None, None, None, None
 
 

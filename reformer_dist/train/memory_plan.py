@@ -11,10 +11,11 @@ micro-batch B, a rank holds l = seq_len / P positions of each sequence:
   (``reformer_dist/model/reversible.py``). In units of one stream, u = B * l * d_model * s (s = bytes per
   activation: 4 in fp32, 2 under DeepSpeed's bf16/fp16, which casts the module), the largest moments are:
   the backward of a head group's projections (the stream gradients the head handed over 2u, the two
-  streams 2u, the layer's LayerNorm output and its gradient 2u, one input gradient per projection and
-  their sum: 3u for LSH's two projections, 4u for local/full attention's three), the loss head (2u
-  streams, the concatenated streams and their normalisation 4u, their gradients 4u), and the forward
-  (3u + a head group). A head group's tensors cover the whole sequence for its heads
+  streams 2u, the group's LayerNorm output u, one input gradient per projection and their sum: 3u for
+  LSH's two projections, 4u for local/full attention's three), a head group's attention backward (4u + u
+  + the group), the loss head (2u streams; the final LayerNorm runs per loss chunk, the streams' gradients
+  are collected chunk by chunk, then joined: 4u), and the forward (the input, the two streams, the
+  LayerNorm output and the branch output 5u + a head group). A head group's tensors cover the whole sequence for its heads
   (``reversible.head_groups`` sizes them; under sequence parallelism each rank holds count/P heads):
   LSH keeps qk, v, the output and per-round outputs (n_hashes) in the forward, and qk, v, the output, its
   gradient and fp32 gradients of qk and v in the backward, plus the sort's int64 index arrays; local
@@ -132,7 +133,8 @@ def _attention_group(model: ReformerConfig, kind: str, batch: int, seq_len: int,
         stats = 2 * 4 * rows * n
         blocks = 8 * 4 * BLOCK_SCORES  # a block's score temporaries
         forward = 2 * g + n * g + g + index + stats + blocks + exchange
-        backward = 4 * g + 2 * batch * seq_len * local_heads * model.d_head * 4 + index + stats + blocks + exchange
+        # saved qk, v, output, the output's gradient, fp32 gradients of qk and v
+        backward = 4 * g + 2 * batch * seq_len * local_heads * model.d_head * 4 + index + stats + blocks
         return forward, backward
     window = seq_len if kind == "full" else (1 + model.local_chunks_before + model.local_chunks_after) * \
         min(model.local_chunk_len, seq_len)
@@ -159,9 +161,9 @@ def activations(cfg: JobConfig, s: int) -> tuple[dict[str, int], dict[str, int]]
     loss_chunk = 3 * batch * min(model.loss_chunk_size, seq_len // p) * model.vocab_size * 4
     moments = {
         "forward": max(3 * u + 2 * u + attention[k][0] for k in attention),
-        "loss head": 8 * u + loss_chunk,
-        "backward: head-group attention": max(4 * u + 2 * u + attention[k][1] for k in attention),
-        "backward: projections": max((6 + projections[k] + 1) * u for k in attention),
+        "loss head": 6 * u + loss_chunk,
+        "backward: head-group attention": max(4 * u + u + attention[k][1] for k in attention),
+        "backward: projections": max((4 + 1 + projections[k] + 1) * u for k in attention),
         "backward: feed-forward chunk": 4 * u + ff,
     }
     lsh_layers = kinds.count("lsh")
