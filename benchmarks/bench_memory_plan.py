@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -96,6 +97,19 @@ def measure(config: str, length: int, ranks: int, data: Path, workdir: Path, thr
             "error_pct": 100 * (predicted.peak_bytes / 2**30 - measured) / measured}
 
 
+def sweep(points: list[tuple], measure: Callable[..., dict], threads: int) -> list[dict]:
+    """``measure(*point, data, workdir, threads)`` for every point (its second entry is the length), on one
+    synthetic corpus long enough for two windows of the longest; each result is printed as it comes."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        data = corpus(workdir, 2 * max(p[1] for p in points) + 4096)
+        for point in points:
+            results.append(measure(*point, data, workdir, threads))
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def table(results: list[dict]) -> str:
     rows = ["| config | length | ranks (P) | measured peak / rank | predicted | error | predicted peak moment |",
             "|---|---|---|---|---|---|---|"]
@@ -116,17 +130,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    lengths = [int(n) for n in args.lengths.split(",")]
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        data = corpus(workdir, 2 * max(lengths) + 4096)
-        for config in args.configs.split(","):
-            for length in lengths:
-                for ranks in (int(r) for r in args.ranks.split(",")):
-                    r = measure(config, length, ranks, data, workdir, args.threads)
-                    results.append(r)
-                    print(json.dumps(r), flush=True)
+    points = [(config, int(length), int(ranks)) for config in args.configs.split(",")
+              for length in args.lengths.split(",") for ranks in args.ranks.split(",")]
+    results = sweep(points, measure, args.threads)
     md = table(results)
     print("\n" + md)
     load = os.getloadavg()

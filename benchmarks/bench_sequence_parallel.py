@@ -22,11 +22,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench_memory_plan import corpus, run_args
+from bench_memory_plan import run_args, sweep
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,12 +37,12 @@ def available_gib() -> float:
     return float("inf")
 
 
-def measure(length: int, ranks: int, data: Path, workdir: Path, threads: int) -> dict:
+def measure(config: str, length: int, ranks: int, data: Path, workdir: Path, threads: int) -> dict:
     from reformer_dist.configuration import load_config
     from reformer_dist.train.memory_plan import plan_memory
 
     run_dir = workdir / f"sp-{length}-{ranks}"
-    files, overrides = run_args("bench", length, ranks, data, run_dir)
+    files, overrides = run_args(config, length, ranks, data, run_dir)
     steps = 2 if length < 2**20 else 1
     overrides = [o for o in overrides if not o.startswith("train.max_steps")] + [f"train.max_steps={steps}"]
     predicted = plan_memory(load_config(files, overrides), ranks, "cpu").peak_bytes / 2**30
@@ -95,16 +94,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default="sequence_parallel")
     args = parser.parse_args()
-    lengths = [int(n) for n in args.lengths.split(",")]
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        data = corpus(workdir, 2 * max(lengths) + 4096)
-        for length in lengths:
-            for ranks in (int(r) for r in args.ranks.split(",")):
-                r = measure(length, ranks, data, workdir, args.threads)
-                results.append(r)
-                print(json.dumps(r), flush=True)
+    points = [("bench", int(length), int(ranks)) for length in args.lengths.split(",")
+              for ranks in args.ranks.split(",")]
+    results = sweep(points, measure, args.threads)
     md = table(results)
     print("\n" + md)
     command = "python benchmarks/bench_sequence_parallel.py " + " ".join(sys.argv[1:])

@@ -33,13 +33,19 @@ def grads_and_loss(model: ReformerLM):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def twins(window: str) -> tuple[ReformerLM, ReformerLM]:
+    """A reversible model and its plain-residual twin: same weights, same private random streams."""
+    torch.manual_seed(0)
+    rev = ReformerLM(config(lsh_window=window)).train()
+    plain = ReformerLM(config(lsh_window=window, reversible=False)).train()
+    plain.load_state_dict(rev.state_dict())
+    plain.set_rng_state(rev.rng_state())
+    return rev, plain
+
+
 def test_reversible_gradients_equal_plain_residual_gradients_with_dropout():
     for window in ("bucket", "chunk"):
-        torch.manual_seed(0)
-        rev = ReformerLM(config(lsh_window=window)).train()
-        plain = ReformerLM(config(lsh_window=window, reversible=False)).train()
-        plain.load_state_dict(rev.state_dict())
-        plain.set_rng_state(rev.rng_state())
+        rev, plain = twins(window)
         loss_r, g_r = grads_and_loss(rev)
         loss_p, g_p = grads_and_loss(plain)
         assert torch.equal(loss_r, loss_p)
@@ -138,11 +144,7 @@ def test_head_groups_and_feed_forward_chunks_keep_gradients_exact_and_tell_the_t
 
     monkeypatch.setattr(reversible, "HEAD_GROUP_ELEMENTS", 1)  # one head per group at any length
     for window in ("bucket", "chunk"):
-        torch.manual_seed(0)
-        rev = ReformerLM(config(lsh_window=window)).train()
-        plain = ReformerLM(config(lsh_window=window, reversible=False)).train()
-        plain.load_state_dict(rev.state_dict())
-        plain.set_rng_state(rev.rng_state())
+        rev, plain = twins(window)
         calls: list[bool] = []
         rev.set_tile_hook(lambda params, last, calls=calls: calls.append(last))
         loss_r, g_r = grads_and_loss(rev)

@@ -3,7 +3,8 @@ model computes one process's loss and every gradient; 2 ranks sharing each seque
 ZeRO-2, train like one process; a sequence-parallel checkpoint resumes on one process; bad layouts are
 refused naming the key.
 
-Runs reuse test_train_distributed's micro config (2 heads: one per rank of a pair) and corpus recipe.
+Runs reuse test_train_distributed's micro config and corpus (2 heads: one per rank of a pair), 10 steps
+with a checkpoint every 5.
 """
 
 from __future__ import annotations
@@ -13,25 +14,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from test_train_distributed import (
-    DEEPSPEED,
-    ENV,
-    MICRO_CONFIG,
-    REPO,
-    free_port,
-    launcher,
-    max_diff,
-    run_ok,
-    single,
-)
+import test_train_distributed as distributed
+from test_train_distributed import DEEPSPEED, ENV, REPO, free_port, launcher, max_diff, run_ok, single
 
 from reformer_dist.configuration import load_config
 from reformer_dist.errors import ConfigError
 from reformer_dist.train.deepspeed_config import build_deepspeed_config
 
 STEPS = 10
+SHORT = (f"train.max_steps={STEPS}", "train.save_every=5")
+# the micro config and its corpus, as module fixtures of this module too
+workdir, config = distributed.workdir, distributed.config
 
 
 def step_records(run_dir: Path, key: str) -> dict[int, float]:
@@ -45,38 +39,16 @@ def step_records(run_dir: Path, key: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("sequence-parallel")
-
-
-@pytest.fixture(scope="module")
-def config(workdir: Path) -> Path:
-    """test_train_distributed's micro model for 10 steps, checkpoints every 5, on a small byte corpus."""
-    from reformer_dist.data import prepare_corpus
-
-    corpus = workdir / "corpus"
-    corpus.mkdir()
-    words = ["the", "reformer", "hashes", "queries", "into", "buckets", "and", "ranks", "exchange", "heads"]
-    rng = np.random.default_rng(0)
-    (corpus / "text.txt").write_text("".join(" ".join(rng.choice(words, size=12)) + ".\n" for _ in range(600)))
-    prepare_corpus([str(corpus)], str(workdir / "data"), val_fraction=0.1)
-    path = workdir / "micro.yaml"
-    path.write_text(MICRO_CONFIG.replace("max_steps: 20", f"max_steps: {STEPS}").replace("save_every: 10", "save_every: 5")
-                    + f"data:\n  path: {workdir / 'data'}\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(config: Path, workdir: Path) -> Path:
     """One process, micro-batch 2 (ZeRO-1): what every sequence-parallel run must reproduce."""
-    run_ok(single(config, workdir / "ref", "deepspeed.zero_stage=1"))
-    return workdir / "ref"
+    run_ok(single(config, workdir / "sp-ref", *SHORT, "deepspeed.zero_stage=1"))
+    return workdir / "sp-ref"
 
 
 @pytest.fixture(scope="module")
 def pair(config: Path, workdir: Path) -> Path:
     """2 ranks sharing each sample (sequence_parallel_size=2: one data-parallel replica), ZeRO-1."""
-    run_ok(launcher(2, config, workdir / "sp2", "deepspeed.sequence_parallel_size=2", "deepspeed.zero_stage=1"))
+    run_ok(launcher(2, config, workdir / "sp2", *SHORT, "deepspeed.sequence_parallel_size=2", "deepspeed.zero_stage=1"))
     return workdir / "sp2"
 
 
@@ -106,7 +78,7 @@ def test_two_ranks_sharing_each_sequence_train_like_one_process(pair, reference)
 
 def test_sequence_parallel_checkpoint_resumes_on_one_process(config, pair, reference, workdir):
     run_dir = workdir / "sp2-to-1"
-    out = run_ok(single(config, run_dir, f"train.resume={pair / 'checkpoints' / 'step_00000005'}",
+    out = run_ok(single(config, run_dir, *SHORT, f"train.resume={pair / 'checkpoints' / 'step_00000005'}",
                         "deepspeed.zero_stage=1"))
     assert "(step 5)" in out
     losses = step_records(run_dir, "loss")
@@ -118,7 +90,7 @@ def test_two_sequence_parallel_pairs_with_zero2_train_like_one_process(config, r
     # 4 ranks = 2 data-parallel replicas x 2 ranks per sequence, micro-batch 1: the same global batch of 2.
     # Feed-forward chunks of 16 positions: ZeRO-2 reduces each gradient once, after a layer's last chunk
     run_dir = workdir / "sp2-dp2"
-    out = run_ok(launcher(4, config, run_dir, "deepspeed.sequence_parallel_size=2", "deepspeed.zero_stage=2",
+    out = run_ok(launcher(4, config, run_dir, *SHORT, "deepspeed.sequence_parallel_size=2", "deepspeed.zero_stage=2",
                           "train.micro_batch_size=1", "model.ff_chunk_size=16"))
     assert "2 data-parallel x 2 sequence-parallel (groups [0, 1], [2, 3])" in out
     assert max_diff(step_records(run_dir, "loss"), step_records(reference, "loss"), range(1, STEPS + 1)) <= 1e-5
