@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,14 @@ class JobConfig:
             # with 'chunk' windows changes which keys share a chunk: insist on a length the chunks serve.
             raise ConfigError("train.seq_len", f"{self.train.seq_len} is not a multiple of the chunk length "
                                                f"{multiple} (lcm of model.lsh_chunk_len and model.local_chunk_len)")
+        sp = self.deepspeed.sequence_parallel_size
+        if self.model.n_heads % sp:
+            raise ConfigError("model.n_heads", f"{self.model.n_heads} is not divisible by deepspeed.sequence_parallel_"
+                                               f"size={sp} (each rank of a group attends over n_heads/{sp} heads)")
+        if self.train.seq_len % sp:
+            raise ConfigError("train.seq_len", f"{self.train.seq_len} is not divisible by deepspeed.sequence_parallel_"
+                                               f"size={sp} (each rank of a group holds seq_len/{sp} positions); use a "
+                                               f"multiple of {math.lcm(multiple, sp)}")
         return self
 
 
