@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from reformer_dist.errors import ReformerDistError
-from reformer_dist.model import hf_interop, native
 from reformer_dist.model.attention import AttentionBlock, LSHSelfAttention
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.embeddings import Embeddings
@@ -181,13 +180,6 @@ class ReformerLM(nn.Module):
     def _chunk_loss_sum(self, y1: Tensor, y2: Tensor, targets: Tensor) -> Tensor:
         logits = self.lm_head(self.final_norm(torch.cat([y1, y2], dim=-1))).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-
-    # ------------------------------------------------------------------ checkpoints
-    # (implemented beside the model: hf_interop.py, native.py; cached decoding: generation.py)
-    from_hf = staticmethod(hf_interop.from_hf)
-    save_hf = hf_interop.save_hf
-    from_native = staticmethod(native.from_native)
-    save_native = native.save_native
 
     # ------------------------------------------------------------------ deployment: one draw of rotations
     def draw_rotations(self, seed: int = ROTATION_SEED) -> list[Tensor | None]:
