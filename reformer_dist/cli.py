@@ -24,6 +24,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("export", "export"),
     ("convert", "convert"),
     ("generate", "generate"),
+    ("plan", "plan"),
 )
 
 

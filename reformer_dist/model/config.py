@@ -75,8 +75,9 @@ class ReformerConfig:
     """Feature width per axial factor, summing to d_model. null = automatic (d_model split evenly)."""
     axial_norm_std: float = 1.0
     """Init std of the axial positional weights."""
-    ff_chunk_size: int = 0
-    """Positions per feed-forward chunk (0 = unchunked); bounds activation memory at long lengths."""
+    ff_chunk_size: int = 2048
+    """Positions per feed-forward chunk (0 = unchunked): the feed-forward is position-wise, so its
+    (batch, chunk, d_ff) activations exist one chunk at a time; shorter sequences run in one chunk."""
     loss_chunk_size: int = 4096
     """Positions per chunk of the LM-head + cross-entropy so (seq, vocab) logits never exist whole."""
     hash_seed: int | None = None

@@ -100,6 +100,10 @@ class DeepSpeedConfig:
     collective_timeout_s: float = 100.0
     """Seconds a collective may wait for a peer before this rank fails: a dead or hung rank then ends
     the job instead of stalling it. Raise it if one checkpoint write takes longer."""
+    sequence_parallel_size: int = 1
+    """Ranks that share each sample (DeepSpeed-Ulysses sequence parallelism): each holds seq_len/P positions,
+    and attention exchanges them for n_heads/P heads over the whole sequence. Groups are consecutive ranks;
+    the world size must be a multiple of it (data parallel across groups, ZeRO over all ranks)."""
 
     def validate(self) -> DeepSpeedConfig:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -110,6 +114,8 @@ class DeepSpeedConfig:
             raise ConfigError("deepspeed.offload_params", "needs deepspeed.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
+        if self.sequence_parallel_size < 1:
+            raise ConfigError("deepspeed.sequence_parallel_size", f"must be >= 1, got {self.sequence_parallel_size}")
         if not self.collective_timeout_s > 0:
             raise ConfigError("deepspeed.collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
         return self
