@@ -81,7 +81,8 @@ class TorchBackend(DecodingBackend):
         for rows in by_length.values():
             ids = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
             with self._threads(self.threads):
-                out, cache = prefill(self.model, ids, None, self.rotations, self.max_seq_len, self.max_cache_len)
+                out, cache = prefill(self.model, ids, None, self.rotations, self.max_seq_len, self.max_cache_len,
+                                     decoder=self.decoder)
             group = TorchState(cache, torch.full((len(rows),), ids.shape[1], dtype=torch.long, device=self.device))
             state = group if state is None else self.merge(state, group)
             logits.append(out)

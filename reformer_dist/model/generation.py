@@ -52,7 +52,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reformer_dist.model.attention import merge_heads, split_heads
-from reformer_dist.model.lsh_attention import hash_vectors, mask_values, normalize_keys, rotated_buckets
+from reformer_dist.model.lsh_attention import (
+    hash_in_blocks,
+    hash_vectors,
+    mask_values,
+    normalize_keys,
+    rotated_buckets,
+)
 
 if TYPE_CHECKING:
     from reformer_dist.model.reformer import ReformerLM
@@ -112,9 +118,12 @@ def _hf_prefill_layout(model: ReformerLM, length: int) -> tuple[int, bool]:
 
 
 # ------------------------------------------------------------------------------------------ prefill
-def _prefill_local(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: int, full: bool):
+def _prefill_local(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: int, full: bool,
+                   outputs: bool = True):
+    """(attention output (B, L, H*D), or None without ``outputs``; the layer's cache)."""
     k, v = split_heads(sa.key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
-    out = sa(h, mask, None, None)[0]  # the model's own attention (its generator is unused in eval)
+    # the model's own attention (its generator is unused in eval)
+    out = sa(h, mask, None, None)[0] if outputs else None
     if full:
         size = capacity
     else:
@@ -126,12 +135,18 @@ def _prefill_local(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity
 
 
 def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: int, rot: Tensor,
-                 hf_stride_pad: Tensor, hf_hashed: bool, counting: bool):
+                 hf_stride_pad: Tensor, hf_hashed: bool, counting: bool, outputs: bool = True):
+    """(attention output (B, L, H*D), or None without ``outputs``; the layer's cache)."""
     qk, v = split_heads(sa.query_key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
-    out, buckets = torch.ops.reformer.lsh_attention(
-        qk, v, rot, mask, None, sa.n_buckets, sa.chunk_len, sa.chunks_before, sa.chunks_after, sa.window,
-        sa.causal, 0.0, 0)
-    out = merge_heads(out)
+    if outputs:
+        out, buckets = torch.ops.reformer.lsh_attention(
+            qk, v, rot, mask, None, sa.n_buckets, sa.chunk_len, sa.chunks_before, sa.chunks_after, sa.window,
+            sa.causal, 0.0, 0)
+        out = merge_heads(out)
+    else:  # the cache needs the buckets only (the op's: same hash, padding in bucket prod(n_buckets))
+        # an exported graph's length is symbolic: no Python loop over blocks of it
+        hash_fn = hash_vectors if torch.compiler.is_exporting() else hash_in_blocks
+        out, buckets = None, hash_fn(qk, rot, sa.n_buckets, mask)
     k = normalize_keys(qk)
     b, n_heads, n_hashes, length = buckets.shape
     nb = math.prod(sa.n_buckets)
@@ -227,25 +242,49 @@ def _bucket_ranks_counting(buckets: Tensor, factors: list[int]) -> tuple[Tensor,
 
 def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None = None,
             rotations: list[Tensor | None] | None = None, max_len: int | None = None,
-            max_cache_len: int | None = None, counting: bool = False) -> tuple[Tensor, Cache]:
+            max_cache_len: int | None = None, counting: bool = False,
+            decoder: Decoder | None = None) -> tuple[Tensor, Cache]:
     """Run the prompt and build the cache.
 
     input_ids (B, L) right-padded, attention_mask (B, L) 1 = real token (None: all real); rotations: one
     per layer (default: the model's, :meth:`ReformerLM.draw_rotations`); max_len = the longest sequence
     the cache must hold (default max_seq_len); max_cache_len bounds full-attention caches; counting: lay
     out bucket-window LSH caches by counting instead of sorting (same cache; the TensorRT-legal form the
-    exported prefill graph uses).
+    exported prefill graph uses); decoder: the model's :class:`Decoder`, if the caller keeps one.
     Returns the logits of each row's last real token (B, vocab) and the cache; the next token of row b
     goes to position ``lengths[b]``.
+
+    Only the last token's logits are wanted, and the last layer's outputs feed nothing but them: so when
+    every layer's cache is causal-exact (not HF's chunk windows) the prompt minus each row's last token
+    is prefilled with the last layer building its cache alone (no attention output, no feed-forward over
+    the prompt), and the last token runs as a decode step. Same cache and logits, one layer's attention
+    less (half of the work of a 2-layer model's prefill).
     """
     cfg = model.config
     batch, length = input_ids.shape
     if rotations is None:
         rotations = model.draw_rotations()
-    max_len = cfg.max_seq_len if max_len is None else max_len
-    full_len = max_len if max_cache_len is None else min(max_len, max_cache_len)
     lengths = (torch.full((batch,), length, device=input_ids.device) if attention_mask is None
                else attention_mask.long().sum(-1))
+    if "lsh" in cfg.layer_kinds() and cfg.lsh_window == "chunk":
+        return _prefill(model, input_ids, attention_mask, lengths, rotations, max_len, max_cache_len, counting)
+    last = lengths - 1
+    before_last = (torch.arange(length, device=input_ids.device)[None, :] < last[:, None]).long()
+    _, cache = _prefill(model, input_ids, before_last, last, rotations, max_len, max_cache_len, counting,
+                        last_layer_outputs=False)
+    token = torch.gather(input_ids, 1, last[:, None])[:, 0]
+    return (decoder or Decoder(model)).step(token, last, cache)
+
+
+def _prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None, lengths: Tensor,
+             rotations: list[Tensor | None], max_len: int | None, max_cache_len: int | None, counting: bool,
+             last_layer_outputs: bool = True) -> tuple[Tensor | None, Cache]:
+    """:func:`prefill` of every real token (``lengths`` per row); without ``last_layer_outputs`` the last
+    layer builds its cache only and no logits are returned (None)."""
+    cfg = model.config
+    batch, length = input_ids.shape
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    full_len = max_len if max_cache_len is None else min(max_len, max_cache_len)
     # as ReformerLM.hidden_states: right-pad to the chunk multiple, padding masked out
     padded = math.ceil(length / cfg.pad_multiple()) * cfg.pad_multiple()
     mask = None if attention_mask is None else attention_mask.bool()
@@ -265,14 +304,17 @@ def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None 
     x1, x2, cache = x, x, {}
     for i, layer in enumerate(model.layers):
         block = layer.attention
+        outputs = last_layer_outputs or i < len(model.layers) - 1
         h = block.layer_norm(x2)
         if block.kind == "lsh":
             out, layer_cache = _prefill_lsh(block.self_attention, h, mask, lengths, max_len, rotations[i],
-                                            hf_stride_pad, hf_hashed, counting)
+                                            hf_stride_pad, hf_hashed, counting, outputs)
         else:
             out, layer_cache = _prefill_local(block.self_attention, h, mask, lengths, full_len,
-                                              block.kind == "full")
+                                              block.kind == "full", outputs)
         cache.update({f"{i}.{name}": t for name, t in layer_cache.items()})
+        if not outputs:
+            return None, cache
         x1 = x1 + block.output(out).to(x1.dtype)
         x2 = x2 + layer.feed_forward(x1)
     last = (lengths - 1)[:, None, None].expand(-1, 1, x1.shape[-1])

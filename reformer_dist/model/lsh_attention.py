@@ -505,8 +505,12 @@ def combine_rounds(o: Tensor, row_max: Tensor, log_sum: Tensor, hf_rounding: boo
 
 def _buckets_or_hash(qk: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
                      n_buckets: list[int]) -> Tensor:
-    if buckets is not None:
-        return buckets
+    return hash_in_blocks(qk, rotations, n_buckets, key_padding_mask) if buckets is None else buckets
+
+
+def hash_in_blocks(qk: Tensor, rotations: Tensor, n_buckets: list[int], key_padding_mask: Tensor | None) -> Tensor:
+    """:func:`hash_vectors` over blocks of positions, so that the rotated tensor stays a few MiB at any length
+    (``HASH_BLOCK_ELEMENTS``)."""
     b, h, length, _ = qk.shape
     block = max(1, HASH_BLOCK_ELEMENTS // (b * h * rotations.shape[2] * rotations.shape[3]))
     parts = []
