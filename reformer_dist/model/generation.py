@@ -168,48 +168,40 @@ def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: 
         }
         return out, cache
     # bucket window: per bucket, the last chunk_len + 1 tokens (a decode step writes the new one first, see
-    # _step_lsh_bucket), at ring slot (rank within bucket) % (chunk_len + 1)
+    # _step_lsh_bucket), the token of rank r within its bucket at ring slot r % (chunk_len + 1). Read from
+    # the bucket-sorted order (a gather of whole rows, no scatter): ring slot j of a bucket holding n tokens
+    # holds its rank r = j + c * floor((n - 1 - j) / c), the newest rank = j mod c (none if n <= j).
     c = sa.chunk_len + 1
-    real = buckets < nb  # (B, H, n, L); padding sits in bucket nb
-    rank, counts = _bucket_ranks_counting(buckets, sa.n_buckets) if counting else _bucket_ranks_sorting(buckets, nb)
-    seen = torch.gather(counts, 3, buckets.clamp(max=nb - 1))  # tokens in each position's bucket
-    keep = real & (rank >= seen - c)
-    slot = torch.where(keep, buckets * c + rank % c, nb * c)  # nb * c: a discard slot, dropped below
+    order, counts, starts = _bucket_order_counting(buckets, sa.n_buckets) if counting else _bucket_order_sorting(buckets, nb)
+    j = torch.arange(c, device=h.device)
+    newest = counts[..., None] - 1 - j  # (B, H, n, nb, c)
+    rank = j + c * torch.div(newest, c, rounding_mode="floor")
+    index = (starts[..., None] + rank).clamp(0, length - 1).flatten(3)  # (B, H, n, nb*c) into the order
+    ring_pos = torch.where(newest.flatten(3) >= 0, torch.gather(order, 3, index), -1)  # -1 = empty slot
+    # rows of (B*H*L, D): row (b*H + h) * L + position (empty slots read position 0: masked by pos = -1)
+    first = (torch.arange(b * n_heads, device=h.device) * length).view(b, n_heads, 1, 1)
+    rows = (first + ring_pos.clamp(min=0)).flatten()
     d = k.shape[-1]
-    index = slot[..., None].expand(-1, -1, -1, -1, d)
 
-    def scatter(x: Tensor) -> Tensor:  # (B, H, L, D) -> per round, each kept position at its slot
-        buf = x.new_zeros(b, n_heads, n_hashes, nb * c + 1, d)
-        return buf.scatter(3, index, x[:, :, None].expand(-1, -1, n_hashes, -1, -1))[:, :, :, : nb * c]
+    def ring(x: Tensor) -> Tensor:  # (B, H, L, D) -> (B, H, n, nb*c, D)
+        return x.reshape(-1, d).index_select(0, rows).view(b, n_heads, n_hashes, nb * c, d)
 
-    pos_buf = torch.full((b, n_heads, n_hashes, nb * c + 1), -1, dtype=torch.long, device=h.device)
-    cache = {
-        "rot": rot,
-        "k": scatter(k),
-        "v": scatter(v),
-        "pos": pos_buf.scatter(3, slot, pos.expand_as(slot))[..., : nb * c],
-        "count": counts,
-    }
-    # contiguous: a decode step reads and writes the rings as rows of flat views
-    return out, {name: t.contiguous() for name, t in cache.items()}
+    return out, {"rot": rot, "k": ring(k), "v": ring(v), "pos": ring_pos, "count": counts}
 
 
-def _bucket_ranks_sorting(buckets: Tensor, nb: int) -> tuple[Tensor, Tensor]:
-    """Each position's rank among the earlier positions of its bucket (B, H, n, L) and the number of
-    tokens per real bucket (B, H, n, nb), by a stable sort on (bucket, position): eager's layout."""
+def _bucket_order_sorting(buckets: Tensor, nb: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The positions sorted by (bucket, position) (B, H, n, L), the tokens per real bucket (B, H, n, nb) and
+    where each bucket starts in that order (B, H, n, nb), by a stable sort: eager's layout."""
     length = buckets.shape[-1]
     pos = torch.arange(length, device=buckets.device)
-    order = torch.sort(buckets * length + pos, dim=-1).indices  # (B, H, n, L) positions by (bucket, pos)
+    order = torch.sort(buckets * length + pos, dim=-1).indices  # keys are unique: a stable order
     counts = torch.zeros(*buckets.shape[:3], nb + 1, dtype=torch.long, device=buckets.device)
-    counts = counts.scatter_add(3, buckets, torch.ones_like(buckets))
-    starts = torch.cumsum(counts, dim=-1) - counts
-    sorted_rank = torch.arange(length, device=buckets.device) - torch.gather(starts, 3, torch.gather(buckets, 3, order))
-    rank = torch.empty_like(buckets).scatter_(3, order, sorted_rank)
-    return rank, counts[..., :nb]
+    counts = counts.scatter_add(3, buckets, torch.ones_like(buckets))[..., :nb].contiguous()
+    return order, counts, torch.cumsum(counts, dim=-1) - counts
 
 
-def _bucket_ranks_counting(buckets: Tensor, factors: list[int]) -> tuple[Tensor, Tensor]:
-    """As :func:`_bucket_ranks_sorting`, by counting, because TensorRT takes neither a TopK whose K is the
+def _bucket_order_counting(buckets: Tensor, factors: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """As :func:`_bucket_order_sorting`, by counting, because TensorRT takes neither a TopK whose K is the
     prompt length nor an INT64 CumSum: the exported prefill's layout. A least-significant-digit radix sort
     with one stable counting pass per bucket factor (one-hot + fp32 CumSum, exact below 2**24 tokens), so
     it costs B*H*n*L*(factor + 1) floats per pass rather than B*H*n*L*n_buckets; the tokens per bucket are
@@ -229,15 +221,13 @@ def _bucket_ranks_counting(buckets: Tensor, factors: list[int]) -> tuple[Tensor,
         slot = torch.gather(running, 4, keys[..., None])[..., 0] + torch.gather(starts, 3, keys) - 1
         order = torch.zeros_like(order).scatter(3, slot.long(), order)
         stride *= factor
-    slot_of = torch.zeros_like(order).scatter(3, order, positions)  # position -> slot in (bucket, position)
     low = nb // top_factor
     top_hot = (torch.div(buckets, low, rounding_mode="floor")[..., None]
                == torch.arange(top_factor + 1, device=buckets.device)).float()
     low_hot = ((buckets % low)[..., None] == torch.arange(low, device=buckets.device)).float()
     counts = torch.matmul(top_hot.transpose(-1, -2), low_hot)[:, :, :, :top_factor].flatten(3)  # (B, H, n, nb)
     starts = torch.cumsum(counts, dim=-1) - counts
-    rank = slot_of - torch.gather(starts, 3, buckets.clamp(max=nb - 1)).long()
-    return rank, counts.long()
+    return order, counts.long(), starts.long()
 
 
 def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -273,7 +263,8 @@ def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None 
     _, cache = _prefill(model, input_ids, before_last, last, rotations, max_len, max_cache_len, counting,
                         last_layer_outputs=False)
     token = torch.gather(input_ids, 1, last[:, None])[:, 0]
-    return (decoder or Decoder(model)).step(token, last, cache)
+    # in place: the cache was built just now, by this call
+    return (decoder or Decoder(model)).step(token, last, cache, inplace=True)
 
 
 def _prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None, lengths: Tensor,
