@@ -11,6 +11,7 @@ reference ``chunk`` LSH window, whose sorted-order chunks see padding move their
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from reformer_dist.errors import ReformerDistError
 from reformer_dist.model.attention import AttentionBlock, LSHSelfAttention
-from reformer_dist.model.config import ReformerConfig
+from reformer_dist.model.config import ACTIVATIONS, ReformerConfig
 from reformer_dist.model.embeddings import Embeddings
 from reformer_dist.model.reversible import TileHook, residual_stack, reversible_stack
 from reformer_dist.model.rng import GeneratorHolder, draw_seed, positional_dropout
@@ -28,12 +29,6 @@ from reformer_dist.model.sequence_parallel import SequenceShard
 
 ROTATION_SEED = 0  # the default draw of inference rotations (see ReformerLM.draw_rotations)
 
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-}
 
 
 class FeedForwardBlock(GeneratorHolder):
@@ -48,7 +43,8 @@ class FeedForwardBlock(GeneratorHolder):
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.dense = nn.Linear(config.d_model, config.d_ff)
         self.output = nn.Linear(config.d_ff, config.d_model)
-        self.act = ACTIVATIONS[config.activation]
+        name, kwargs = ACTIVATIONS[config.activation]
+        self.act = functools.partial(getattr(F, name), **kwargs)
         self.dropout = config.dropout
         self.chunk_size = config.ff_chunk_size
 
