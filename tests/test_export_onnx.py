@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from reformer_dist import ReformerConfig, ReformerLM
+from reformer_dist.atomic_write import umask_mode
 from reformer_dist.cli import main
 from reformer_dist.errors import CheckpointError, ConfigError
 from reformer_dist.export import lsh_onnx
@@ -299,6 +300,7 @@ def test_int8_graph_keeps_lsh_in_fp32_and_stays_within_2_percent_of_fp32_loss(ex
     model, fp32_path, fp32 = exported["mixed"]
     int8_path = tmp_path / "mixed.int8.onnx"
     int8 = export_onnx(model, int8_path, precision="int8", tokenizer={"kind": "bytes", "offset": 0})
+    assert int8_path.stat().st_mode & 0o777 == umask_mode()  # readable by a serving uid, as other exports
     # the LSH layers are untouched: same nodes, same function body, fp32 rotations; the linear layers are int8
     assert [n.attribute for n in lsh_nodes(int8)] == [n.attribute for n in lsh_nodes(fp32)]
     assert [f.SerializeToString() for f in int8.functions] == [f.SerializeToString() for f in fp32.functions]
