@@ -73,8 +73,10 @@ class ReformerConfig:
     null = automatic (two factors close to sqrt(max_seq_len))."""
     axial_pos_dims: list[int] | None = None
     """Feature width per axial factor, summing to d_model. null = automatic (d_model split evenly)."""
-    axial_norm_std: float = 1.0
-    """Init std of the axial positional weights."""
+    axial_norm_std: float = 0.02
+    """Init std of the axial positional weights. HF's default is 1.0: 50x the token embeddings (init_std)
+    then drowns the token signal at initialisation, and a fresh model sits at the unigram level for its
+    first ~100 steps (README, learning benchmark). Imported checkpoints keep their own value."""
     ff_chunk_size: int = 0
     """Positions per feed-forward chunk (0 = unchunked); bounds activation memory at long lengths."""
     loss_chunk_size: int = 4096
@@ -87,7 +89,9 @@ class ReformerConfig:
     activation: str = "relu"
     """Feed-forward activation: relu, gelu, gelu_new or silu."""
     init_std: float = 0.02
-    """Std of the normal initialisation of linear and embedding weights."""
+    """Std of the normal initialisation of linear and embedding weights; the output projections of the
+    attention and feed-forward branches (which write into the residual streams) get init_std /
+    sqrt(2 * n_layers), as in GPT-2."""
     pad_token_id: int | None = None
     """Token id treated as padding in generation/serving batches (HF enwik8: 0); null = none."""
 
