@@ -126,6 +126,10 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def max_diff(a: dict[int, float], b: dict[int, float], steps: range) -> float:
     missing = sorted(set(steps) - (set(a) & set(b)))
     assert not missing, f"steps without a loss: {missing}"
@@ -202,7 +206,7 @@ def zero_run(config: Path, workdir: Path):
         if stage not in done:
             run_dir = workdir / f"zero{stage}"
             run_ok(["bash", str(REPO / "launch" / "train_single_node.sh"), str(config), f"train.output_dir={run_dir}",
-                    "train.micro_batch_size=1", f"deepspeed.zero_stage={stage}",
+                    "train.micro_batch_size=1", f"deepspeed.zero_stage={stage}", "train.sample_every=10",
                     f"deepspeed.config_file={workdir / 'zero3.json'}"],
                    env={**ENV, "NUM_GPUS": "2", "MASTER_PORT": str(free_port())})
             done[stage] = run_dir
@@ -221,8 +225,9 @@ def native_weights(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_ranks_match_one_process_at_zero_stage(stage, zero_run, reference, workdir):
-    run_dir = zero_run(stage)
+    run_dir = zero_run(stage)  # samples at steps 10 and 20 (the reference takes none): they change nothing
     assert max_diff(step_losses(run_dir), reference, range(1, STEPS + 1)) <= 1e-5
+    assert [r["step"] for r in metrics(run_dir) if "sample" in r] == [10, 20]
     # the consolidated fp32 weights (gathered from 2 ranks' partitions) are the single process's weights
     ours, ref = native_weights(run_dir), native_weights(workdir / "ref")
     assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-4
@@ -350,3 +355,25 @@ def test_diverged_run_skips_non_finite_steps_then_stops_with_the_last_good_check
     assert latest(run_dir) == "step_00000001"  # no checkpoint was written during the skipped steps
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if "loss" in r] == [0, 1, 2, 3]
+
+
+def test_samples_print_at_their_steps_and_go_to_wandb_as_a_text_table(config, workdir):
+    run_dir = workdir / "sampled"
+    out = run_ok(single(config, run_dir, "train.sample_every=10", "train.sample_prompt=the", "train.sample_tokens=30",
+                        "logging.wandb.mode=offline"))
+    samples = {r["step"]: r["sample"] for r in metrics(run_dir) if "sample" in r}
+    assert sorted(samples) == [10, 20]
+    for step, text in samples.items():
+        assert text.startswith("the") and len(text) > 3
+        assert f"sample step {step} |\n{text}\n" in out
+    assert [r["step"] for r in metrics(run_dir) if "val_loss" in r] == [0, 10, 20]  # step 0: the untrained model
+
+    # W&B: the `samples` table logged at each sample step holds every sample so far, as text
+    files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    tables = {int(row["_step"]): row for row in history_rows(read_records(files[0])) if "samples/path" in row}
+    assert sorted(tables) == [10, 20]
+    assert tables[20]["samples/_type"] == "table-file"
+    table = json.loads(next(run_dir.glob("wandb/offline-run-*/files")).joinpath(tables[20]["samples/path"]).read_text())
+    assert table["columns"] == ["step", "text"]
+    assert table["data"] == [[10, samples[10]], [20, samples[20]]]
+
