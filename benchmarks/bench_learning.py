@@ -17,13 +17,18 @@ windows. The model size, batch, sequence length, dropout and optimiser settings 
                 (``_init_weights``) given our init stds through its own knobs (initializer_range,
                 axial_norm_std); HF has no scaled init of the branch outputs
   gpt           a plain pre-LN causal transformer (SDPA, learned positions, ReLU feed-forward, nanoGPT's
-                init at the same std as ours) of the same width, depth, heads and feed-forward size
+                init) of the same width, depth, heads and feed-forward size, at its best settings
+                (GPT_SETTINGS, from a sweep of init std / learning rate / warmup)
+  gpt_local     diagnostic: that transformer with each query attending only its last LOCAL_WINDOW positions
+                (a sliding window, about the reach of ours' local layers), to separate the effect of local
+                attention's inductive bias from everything else that differs
 
 Corpora: ``stdlib`` (the Python standard library's sources, as the quickstart) and ``dna``: a DNA-like
 byte stream generated deterministically here (FASTA-style lines of A/C/G/T from a fixed order-5 Markov
 chain, with repeats copied from up to 200 bases back; see :func:`write_dna_corpus`).
 
-Runs are cached in the results JSON per (model, corpus, seed, settings): re-running the same command
+Runs are cached in the results JSON per (model, corpus, seed, steps, resolved model + optimiser settings,
+so a changed config or variant re-runs and stale runs are not reported): re-running the same command
 skips finished runs and resumes an interrupted one from its last evaluation (state under --work-dir).
 One thread per process; start two processes on disjoint ``--models`` to use two cores.
 
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -54,7 +60,11 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "learning.json"
-MODELS = ("ours", "ours_full", "ours_plain", "ours_lsh", "ours_hf_init", "hf", "gpt")
+MODELS = ("ours", "ours_full", "ours_plain", "ours_lsh", "ours_hf_init", "hf", "gpt", "gpt_local")
+GPT_SETTINGS: list[str] = []
+"""The plain transformer's own settings over the tiny config's: the best of the sweep in the README (init
+std, learning rate, warmup at 300 steps)."""
+LOCAL_WINDOW = 64  # gpt_local: each query attends its last 64 positions, the reach of ours' local layers
 CORPORA = ("stdlib", "dna")
 VAL_WINDOWS = 128  # validation windows per evaluation (the split's first ones, the same every time)
 
@@ -142,9 +152,9 @@ def prepared_corpus(name: str, data_root: Path) -> str:
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)), then x + FF(LN(x))."""
 
-    def __init__(self, d_model: int, n_heads: int, d_head: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, d_ff: int, dropout: float, window: int | None):
         super().__init__()
-        self.n_heads, self.d_head, self.dropout = n_heads, d_head, dropout
+        self.n_heads, self.d_head, self.dropout, self.window = n_heads, d_head, dropout, window
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * n_heads * d_head, bias=False)
         self.out = nn.Linear(n_heads * d_head, d_model, bias=False)
@@ -153,7 +163,12 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, length, _ = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, length, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, length, -1)
+        if self.window is None:
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # causal sliding window: key j is visible from query i when 0 <= i - j < window
+            lag = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=(lag >= 0) & (lag < self.window))
+        att = att.transpose(1, 2).reshape(b, length, -1)  # (B, L, H*Dh)
         x = x + F.dropout(self.out(att), self.dropout, self.training)
         return x + F.dropout(self.ff(self.ln2(x)), self.dropout, self.training)
 
@@ -163,12 +178,12 @@ class PlainTransformer(nn.Module):
     residual output projections scaled by 1/sqrt(2 * n_layers), untied head with bias)."""
 
     def __init__(self, vocab: int, length: int, d_model: int, n_layers: int, n_heads: int, d_head: int,
-                 d_ff: int, dropout: float, init_std: float):
+                 d_ff: int, dropout: float, init_std: float, window: int | None = None):
         super().__init__()
         self.dropout = dropout
         self.emb = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(length, d_model)
-        self.blocks = nn.ModuleList([Block(d_model, n_heads, d_head, d_ff, dropout) for _ in range(n_layers)])
+        self.blocks = nn.ModuleList([Block(d_model, n_heads, d_head, d_ff, dropout, window) for _ in range(n_layers)])
         self.ln = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab)
         for name, p in self.named_parameters():
@@ -201,16 +216,16 @@ class HFReformer(nn.Module):
 
 
 def hf_model(cfg) -> nn.Module:
-    """HF's Reformer with our config's shape; its LSH layers use the ``chunk`` window, the only one HF has."""
-    import dataclasses
-
+    """HF's Reformer with our config's shape; its LSH layers use the ``chunk`` window, the only one HF has,
+    and its feed-forward is unchunked (HF needs the length to be a multiple of the chunk; chunking only
+    saves memory)."""
     from transformers import ReformerConfig as HFConfig
     from transformers import ReformerModelWithLMHead
 
     from reformer_dist.model.hf_interop import config_to_hf
 
-    return HFReformer(ReformerModelWithLMHead(HFConfig(**config_to_hf(dataclasses.replace(cfg.model,
-                                                                                          lsh_window="chunk")))))
+    shape = dataclasses.replace(cfg.model, lsh_window="chunk", ff_chunk_size=0)
+    return HFReformer(ReformerModelWithLMHead(HFConfig(**config_to_hf(shape))))
 
 
 def build(name: str, cfg) -> nn.Module:
@@ -218,9 +233,9 @@ def build(name: str, cfg) -> nn.Module:
     from reformer_dist.model import ReformerLM
 
     m = cfg.model
-    if name == "gpt":
+    if name in ("gpt", "gpt_local"):
         return PlainTransformer(m.vocab_size, cfg.train.seq_len, m.d_model, m.n_layers, m.n_heads, m.d_head,
-                                m.d_ff, m.dropout, m.init_std)
+                                m.d_ff, m.dropout, m.init_std, LOCAL_WINDOW if name == "gpt_local" else None)
     if name == "hf":
         return hf_model(cfg)
     model = ReformerLM(m)
@@ -233,7 +248,25 @@ def build(name: str, cfg) -> nn.Module:
 
 def variant_overrides(name: str) -> list[str]:
     return {"ours_full": ["model.attn_layers=[full]"], "ours_plain": ["model.reversible=false"],
-            "ours_lsh": ["model.attn_layers=[lsh]"], "ours_hf_init": ["model.init_std=0.02", "model.axial_norm_std=1.0"]}.get(name, [])
+            "ours_lsh": ["model.attn_layers=[lsh]"], "ours_hf_init": ["model.init_std=0.02", "model.axial_norm_std=1.0"],
+            "gpt": GPT_SETTINGS, "gpt_local": GPT_SETTINGS}.get(name, [])
+
+
+def run_config(name: str, overrides: list[str]):
+    """The tiny config with model ``name``'s variant settings, then the command line's overrides."""
+    from reformer_dist.configuration import load_config
+
+    return load_config(["tiny"], [*variant_overrides(name), *overrides])
+
+
+def settings_hash(cfg) -> str:
+    """Hash of everything a run's curve depends on besides model/corpus/seed/steps: the resolved model
+    config and the data/optimiser settings (the cache key, so a changed config re-runs)."""
+    t = cfg.train
+    settings = {"model": dataclasses.asdict(cfg.model),
+                "train": {k: getattr(t, k) for k in ("seq_len", "micro_batch_size", "grad_accum", "lr", "betas",
+                                                     "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip")}}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -256,12 +289,11 @@ def bits_per_byte(model: nn.Module, val, batch: int) -> float:
 
 def train_run(name: str, corpus: str, seed: int, steps: int, eval_every: int, overrides: list[str],
               data_root: Path, state_path: Path, log: Callable[[str], None]) -> dict:
-    from reformer_dist.configuration import load_config
     from reformer_dist.data import GlobalOrderSampler, TokenWindowDataset, next_batch
     from reformer_dist.model import ReformerLM
     from reformer_dist.train.engine import lr_factor, param_groups
 
-    cfg = load_config(["tiny"], [*variant_overrides(name), *overrides])
+    cfg = run_config(name, overrides)
     t = cfg.train
     data = prepared_corpus(corpus, data_root)
     train_ds = TokenWindowDataset(data, "train", t.seq_len)
@@ -275,6 +307,7 @@ def train_run(name: str, corpus: str, seed: int, steps: int, eval_every: int, ov
     record = {"model": name, "corpus": corpus, "seed": seed, "steps": steps, "overrides": overrides,
               "params": sum(p.numel() for p in model.parameters()), "batch": batch, "seq_len": t.seq_len,
               "lr": t.lr, "betas": list(t.betas), "warmup": t.warmup_steps, "dropout": cfg.model.dropout,
+              "init_std": cfg.model.init_std, "settings": settings_hash(cfg),
               "val_bpb": {}, "train_loss": {}, "cpu_s": 0.0}
     step = 0
     if state_path.is_file():  # resume an interrupted run at its last evaluation
@@ -337,15 +370,15 @@ def locked_results(path: Path):
 
 
 def run_key(name: str, corpus: str, seed: int, steps: int, eval_every: int, overrides: list[str]) -> str:
-    extra = hashlib.sha1(json.dumps(sorted(overrides)).encode()).hexdigest()[:8] if overrides else "tiny"
-    return f"{name}/{corpus}/s{seed}/{steps}x{eval_every}/{extra}"
+    return f"{name}/{corpus}/s{seed}/{steps}x{eval_every}/{settings_hash(run_config(name, overrides))}"
 
 
 def mean_curves(results: dict, steps: int, eval_every: int, overrides: list[str]) -> dict:
     """(model, corpus) -> {step: mean val bits/byte over the finished seeds, 'seeds': n}."""
+    current = {m: settings_hash(run_config(m, overrides)) for m in MODELS}
     out: dict = {}
     for r in results.values():
-        if r["steps"] != steps or r.get("eval_every") != eval_every or sorted(r["overrides"]) != sorted(overrides) \
+        if r["steps"] != steps or r.get("eval_every") != eval_every or r.get("settings") != current[r["model"]] \
                 or r.get("at") != steps:
             continue
         out.setdefault((r["model"], r["corpus"]), []).append(r)
@@ -353,6 +386,7 @@ def mean_curves(results: dict, steps: int, eval_every: int, overrides: list[str]
     for key, runs in out.items():
         points = sorted(set.intersection(*(set(int(s) for s in r["val_bpb"]) for r in runs)))
         means[key] = {"seeds": sorted(r["seed"] for r in runs), "params": runs[0]["params"],
+                      "tokens": runs[0]["batch"] * runs[0]["seq_len"],
                       "cpu_s": sum(r["cpu_s"] for r in runs) / len(runs),
                       "curve": {s: float(np.mean([r["val_bpb"][str(s)] for r in runs])) for s in points}}
     return means
@@ -403,7 +437,8 @@ def report(results: dict, steps: int, eval_every: int, overrides: list[str], out
                 ax.plot(list(curve), list(curve.values()), label=m, marker=".", lw=1.2,
                         ls="--" if m.startswith("hf") else "-", color="black" if m == "gpt" else None)
         ax.set_title(f"{corpus}: validation bits/byte")
-        ax.set_xlabel("training step (8 x 256 bytes)" if corpus else "")
+        tokens = next(r["tokens"] for k, r in means.items() if k[1] == corpus)
+        ax.set_xlabel(f"training step ({tokens:,} bytes each)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)

@@ -1,23 +1,32 @@
-"""Inference latency: ONNX Runtime (CPU) vs PyTorch eager, batch 1, on the benchmark Reformer.
+"""Inference latency on CPU: full sequence (PyTorch eager / ONNX Runtime fp32 / ONNX Runtime int8) and one
+cached decode step (PyTorch / ONNX Runtime) against the context length, batch 1.
 
-    .venv/bin/python benchmarks/bench_onnx.py                       # lengths 1024 4096 16384
-    .venv/bin/python benchmarks/bench_onnx.py --lengths 1024 --repeats 3
+    .venv/bin/python benchmarks/bench_onnx.py                                 # 1K 4K 16K, decode 1K-16K
+    .venv/bin/python benchmarks/bench_onnx.py --lengths 1024 4096 --decode-contexts 1024 4096 --repeats 3
 
 Model: byte vocab 256, 6 layers all LSH (bucket window), d_model 256, 4 heads x 64, d_ff 1024, chunk 64,
-2 hashes, causal, fp32, random weights (latency does not depend on them). The model is exported once per
-LSH body (counting sort, TopK sort) and each graph is timed at every length; medians over ``--repeats``
-runs after one warm-up, on ``--threads`` threads for both runtimes. Prints a markdown table (also written
-to benchmarks/results/bench_onnx.md). Target: ONNX Runtime >= 2x faster than eager at 4K.
+2 hashes, causal, random weights (latency does not depend on them), max_seq_len = the longest length.
+Exported once with ``export_onnx(..., generation=True)`` (counting-sort body: the TensorRT-parsable
+default; ``--sort topk`` for the TopK body) and quantized with ``quantize_int8`` (what
+``export onnx --precision int8`` runs). All runtimes get ``--threads`` threads.
 
-Decode step (``--decode-contexts``): the prefill/decode graphs are exported too, a random prompt of each
-context length is prefilled, then one cached decode step (batch 1) is timed: ONNX Runtime's decode graph
-with the cache bound in place vs PyTorch's ``decode_step`` (in place, as its ``generate`` runs it).
+Full sequence: the runtimes are timed in turn within each repeat (interleaved, so a busy machine slows
+them alike), median of ``--repeats`` after one warm-up. Decode step: a random prompt of each context length
+is prefilled on both backends of the decoding runtime (``reformer_dist.decoding``: ``TorchBackend``,
+``OrtBackend`` with the cache updated in place), then ``--steps`` decode steps are timed, interleaved.
+Writes benchmarks/results/bench_onnx.md (with the command and the load average) and bench_onnx.png.
+Targets (issue 13): ORT int8 >= 1.5x ORT fp32 and >= 1.5x eager at 4K; decode step flat in the context.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see decoding.loading.quiet_openmp
+
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,99 +35,138 @@ import numpy as np
 import torch
 
 from reformer_dist import ReformerConfig, ReformerLM
-from reformer_dist.export.generation_export import export_generation
-from reformer_dist.export.onnx_export import export_onnx, frozen_rotations
-from reformer_dist.export.ort_generate import OrtGenerator
+from reformer_dist.decoding.onnxruntime_backend import OrtBackend
+from reformer_dist.decoding.torch_backend import TorchBackend
+from reformer_dist.export.metadata import generation_paths
+from reformer_dist.export.onnx_export import export_onnx
 from reformer_dist.export.ort_runner import OrtRunner
-from reformer_dist.model.generation import decode_step, draw_rotations, prefill
+from reformer_dist.export.quantize import quantize_int8
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_onnx.md"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, ORT's first-run planning)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn within every repeat (after one warm-up each)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30, help="decode steps timed per context")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sorts", nargs="+", default=["counting", "topk"], choices=["counting", "topk"])
+    parser.add_argument("--sort", default="counting", choices=["counting", "topk"])
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 4096],
-                        help="context lengths at which one decode step is timed (none: skip)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    longest = max([*args.lengths, *(c + args.steps + 2 for c in args.decode_contexts)])
+    longest = -(-longest // 64) * 64
     config = ReformerConfig(vocab_size=256, d_model=256, n_heads=4, d_head=64, d_ff=1024, n_layers=args.layers,
-                            attn_layers=["lsh"], lsh_chunk_len=64, lsh_n_hashes=2, max_seq_len=max(args.lengths),
-                            axial_pos_shape=[max(args.lengths) // 64, 64])
+                            attn_layers=["lsh"], lsh_chunk_len=64, lsh_n_hashes=2, max_seq_len=longest,
+                            axial_pos_shape=[longest // 64, 64])
     torch.manual_seed(0)
-    model = ReformerLM(config).eval()
+    model = ReformerLM(config).eval().freeze_rotations()  # the rotations the exported graphs hold
     rng = np.random.default_rng(0)
-    inputs = {n: rng.integers(0, 256, (1, n)) for n in args.lengths}
 
-    rows = {n: {} for n in args.lengths}
     with tempfile.TemporaryDirectory() as tmp:
-        decode = decode_latency(model, args, Path(tmp)) if args.decode_contexts else ""
-        for sort in args.sorts:
-            start = time.perf_counter()
-            export_onnx(model, Path(tmp) / f"{sort}.onnx", sort=sort)
-            print(f"exported the {sort}-sort graph in {time.perf_counter() - start:.0f} s", flush=True)
-            runner = OrtRunner(Path(tmp) / f"{sort}.onnx", threads=args.threads)
-            for n, ids in inputs.items():
-                rows[n][f"ort_{sort}"] = median_ms(lambda ids=ids, r=runner: r.logits(ids), args.repeats)
-                print(f"  ort {sort:8s} L={n:6d}: {rows[n][f'ort_{sort}']:9.1f} ms", flush=True)
-    with frozen_rotations(model), torch.inference_mode():
-        for n, ids in inputs.items():
-            t = torch.from_numpy(ids)
-            rows[n]["torch"] = median_ms(lambda t=t: model(t), args.repeats)
-            print(f"  torch eager      L={n:6d}: {rows[n]['torch']:9.1f} ms", flush=True)
+        fp32, int8 = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
+        start = time.perf_counter()
+        export_onnx(model, fp32, sort=args.sort, generation=bool(args.decode_contexts))
+        quantize_int8(fp32, int8)
+        print(f"exported and quantized in {time.perf_counter() - start:.0f} s", flush=True)
+        runners = {"ORT fp32": OrtRunner(fp32, threads=args.threads), "ORT int8": OrtRunner(int8, threads=args.threads)}
 
-    header = "| length | PyTorch eager (ms) | " + " | ".join(f"ORT {s} sort (ms) | speed-up" for s in args.sorts) + " |"
-    lines = [f"ONNX Runtime {__import__('onnxruntime').__version__} CPU vs PyTorch {torch.__version__} eager, "
-             f"batch 1, {args.threads} threads, {args.layers} LSH layers, median of {args.repeats}", "",
-             header, "|" + "---|" * (2 + 2 * len(args.sorts))]
-    for n in args.lengths:
-        cells = [f"{rows[n][f'ort_{s}']:.1f} | {rows[n]['torch'] / rows[n][f'ort_{s}']:.2f}x" for s in args.sorts]
-        lines.append(f"| {n} | {rows[n]['torch']:.1f} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + decode
+        full = {}
+        for n in args.lengths:
+            ids = rng.integers(0, 256, (1, n))
+            tensor = torch.from_numpy(ids)
+            fns = {"eager": lambda t=tensor: eager(model, t),
+                   **{name: (lambda r=r, ids=ids: r.logits(ids)) for name, r in runners.items()}}
+            full[n] = interleaved(fns, args.repeats)
+            print(f"  L={n:6d}: " + "  ".join(f"{k} {1e3 * v:8.1f} ms" for k, v in full[n].items()), flush=True)
+
+        decode = {}
+        if args.decode_contexts:
+            assert all(p.is_file() for p in generation_paths(fp32).values())
+            backends = {"torch": TorchBackend(model, "cpu"), "onnxruntime": OrtBackend(fp32, threads=args.threads)}
+            for n in args.decode_contexts:
+                prompt = rng.integers(0, 256, n).tolist()
+                states = {name: b.prefill([prompt])[0] for name, b in backends.items()}
+                fns = {name: (lambda b=b, s=states[name]: b.decode(s, np.array([7]))) for name, b in backends.items()}
+                decode[n] = interleaved(fns, args.steps)
+                print(f"  decode after {n:6d}: " + "  ".join(f"{k} {1e3 * v:7.2f} ms" for k, v in decode[n].items()),
+                      flush=True)
+
+    write_results(args, full, decode)
+
+
+@torch.inference_mode()
+def eager(model: ReformerLM, ids: torch.Tensor) -> None:
+    model(ids)
+
+
+def write_results(args: argparse.Namespace, full: dict, decode: dict) -> None:
+    import onnxruntime
+
+    load = os.getloadavg()
+    lines = [f"Command: .venv/bin/python benchmarks/bench_onnx.py {' '.join(sys.argv[1:])}".rstrip(), "",
+             f"ONNX Runtime {onnxruntime.__version__} CPU, PyTorch {torch.__version__}, {args.threads} threads, "
+             f"{os.cpu_count()} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) "
+             f"when it finished. {args.layers} LSH layers (bucket window), d_model 256, batch 1, {args.sort}-sort "
+             f"body; medians of {args.repeats} interleaved repeats.", "",
+             "Full sequence:", "",
+             "| length | PyTorch eager (ms) | ORT fp32 (ms) | ORT int8 (ms) | fp32 vs eager | int8 vs fp32 | int8 vs eager |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, r in full.items():
+        e, f, q = r["eager"], r["ORT fp32"], r["ORT int8"]
+        lines.append(f"| {n} | {1e3 * e:.1f} | {1e3 * f:.1f} | {1e3 * q:.1f} | {e / f:.2f}x | {f / q:.2f}x | {e / q:.2f}x |")
+    if decode:
+        lines += ["", f"One cached decode step (median of {args.steps}, interleaved), batch 1:", "",
+                  "| context | PyTorch (ms) | ONNX Runtime (ms) | ORT vs PyTorch |", "|---:|---:|---:|---:|"]
+        for n, r in decode.items():
+            lines.append(f"| {n} | {1e3 * r['torch']:.2f} | {1e3 * r['onnxruntime']:.2f} | "
+                         f"{r['torch'] / r['onnxruntime']:.2f}x |")
+    table = "\n".join(lines)
     print("\n" + table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(f"Command: .venv/bin/python benchmarks/bench_onnx.py --lengths "
-                       f"{' '.join(map(str, args.lengths))} --repeats {args.repeats} --layers {args.layers} "
-                       f"--decode-contexts {' '.join(map(str, args.decode_contexts))}\n\n{table}\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_onnx.md").write_text(table + "\n")
+    plot(full, decode)
 
 
-def decode_latency(model: ReformerLM, args: argparse.Namespace, tmp: Path) -> str:
-    """Median latency of one cached decode step after prompts of each context length: a table."""
-    start = time.perf_counter()
-    export_generation(model, tmp / "gen.onnx")
-    print(f"exported the prefill/decode graphs in {time.perf_counter() - start:.0f} s", flush=True)
-    generator = OrtGenerator(tmp / "gen.onnx", threads=args.threads)
-    rng = np.random.default_rng(1)
-    lines = ["", "", f"Decode step (batch 1, {args.layers} LSH layers, median of {args.repeats}):", "",
-             "| context | PyTorch decode_step (ms) | ORT decode graph (ms) | speed-up |", "|---|---|---|---|"]
-    for n in args.decode_contexts:
-        prompt = rng.integers(0, 256, n).tolist()
-        _, advance = generator.start([prompt])
-        token = np.array([7])
-        ort_ms = median_ms(lambda f=advance, t=token: f(t), args.repeats)
-        with frozen_rotations(model), torch.inference_mode():
-            _, cache = prefill(model, torch.tensor([prompt]), None, draw_rotations(model, torch.Generator()))
-            position = torch.tensor([n])
-            torch_ms = median_ms(lambda p=position, c=cache: decode_step(model, torch.tensor([7]), p, c, inplace=True),
-                                 args.repeats)
-        print(f"  decode step context={n:6d}: torch {torch_ms:.2f} ms, ort {ort_ms:.2f} ms", flush=True)
-        lines.append(f"| {n} | {torch_ms:.2f} | {ort_ms:.2f} | {torch_ms / ort_ms:.2f}x |")
-    return "\n".join(lines)
+def plot(full: dict, decode: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return
+    fig, axes = plt.subplots(1, 2 if decode else 1, figsize=(11 if decode else 5.5, 4), squeeze=False)
+    ax = axes[0][0]
+    for name in ("eager", "ORT fp32", "ORT int8"):
+        ax.plot(list(full), [1e3 * r[name] for r in full.values()], marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms", title="full sequence, batch 1")
+    ax.legend()
+    if decode:
+        ax = axes[0][1]
+        for name in ("torch", "onnxruntime"):
+            ax.plot(list(decode), [1e3 * r[name] for r in decode.values()], marker="o", label=name)
+        ax.set(xscale="log", xlabel="context length", ylabel="ms", title="one cached decode step", ylim=(0, None))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bench_onnx.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Each (implementation, length) runs in a fresh process: build the model (seeded), one warm-up step, then
 ``--steps`` timed forward+backward steps at batch 1, fp32, 2 threads, with glibc's default allocator
-settings (as the issue's anchor figures were taken). The parent records the median step
-time and the child's peak RSS (``ru_maxrss`` from ``wait4``), prints a markdown table with the ratios to
-HF, and writes the table (.md), the raw numbers (.json) and a log-log plot (.png) to ``--out``.
+settings (as the issue's anchor figures were taken) unless ``--thp`` puts every implementation's large
+host allocations on transparent huge pages (torch's ``THP_MEM_ALLOC_ENABLE``, what ``reformer-dist train``
+sets). The parent records the median step time, the child's peak RSS, minor page faults and CPU time
+(``wait4``'s rusage), prints a markdown table with the ratios to HF, and writes the table (.md), the raw
+numbers (.json) and a log-log plot (.png) to ``--out``.
 
     pip install -e ".[bench]"                                   # HF 4.57.6, reformer-pytorch, matplotlib
     python benchmarks/bench_train_step.py                       # 1K..64K all four, then ours at 256K, 1M
@@ -51,12 +53,13 @@ def child(impl: str, length: int, steps: int, threads: int, warmup: int) -> None
 
 
 def measure(impl: str, length: int, steps: int, threads: int, warmup: int, timeout: float,
-            mmap_threshold: int = 0) -> dict:
+            mmap_threshold: int = 0, thp: bool = False) -> dict:
     """Run one child; return its times, peak RSS (its own ru_maxrss, via wait4) and status."""
     cmd = [sys.executable, __file__, "--child", impl, str(length), str(steps), str(threads), str(warmup)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    env["THP_MEM_ALLOC_ENABLE"] = "1" if thp else "0"
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         timer = threading.Timer(timeout, proc.kill)
@@ -72,7 +75,8 @@ def measure(impl: str, length: int, steps: int, threads: int, warmup: int, timeo
     times = lines[-1]["times"] if lines else []
     status = "ok" if code == 0 else ("timeout" if code == -signal.SIGKILL else f"error: {error}")
     return {"impl": impl, "length": length, "times": times, "median_s": statistics.median(times) if times else None,
-            "peak_rss_gib": usage.ru_maxrss / 2**20, "status": status}
+            "peak_rss_gib": usage.ru_maxrss / 2**20, "minor_faults": usage.ru_minflt,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "load": os.getloadavg()[0], "thp": thp, "status": status}
 
 
 def fmt_cell(r: dict) -> str:
@@ -145,6 +149,8 @@ def main() -> None:
     parser.add_argument("--mmap-threshold", type=int, default=0,
                         help="pin glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in every child, so freed large tensors go "
                              "back to the OS and peak RSS excludes heap fragmentation (costs page faults); 0 = default")
+    parser.add_argument("--thp", action="store_true",
+                        help="transparent huge pages for every implementation's allocations >= 2 MiB")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per (impl, length) process")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for .md/.json/.png")
@@ -163,7 +169,7 @@ def main() -> None:
     for impl, length in plan:
         steps = args.long_steps if length >= 65536 else args.steps
         warmup = args.long_warmup if length >= 65536 else 1
-        r = measure(impl, length, steps, args.threads, warmup, args.timeout, args.mmap_threshold)
+        r = measure(impl, length, steps, args.threads, warmup, args.timeout, args.mmap_threshold, args.thp)
         results.append(r)
         print(f"{impl:>10} {length:>8}: {fmt_cell(r)}", flush=True)
     cmd = "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:])

@@ -56,3 +56,6 @@ echo "  prepared data      $data_dir/ (manifest.json + token shards)"
 echo "  run directory      $run_dir/ (config.yaml, ds_config.json, metrics.jsonl, checkpoints, latest)"
 echo "  consolidated model $run_dir/native/ (model.safetensors + config.yaml)"
 echo "  ONNX model         $run_dir/model.onnx"
+if [ "$WANDB_MODE" = offline ]; then
+  echo "  W&B offline run    $run_dir/wandb/offline-run-* (upload: wandb sync $run_dir/wandb/offline-run-*)"
+fi

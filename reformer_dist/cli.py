@@ -2,7 +2,8 @@
 
 Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and imports its heavy
 dependencies (torch, deepspeed, onnxruntime...) inside ``run``, so ``reformer-dist --help`` stays fast.
-User errors (:class:`ReformerDistError`) are printed as one line and exit with status 2.
+User errors (:class:`ReformerDistError`) are printed as one line and exit with status 2 (a message that
+quotes a library's multi-line text is joined onto that line).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("export", "export"),
     ("convert", "convert"),
     ("generate", "generate"),
+    ("plan", "plan"),
 )
 
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except ReformerDistError as e:
-        print(f"reformer-dist {args.command}: error: {e}", file=sys.stderr)
+        print(f"reformer-dist {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -11,8 +11,9 @@ them — OmegaConf structured configs give type checking — and turns every fai
 from __future__ import annotations
 
 import difflib
+import importlib.resources
+import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from reformer_dist.atomic_write import write_text_atomic
 from reformer_dist.data.config import DataConfig
 from reformer_dist.errors import ConfigError
 from reformer_dist.export.config import ExportConfig
@@ -27,7 +29,8 @@ from reformer_dist.model.config import ReformerConfig
 from reformer_dist.serve.config import ServeConfig
 from reformer_dist.train.config import DeepSpeedConfig, LoggingConfig, TrainConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The repository's configs/ directory, installed as the package reformer_dist.configs (see pyproject.toml)
+CONFIG_DIR = Path(str(importlib.resources.files("reformer_dist.configs")))
 
 
 @dataclass
@@ -63,6 +66,14 @@ class JobConfig:
             # with 'chunk' windows changes which keys share a chunk: insist on a length the chunks serve.
             raise ConfigError("train.seq_len", f"{self.train.seq_len} is not a multiple of the chunk length "
                                                f"{multiple} (lcm of model.lsh_chunk_len and model.local_chunk_len)")
+        sp = self.deepspeed.sequence_parallel_size
+        if self.model.n_heads % sp:
+            raise ConfigError("model.n_heads", f"{self.model.n_heads} is not divisible by deepspeed.sequence_parallel_"
+                                               f"size={sp} (each rank of a group attends over n_heads/{sp} heads)")
+        if self.train.seq_len % sp:
+            raise ConfigError("train.seq_len", f"{self.train.seq_len} is not divisible by deepspeed.sequence_parallel_"
+                                               f"size={sp} (each rank of a group holds seq_len/{sp} positions); use a "
+                                               f"multiple of {math.lcm(multiple, sp)}")
         return self
 
 
@@ -143,13 +154,8 @@ def config_from_dict(data: dict) -> JobConfig:
 
 
 def save_config(cfg: JobConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(config_to_yaml(cfg))
-    os.replace(tmp, path)
+    """Write the resolved config as YAML atomically (temp file + rename, mode as open() gives)."""
+    write_text_atomic(path, config_to_yaml(cfg))
 
 
 def field_docs(section: type) -> dict[str, str]:

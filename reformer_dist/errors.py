@@ -25,3 +25,13 @@ class DataError(ReformerDistError):
 
 class CheckpointError(ReformerDistError):
     """A checkpoint that is missing, incomplete or does not match the model (names the path)."""
+
+
+def describe(e: BaseException, limit: int = 300) -> str:
+    """A library's exception as a short single line to quote in a user-facing message: its type and the
+    first line of its text (library messages run to pages: tracebacks of the C++ side, advice, URLs)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash launch/setup_env.sh
-export WANDB_MODE="${WANDB_MODE:-offline}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+export WANDB_MODE=disabled OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"  # W&B tests set their own mode
 .venv/bin/python -m ruff check .
 set +e
 .venv/bin/python -m pytest "$@"

@@ -65,3 +65,27 @@ def test_inconsistent_manifest_is_a_data_error(data_dir, edit, message):
     path.write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=message):
         load_manifest(str(data_dir))
+
+
+@pytest.mark.parametrize("entry", ["../../../etc/passwd", "/etc/passwd", "escape.bin"])
+def test_manifest_entries_outside_the_data_directory_are_refused(data_dir, tmp_path, entry):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"\0" * 4000)
+    (data_dir / "escape.bin").symlink_to(outside)  # a link inside that points outside counts as outside
+    path = data_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["splits"]["train"]["shards"][0]["file"] = entry
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"entry '{entry}' is not a file inside the data directory"):
+        load_manifest(str(data_dir))
+
+
+def test_overwritten_shard_with_ids_past_the_vocabulary_is_named_when_read(tmp_path):
+    (tmp_path / "a.txt").write_text("abc " * 200)
+    prepare_corpus([str(tmp_path / "a.txt")], str(tmp_path / "data"), tokenizer="bytes", byte_offset=2,
+                   dtype="uint16", val_fraction=0.1)
+    shard = tmp_path / "data" / "train-00000.bin"
+    shard.write_bytes(b"\xff" * shard.stat().st_size)  # same size: only the ids give it away
+    dataset = TokenWindowDataset(str(tmp_path / "data"), "train", seq_len=16)
+    with pytest.raises(DataError, match=r"train-00000\.bin: token id 65535 is outside the vocabulary \(258 ids\)"):
+        dataset[0]

@@ -1,4 +1,5 @@
-"""Generation graphs: ONNX Runtime prefill + decode steps give PyTorch's cached generation, token for token."""
+"""Generation graphs: ONNX Runtime prefill + decode steps give PyTorch's cached generation, token for token,
+also as rows join and leave a batch; both graphs pass the TensorRT check; int8 graphs keep their LSH nodes."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import torch
 
 from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.cli import main
+from reformer_dist.decoding import ContinuousBatcher, SamplingParams, generate, generate_stream
+from reformer_dist.decoding.onnxruntime_backend import OrtBackend, open_onnxruntime
 from reformer_dist.errors import ConfigError, ReformerDistError
 from reformer_dist.export.check import check_model
-from reformer_dist.export.generation_export import export_generation, generation_paths
-from reformer_dist.export.metadata import read_metadata
-from reformer_dist.export.ort_generate import OrtGenerator, generate_onnx, sample
-from reformer_dist.model.generation import generate
+from reformer_dist.export.generation_export import export_generation
+from reformer_dist.export.metadata import generation_paths, read_metadata
 from reformer_dist.model.native import save_native
+
+GREEDY = SamplingParams(max_tokens=64, temperature=0)
 
 pytestmark = pytest.mark.slow  # one export of three graphs (~40 s on 2 cores)
 
@@ -52,24 +55,49 @@ def exported(tmp_path_factory):
     return model, out
 
 
+def ort_tokens(path, prompts: list[list[int]], params: SamplingParams, **kwargs) -> np.ndarray:
+    return np.stack(list(generate_stream(open_onnxruntime(path), prompts, params, **kwargs)), axis=1)
+
+
 def test_ort_greedy_generation_equals_pytorch_cached_generation(exported):
     model, path = exported
-    generator = OrtGenerator(path)
-    assert generator.cached
-    tokens = np.stack(list(generator.stream(PROMPTS, NEW_TOKENS, temperature=0)), axis=1)
-    np.testing.assert_array_equal(tokens, torch_generate(model, PROMPTS, NEW_TOKENS))
+    assert isinstance(open_onnxruntime(path), OrtBackend)  # cached, through the generation graphs
+    np.testing.assert_array_equal(ort_tokens(path, PROMPTS, GREEDY), torch_generate(model, PROMPTS, NEW_TOKENS))
 
 
-def test_generation_graphs_pass_full_check_and_decode_passes_tensorrt_check(exported):
+def test_rows_join_and_leave_the_ort_batch_without_changing_the_others(exported):
+    _, path = exported
+    backend = open_onnxruntime(path)
+    prompts = {0: [3, 5, 7, 9, 11, 2, 4, 6, 8, 10, 12], 1: [1, 2, 3], 2: list(range(1, 30)), 3: [7]}
+    alone = {k: ort_tokens(path, [p], SamplingParams(max_tokens=20, temperature=0))[0] for k, p in prompts.items()}
+    batcher, out = ContinuousBatcher(backend), {k: [] for k in prompts}
+    joins, leaves = {0: [0, 1], 3: [2], 5: [3]}, {8: 1}  # step -> who joins / leaves (before its 20 tokens)
+    for step in range(30):
+        logits = dict(zip(batcher.members, batcher.decode({k: out[k][-1] for k in batcher.members}))) \
+            if batcher.members else {}
+        if step in joins:
+            logits.update(zip(joins[step], batcher.join(joins[step], [prompts[k] for k in joins[step]])))
+        for k, row in logits.items():
+            out[k].append(int(row.argmax()))
+        batcher.leave([k for k in batcher.members if len(out[k]) == 20 or leaves.get(step) == k])
+    assert len(out[1]) == 9 and out[1] == alone[1][:9].tolist()
+    for k in (0, 2, 3):
+        assert out[k] == alone[k].tolist(), k
+
+
+def test_generation_graphs_pass_full_check_and_the_tensorrt_check(exported):
     _, path = exported
     for name, graph in generation_paths(path).items():
         proto = onnx.load(graph)
         onnx.checker.check_model(proto, full_check=True)
         meta = read_metadata(proto)
         assert meta["graph"] == name and meta["tokenizer"] == '{"kind": "bytes", "offset": 0}'
+        assert meta["model_name"] == "native" or meta["model_name"] == path.parent.name
+        assert main(["export", "check", str(graph), "--target", "tensorrt"]) == 0
+        report = check_model(proto, "tensorrt")
+        assert report.ok, report.format()
+        assert "TopK" not in report.ops  # TensorRT rejects a TopK whose K is the prompt length
     decode = onnx.load(generation_paths(path)["decode"])
-    report = check_model(decode, "tensorrt")
-    assert report.ok, report.format()
     assert not {n.op_type for n in decode.graph.node} & {"TopK", "LshAttention"}  # no sort, no custom node
     names = [i.name for i in decode.graph.input]
     assert names[:2] == ["token", "position"] and all(n.startswith("cache.") for n in names[2:])
@@ -87,38 +115,30 @@ def recomputed_greedy(model: ReformerLM, prompt: list[int], n: int) -> list[int]
     return seq[len(prompt):]
 
 
-def test_without_generation_graphs_falls_back_to_recomputation(exported, tmp_path):
+def test_without_generation_graphs_falls_back_to_recomputation_with_a_warning(exported, tmp_path, caplog):
     model, path = exported
     shutil.copy(path, tmp_path / "model.onnx")
-    generator = OrtGenerator(tmp_path / "model.onnx")
-    assert not generator.cached
-    tokens = np.stack(list(generator.stream(PROMPTS, 12, temperature=0)), axis=1)
+    with caplog.at_level("WARNING", logger="reformer_dist.decoding"):
+        backend = open_onnxruntime(tmp_path / "model.onnx")
+    assert not backend.cached and "recomputes the whole sequence" in caplog.text
+    tokens = np.stack(list(generate_stream(backend, PROMPTS, SamplingParams(max_tokens=12, temperature=0))), axis=1)
     assert tokens.tolist() == [recomputed_greedy(model, prompt, 12) for prompt in PROMPTS]
 
 
 def test_sampling_is_seeded_and_stops_rows_at_eos(exported):
     _, path = exported
-    run = [np.stack(list(generate_onnx(path, PROMPTS, 16, temperature=1.0, top_k=8, top_p=0.9, seed=3)), 1)
-           for _ in range(2)]
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_k=8, top_p=0.9, seed=3)
+    run = [ort_tokens(path, PROMPTS, params) for _ in range(2)]
     np.testing.assert_array_equal(run[0], run[1])
     eos = int(run[0][0, 2])
-    stopped = np.stack(list(generate_onnx(path, PROMPTS, 16, temperature=1.0, top_k=8, top_p=0.9, seed=3,
-                                          eos_token_id=eos)), 1)
+    stopped = ort_tokens(path, PROMPTS, params, eos_token_id=eos)
     assert (stopped[0, 2:] == eos).all()
-
-
-def test_sample_restricts_to_top_k_and_top_p():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    rng = np.random.default_rng(0)
-    assert {int(sample(logits, 1.0, 2, None, rng)[0]) for _ in range(200)} == {0, 1}
-    assert {int(sample(logits, 1.0, None, 0.7, rng)[0]) for _ in range(200)} == {0, 1}
-    assert int(sample(logits, 0.0, None, None, rng)[0]) == 0
 
 
 def test_request_beyond_max_seq_len_is_refused(exported):
     _, path = exported
     with pytest.raises(ConfigError, match="max_seq_len"):
-        next(generate_onnx(path, [[1] * 100], 29, temperature=0))
+        next(generate_stream(open_onnxruntime(path), [[1] * 100], SamplingParams(max_tokens=29, temperature=0)))
 
 
 def test_chunk_window_lsh_is_refused_with_its_window(tmp_path):

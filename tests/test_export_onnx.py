@@ -23,7 +23,6 @@ from reformer_dist.export.onnx_export import (
     TRT_PLUGIN_DOMAIN,
     apply_flavour,
     export_onnx,
-    frozen_rotations,
     lsh_nodes,
     save_model,
 )
@@ -46,9 +45,13 @@ def build(config: ReformerConfig, seed: int = 0) -> ReformerLM:
 
 
 def torch_logits(model: ReformerLM, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    with frozen_rotations(model), torch.no_grad():
-        m = None if mask is None else torch.from_numpy(mask)
-        return model(torch.from_numpy(ids), attention_mask=m).numpy()
+    model.freeze_rotations()  # the exported graphs' rotations
+    try:
+        with torch.no_grad():
+            m = None if mask is None else torch.from_numpy(mask)
+            return model(torch.from_numpy(ids), attention_mask=m).numpy()
+    finally:
+        model.unfreeze_rotations()
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +186,7 @@ def _op_inputs(spec: lsh_onnx.LshSpec, b: int, h: int, length: int, d: int, seed
 BODY_CASES = [  # window, causal, n_hashes, factors, chunk, before, after, mask, (B, H, L, D)
     ("bucket", True, 2, (8,), 4, 1, 0, True, (2, 2, 32, 8)),
     ("bucket", False, 3, (4, 4), 8, 1, 0, False, (1, 2, 64, 16)),
+    ("bucket", True, 2, (4, 8), 4, 1, 0, True, (2, 2, 64, 8)),  # factorised and padded: radix counting sort
     ("chunk", True, 2, (8,), 4, 1, 0, True, (2, 2, 32, 8)),
     ("chunk", False, 3, (4, 4), 8, 2, 1, True, (1, 2, 64, 16)),
     ("chunk", True, 1, (4,), 8, 3, 0, False, (1, 2, 8, 16)),  # look-back wider than the sequence
@@ -287,3 +291,31 @@ def test_loader_errors_name_what_is_missing(tmp_path):
     with pytest.raises(CheckpointError, match="without a consolidated model"):
         load_model_for_export(tmp_path / "run")
     assert main(["export", "onnx", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x.onnx")]) == 2
+
+
+def test_int8_graph_keeps_lsh_in_fp32_and_stays_within_2_percent_of_fp32_loss(exported, runners, tmp_path, capsys):
+    from reformer_dist.data import prepare_corpus
+
+    model, fp32_path, fp32 = exported["mixed"]
+    int8_path = tmp_path / "mixed.int8.onnx"
+    int8 = export_onnx(model, int8_path, precision="int8", tokenizer={"kind": "bytes", "offset": 0})
+    # the LSH layers are untouched: same nodes, same function body, fp32 rotations; the linear layers are int8
+    assert [n.attribute for n in lsh_nodes(int8)] == [n.attribute for n in lsh_nodes(fp32)]
+    assert [f.SerializeToString() for f in int8.functions] == [f.SerializeToString() for f in fp32.functions]
+    initializers = {t.name: t for t in int8.graph.initializer}
+    assert all(initializers[n.input[2]].data_type == onnx.TensorProto.FLOAT for n in lsh_nodes(int8))
+    ops = [n.op_type for n in int8.graph.node]
+    assert ops.count("MatMulInteger") >= 4 * model.config.n_layers and read_metadata(int8)["precision"] == "int8"
+    ids = np.random.default_rng(0).integers(0, 64, (1, 300))
+    quantized, reference = OrtRunner(int8_path, threads=2).logits(ids), runners["mixed"].logits(ids)
+    error = np.abs(quantized - reference)  # quantization noise (a flipped LSH bucket moves a few rows more)
+    assert 0 < error.mean() < 0.05 * np.abs(reference).mean()
+
+    # held-out loss through `export check --reference` (bytes below 64: the model's vocabulary)
+    text = "".join(f"{a}+{b}={a + b}; " for a in range(60) for b in range(0, 60, 7))
+    (tmp_path / "sums.txt").write_text(text)
+    prepare_corpus([str(tmp_path / "sums.txt")], str(tmp_path / "data"), val_fraction=0.5)
+    args = ["export", "check", str(int8_path), "--target", "onnxruntime", "--reference", str(fp32_path),
+            "--data", str(tmp_path / "data"), "--seq-len", "512", "--windows", "4", "--max-loss-increase", "2"]
+    assert main(args) == 0
+    assert "held-out loss over 2048 tokens" in capsys.readouterr().out

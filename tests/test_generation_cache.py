@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reformer_dist.decoding import generate
 from reformer_dist.errors import ConfigError
 from reformer_dist.model import ReformerConfig, ReformerLM
-from reformer_dist.model.generation import decode_step, draw_rotations, generate, prefill
+from reformer_dist.model.generation import decode_step, prefill
 
 NEW_TOKENS = 64
 # Weights large enough (init 0.3) that the continuation depends on the context, not just the last token.
@@ -65,7 +66,7 @@ def test_cache_sizes_are_bounded():
         for t in range(3):
             _, cache = decode_step(model, torch.tensor([1]), torch.tensor([40 + t]), cache)
     assert cache["0.k"].shape[2] == 2 * 4  # local: (chunks_before + 1) * chunk_len
-    assert cache["1.k"].shape[3] == 4 * 4  # lsh bucket window: n_buckets * chunk_len per round
+    assert cache["1.k"].shape[3] == 4 * 5  # lsh bucket window: n_buckets * (chunk_len + 1) per round
     assert cache["2.k"].shape[2] == 16  # full: max_cache_len
     assert int(cache["1.count"].sum()) == 43 * 2 * 2  # every token counted once per head and round
 
@@ -112,15 +113,24 @@ def test_generation_stops_at_eos_and_repeats_it():
             assert set(stopped[row, f:].tolist()) == {eos}
 
 
-def test_rotations_without_hash_seed_are_fixed_for_one_generation():
+def test_rotations_without_hash_seed_come_from_the_model():
     model = make_model(["lsh", "lsh"], hash_seed=None)
     ids = torch.randint(0, 48, (1, 10))
-    rotations = draw_rotations(model, torch.Generator().manual_seed(9))
+    rotations = model.draw_rotations(9)
     with torch.no_grad():
         _, cache = prefill(model, ids, None, rotations, max_len=20)
     assert torch.equal(cache["0.rot"], rotations[0]) and not torch.equal(rotations[0], rotations[1])
+    # decoding uses the model's one draw whatever the sampling seed, and freezing records that draw
     a = generate(model, ids, 10, temperature=0, seed=1)
-    assert torch.equal(a, generate(model, ids, 10, temperature=0, seed=1))
+    assert torch.equal(a, generate(model, ids, 10, temperature=0, seed=2))
+    default = model.draw_rotations()
+    model.freeze_rotations()
+    assert all(torch.equal(x, y) for x, y in zip(model.draw_rotations(9), default))  # frozen: seed ignored
+    assert torch.equal(generate(model, ids, 10, temperature=0), a)
+    with torch.no_grad():  # every forward of a frozen model hashes alike
+        assert torch.equal(model(ids), model(ids))
+    model.unfreeze_rotations()
+    assert model.layers[0].attention.self_attention.frozen_rotations is None
 
 
 @pytest.mark.parametrize(("kwargs", "key"), [
@@ -148,7 +158,7 @@ def test_prefill_and_decode_step_trace_with_torch_export(window):
     kinds = ["local", "lsh", "full"] if window == "bucket" else ["local", "lsh"]
     model = make_model(kinds, lsh_window=window)
     ids, mask = padded_batch([9, 5])
-    rotations = draw_rotations(model, torch.Generator().manual_seed(0))
+    rotations = model.draw_rotations()
 
     class Prefill(torch.nn.Module):
         def forward(self, ids, mask, rotations):
@@ -165,3 +175,17 @@ def test_prefill_and_decode_step_trace_with_torch_export(window):
         args = (torch.tensor([3, 4]), torch.tensor([9, 5]), cache)
         exported = torch.export.export(Step(), args, strict=False).module()
         assert torch.equal(exported(*args)[0], decode_step(model, *args)[0])
+
+
+@pytest.mark.parametrize("buckets", [4, [2, 4]], ids=["one_factor", "factorised"])
+def test_counting_layout_of_the_bucket_cache_equals_the_sorted_one(buckets):
+    """The exported prefill's TensorRT-legal layout (radix counting) builds the very cache sorting builds."""
+    model = make_model(["lsh", "local"], lsh_chunk_len=2, lsh_n_buckets=buckets)  # short rings overflow and wrap
+    ids, mask = padded_batch([23, 14])
+    with torch.no_grad():
+        logits, sorted_cache = prefill(model, ids, mask, None, 40)
+        counted_logits, counted_cache = prefill(model, ids, mask, None, 40, counting=True)
+    assert torch.equal(logits, counted_logits)
+    assert sorted_cache.keys() == counted_cache.keys()
+    for key in sorted_cache:
+        assert torch.equal(sorted_cache[key], counted_cache[key]), key

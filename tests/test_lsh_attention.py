@@ -168,7 +168,7 @@ def test_output_does_not_depend_on_block_size(monkeypatch):
     for window in ("chunk", "bucket"):
         big, b1 = lsh(qk, v, rot, mask, None, [4, 4], 8, 1, 0, window, True, 0.1, 3)
         monkeypatch.setattr(la, "BLOCK_SCORES", 1)
-        monkeypatch.setattr(la, "HASH_BLOCK", 5)
+        monkeypatch.setattr(la, "HASH_BLOCK_ELEMENTS", 1)  # one position per hashing block
         small, b2 = lsh(qk, v, rot, mask, None, [4, 4], 8, 1, 0, window, True, 0.1, 3)
         monkeypatch.undo()
         assert torch.equal(b1, b2)

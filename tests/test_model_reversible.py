@@ -33,13 +33,19 @@ def grads_and_loss(model: ReformerLM):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def twins(window: str) -> tuple[ReformerLM, ReformerLM]:
+    """A reversible model and its plain-residual twin: same weights, same private random streams."""
+    torch.manual_seed(0)
+    rev = ReformerLM(config(lsh_window=window)).train()
+    plain = ReformerLM(config(lsh_window=window, reversible=False)).train()
+    plain.load_state_dict(rev.state_dict())
+    plain.set_rng_state(rev.rng_state())
+    return rev, plain
+
+
 def test_reversible_gradients_equal_plain_residual_gradients_with_dropout():
     for window in ("bucket", "chunk"):
-        torch.manual_seed(0)
-        rev = ReformerLM(config(lsh_window=window)).train()
-        plain = ReformerLM(config(lsh_window=window, reversible=False)).train()
-        plain.load_state_dict(rev.state_dict())
-        plain.set_rng_state(rev.rng_state())
+        rev, plain = twins(window)
         loss_r, g_r = grads_and_loss(rev)
         loss_p, g_p = grads_and_loss(plain)
         assert torch.equal(loss_r, loss_p)
@@ -131,3 +137,21 @@ def test_saved_activations_do_not_grow_with_depth_when_reversible():
             sizes[reversible, n_layers] = _saved_bytes(model)
     assert sizes[True, 9] == sizes[True, 3]
     assert sizes[False, 9] > 2 * sizes[False, 3]  # the plain stack stores every layer's activations
+
+
+def test_head_groups_and_feed_forward_chunks_keep_gradients_exact_and_tell_the_tile_hook(monkeypatch):
+    from reformer_dist.model import reversible
+
+    monkeypatch.setattr(reversible, "HEAD_GROUP_ELEMENTS", 1)  # one head per group at any length
+    for window in ("bucket", "chunk"):
+        rev, plain = twins(window)
+        calls: list[bool] = []
+        rev.set_tile_hook(lambda params, last, calls=calls: calls.append(last))
+        loss_r, g_r = grads_and_loss(rev)
+        loss_p, g_p = grads_and_loss(plain)
+        assert abs(loss_r - loss_p) <= 1e-6
+        worst = max(((g_r[n] - g_p[n]).norm() / g_p[n].norm().clamp(min=1e-30)).item() for n in g_p)
+        assert worst <= 1e-5, worst
+        # per layer: 4 feed-forward chunks (64 positions / 16), then 2 head groups; only each run's last
+        # tile is marked last
+        assert calls == [False, False, False, True, False, True] * 3

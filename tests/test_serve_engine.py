@@ -18,13 +18,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from reformer_dist.data.tokenizer import ByteTokenizer
+from reformer_dist.decoding.backend import DecodingBackend, RecomputingBackend
+from reformer_dist.decoding.sampler import log_softmax
 from reformer_dist.serve.app import create_app
-from reformer_dist.serve.backends import Backend
 from reformer_dist.serve.config import ServeConfig
-from reformer_dist.serve.sampling import log_softmax
 
 
-class CountingBackend(Backend):
+class CountingBackend(RecomputingBackend):
     """Logits favour (last token + 1) mod 256 at every position; each forward sleeps ``delay`` seconds."""
 
     name = "counting"
@@ -44,7 +44,7 @@ class CountingBackend(Backend):
         return logits
 
 
-def run_app(backend: Backend, fn, **cfg):
+def run_app(backend: DecodingBackend, fn, **cfg):
     """Run ``await fn(client)`` against a fresh app (lifespan included) and return its result."""
     app = create_app(backend, ByteTokenizer(), ServeConfig(**cfg), "counting")
 
@@ -201,13 +201,29 @@ def test_generation_stops_at_max_seq_len():
 
 def test_limits_body_size_and_max_tokens_cap():
     async def go(client):
-        big = await client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 5000 + b'"}')
+        big = await client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 5000 + b'"}',
+                                headers={"content-type": "application/json"})
         capped = await complete(client, prompt="a", max_tokens=33)
         return big, capped
 
     big, capped = run_app(CountingBackend(), go, max_body_bytes=4096, max_tokens_cap=32)
     assert big.status_code == 413
     assert capped.status_code == 400 and capped.json()["error"]["param"] == "max_tokens"
+
+
+def test_bodies_not_declared_json_get_415():
+    body = b'{"prompt": "a", "max_tokens": 1}'
+
+    async def go(client):
+        return [(await client.post(path, content=body, headers=headers)).status_code
+                for path in ("/v1/completions", "/v1/score")
+                for headers in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"})]
+
+    codes = run_app(CountingBackend(), go)
+    assert codes == [415] * 6
+    ok = run_app(CountingBackend(), lambda client: client.post(
+        "/v1/completions", content=body, headers={"content-type": "application/json; charset=utf-8"}))
+    assert ok.status_code == 200
 
 
 def test_score_matches_the_model_log_likelihood():
@@ -223,34 +239,37 @@ def test_score_matches_the_model_log_likelihood():
     assert data[0]["bits_per_token"] == data[0]["bits_per_byte"]  # one byte per token
 
 
-def test_torch_backend_cached_steps_equal_recomputation_as_sequences_join_and_leave():
+def test_torch_backend_batch_equals_recomputation_as_sequences_join_and_leave():
     import torch
 
+    from reformer_dist.decoding.batcher import ContinuousBatcher
+    from reformer_dist.decoding.torch_backend import TorchBackend
     from reformer_dist.model import ReformerConfig, ReformerLM
-    from reformer_dist.serve.backends import TorchBackend
 
     torch.manual_seed(0)
     cfg = ReformerConfig(vocab_size=256, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=3,
-                         attn_layers=["local", "lsh", "full"], lsh_chunk_len=4, local_chunk_len=4,
-                         max_seq_len=64, hash_seed=0)
-    backend = TorchBackend(ReformerLM(cfg))
-
-    class Seq:
-        def __init__(self, tokens):
-            self.tokens, self.cache = list(tokens), None
+                         attn_layers=["local", "lsh", "full"], lsh_chunk_len=4, local_chunk_len=4, max_seq_len=64)
+    backend = TorchBackend(ReformerLM(cfg))  # no hash_seed: the backend freezes the model's one draw
 
     rng = np.random.default_rng(0)
-    arrivals = {0: [5, 9], 2: [3], 3: [9], 6: [12]}  # step -> prompt lengths joining then
-    active: list[Seq] = []
+    arrivals = {0: [5, 9, 5], 2: [3], 3: [9], 6: [12]}  # step -> prompt lengths joining then
+    batcher = ContinuousBatcher(backend)
+    tokens: dict[int, list[int]] = {}
     for step in range(12):
-        active += [Seq(rng.integers(0, 256, n)) for n in arrivals.get(step, [])]
-        cached = backend.step(active)
-        recomputed = Backend.step(backend, active)  # the generic path: whole sequences, no cache
-        np.testing.assert_allclose(cached, recomputed, atol=2e-4)
-        for s, row in zip(active, cached):
-            s.tokens.append(int(row.argmax()))
+        logits = batcher.decode({k: tokens[k][-1] for k in batcher.members}) if batcher.members else np.zeros((0, 256))
+        rows = dict(zip(batcher.members, logits))
+        new = [rng.integers(0, 256, n).tolist() for n in arrivals.get(step, [])]
+        if new:
+            ids = list(range(len(tokens), len(tokens) + len(new)))
+            tokens.update(zip(ids, new))
+            rows.update(zip(ids, batcher.join(ids, new)))
+        members = list(rows)
+        recomputed = backend.last_logits([tokens[k] for k in members])  # whole sequences, no cache
+        np.testing.assert_allclose(np.stack([rows[k] for k in members]), recomputed, atol=2e-4)
+        for k in members:
+            tokens[k].append(int(rows[k].argmax()))
         if step in (4, 8):  # the oldest sequence leaves
-            backend.release(active.pop(0))
+            batcher.leave([batcher.members[0]])
 
 
 def test_a_failing_model_step_fails_its_batch_with_500_and_the_server_carries_on():
@@ -269,3 +288,84 @@ def test_a_failing_model_step_fails_its_batch_with_500_and_the_server_carries_on
     assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
     assert good.json()["choices"][0]["text"] == "bcd"
     assert health.json() == {"status": "ok"}
+
+
+class FavouritesBackend(CountingBackend):
+    """Every position: logit 4 for 'x', 3 for 'y', 0 elsewhere (greedy repeats 'x' until penalised)."""
+
+    def forward(self, input_ids, lengths):
+        logits = np.zeros((*input_ids.shape, 256), dtype=np.float32)
+        logits[..., ord("x")], logits[..., ord("y")] = 4.0, 3.0
+        return logits
+
+
+@pytest.mark.parametrize(("extra", "text"), [
+    ({}, "xxxx"),
+    ({"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}}, "xxxx"),  # what clients send
+    ({"frequency_penalty": 2.0}, "xyxy"),  # x: 4, 4-2, 4-4 ...; y: 3, 3-2 ...
+    ({"presence_penalty": 2.0}, "xyxx"),  # once generated, 4-2 and 3-2 whatever the count
+    ({"frequency_penalty": -1.0, "logit_bias": {str(ord("y")): 1.5}}, "yyyy"),  # 4.5 > 4; repeats pull
+    ({"logit_bias": {str(ord("x")): -100}}, "yyyy"),
+])
+def test_penalties_and_logit_bias_follow_openai(extra, text):
+    async def go(client):
+        return (await complete(client, prompt="a", max_tokens=4, **extra)).json()
+
+    assert run_app(FavouritesBackend(), go)["choices"][0]["text"] == text
+
+
+def test_echo_prefixes_the_prompt_and_its_logprobs():
+    async def go(client):
+        plain = (await complete(client, prompt="abc", max_tokens=2, echo=True)).json()
+        scored = (await complete(client, prompt="abc", max_tokens=2, echo=True, logprobs=1)).json()
+        only = (await complete(client, prompt="abc", max_tokens=0, echo=True, logprobs=0)).json()
+        stream = await complete(client, prompt="abc", max_tokens=2, echo=True, stream=True)
+        refused = await complete(client, prompt="abc", max_tokens=0)
+        return plain, scored, only, stream, refused
+
+    plain, scored, only, stream, refused = run_app(CountingBackend(), go)
+    assert plain["choices"][0]["text"] == "abcde"
+    lp = scored["choices"][0]["logprobs"]
+    hit = float(log_softmax(np.eye(256, dtype=np.float32)[1] * 4.0)[1])  # the counting model's favourite
+    assert lp["tokens"] == list("abcde") and lp["text_offset"] == [0, 1, 2, 3, 4]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # the first token has no context
+    assert lp["token_logprobs"][1:] == pytest.approx([hit] * 4)
+    assert only["choices"][0]["text"] == "abc" and only["choices"][0]["finish_reason"] == "length"
+    assert only["usage"]["completion_tokens"] == 0 and only["choices"][0]["logprobs"]["tokens"] == list("abc")
+    chunks = [json.loads(e[6:]) for e in stream.text.split("\n\n") if e.startswith("data: {")]
+    assert chunks[0]["choices"][0]["text"] == "abc"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "abcde"
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"best_of": 3}, "best_of"),
+    ({"suffix": "the end"}, "suffix"),
+    ({"logit_bias": {"300": 1}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+])
+def test_unsupported_or_out_of_range_fields_are_400_naming_them(extra, param):
+    async def go(client):
+        return await complete(client, prompt="a", max_tokens=2, **extra)
+
+    r = run_app(CountingBackend(), go)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_chat_needs_a_chat_template(tmp_path):
+    messages = [{"role": "user", "content": "ab"}]
+
+    async def go(client):
+        return await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 3, "temperature": 0})
+
+    refused = run_app(CountingBackend(), go)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "chat_template_missing"
+    assert "base language model" in refused.json()["error"]["message"]
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.role[0] }}:{{ m.content }}{% endfor %}"
+                        "{% if add_generation_prompt %}>{% endif %}")
+    answer = run_app(CountingBackend(), go, chat_template=str(template)).json()
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": "?@A"}  # after 'u:ab>'

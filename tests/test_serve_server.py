@@ -26,6 +26,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from reformer_dist.cli import main
 from reformer_dist.model import ReformerConfig, ReformerLM
 from reformer_dist.model.native import save_native
 
@@ -99,7 +100,7 @@ def server(checkpoint):
 def reference_model(checkpoint: Path) -> ReformerLM:
     from reformer_dist.export.loading import load_model_for_export
 
-    return load_model_for_export(checkpoint).model
+    return load_model_for_export(checkpoint).model.freeze_rotations()  # the rotations every backend uses
 
 
 @contextlib.contextmanager
@@ -203,7 +204,8 @@ def malformed_requests(n: int) -> list[tuple[str, bytes | None, dict]]:
         "n": [0, -2, 1000, "2", 1.5],
         "model": [5, [], {}, "no-such-model"],
         "user": [5, []],
-        "echo": [True], "suffix": ["x"], "best_of": [2], "logit_bias": [{}], "presence_penalty": [0.5],
+        "echo": ["yes", 1], "suffix": ["x"], "best_of": [2, 0], "logit_bias": [{"x": 1}, {"999": 1}, [1], {"3": 200}],
+        "presence_penalty": [2.5, "0.5"], "frequency_penalty": [-3, None],
         "temprature": [0.5], "max_token": [5], "": [1],
     }
     for field, values in wrong.items():
@@ -318,9 +320,9 @@ def test_serving_path_imports_neither_deepspeed_nor_the_training_code(checkpoint
     # (the servers above run poisoned too; this names the property on its own)
     probe = (f"import sys\nfor name in {POISONED!r}:\n    sys.modules[name] = None\n"
              "from reformer_dist.serve.app import create_app\n"
-             "from reformer_dist.serve.backends import load_model\n"
+             "from reformer_dist.decoding.loading import open_model\n"
              "from reformer_dist.serve.config import ServeConfig\n"
-             f"loaded = load_model('torch', {str(checkpoint)!r})\n"
+             f"loaded = open_model({str(checkpoint)!r})\n"
              "create_app(loaded.backend, loaded.tokenizer, ServeConfig(), loaded.name)\n"
              "print('clean')\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
@@ -336,55 +338,125 @@ def test_listening_socket_is_tcp_so_connections_get_nodelay():
         assert sock.proto == socket.IPPROTO_TCP
 
 
-def test_onnxruntime_backend_serves_the_exported_graph(checkpoint, tmp_path):
-    from reformer_dist.export.loading import load_model_for_export
-    from reformer_dist.export.onnx_export import export_onnx
-    from reformer_dist.export.triton_repo import write_triton_repo
-
-    source = load_model_for_export(checkpoint)
-    onnx_path = tmp_path / "model.onnx"
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A checkpoint accepting 2K-token prompts, without hash_seed (its LSH rotations come from the model's
+    one draw alone), and its export with the generation graphs, made through the CLI as a user would."""
+    torch.manual_seed(1)
+    config = ReformerConfig(vocab_size=256, d_model=32, n_heads=2, d_head=16, d_ff=64, n_layers=2,
+                            attn_layers=["local", "lsh"], lsh_chunk_len=32, local_chunk_len=32, max_seq_len=2112,
+                            init_std=0.3)
+    directory = save_native(ReformerLM(config), tmp_path_factory.mktemp("models") / "long",
+                            tokenizer={"kind": "bytes", "offset": 0})
     with one_thread():
-        export_onnx(source.model, onnx_path, tokenizer=source.tokenizer)
-    s = Server("--model", str(onnx_path), "--backend", "onnxruntime")
-    try:
-        expected = greedy_reference(checkpoint, "import os", 16)
-        out = client(s).completions.create(model="model", prompt="import os", max_tokens=16, temperature=0)
-        assert out.choices[0].text == expected
-    finally:
+        assert main(["export", "onnx", "--checkpoint", str(directory), "--output", str(directory / "model.onnx"),
+                     "--generation"]) == 0
+    return directory, directory / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def long_servers(long_model):
+    """One server per backend; --backend is inferred from the path."""
+    servers = {name: Server("--model", str(path), "--max-batch-size", "8", "--max-tokens-cap", "64",
+                            "--batch-window-ms", "20", "--max-body-bytes", str(MAX_BODY))
+               for name, path in zip(("torch", "onnxruntime"), long_model)}
+    yield servers
+    for s in servers.values():
         assert s.stop() == 0, "".join(s.output)
 
-    # the same graph as a Triton repository
-    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
-    from google.protobuf import text_format
 
-    (model_dir,) = write_triton_repo(onnx_path, tmp_path / "repo", kind="KIND_CPU")
-    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 8
-    assert {i.name: list(i.dims) for i in cfg.input} == {"input_ids": [-1], "attention_mask": [-1]}
-    assert {o.name: list(o.dims) for o in cfg.output} == {"logits": [-1, 256]}
+def generate_cli(path: Path, prompt: str, n: int, flag: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "reformer_dist", "generate", flag, str(path), "--prompt", prompt,
+                          "--max-new-tokens", str(n), "--temperature", "0"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.removesuffix("\n")
+
+
+def test_greedy_text_and_model_id_are_the_same_on_every_backend(long_model, long_servers):
+    directory, onnx_path = long_model
+    prompt = "def fibonacci(n):\n    a, b = 0, 1\n"
+    texts = {"generate --checkpoint": generate_cli(directory, prompt, 32, "--checkpoint"),
+             "generate --model": generate_cli(onnx_path, prompt, 32, "--model")}
+    for backend, s in long_servers.items():
+        c = client(s)
+        assert [m.id for m in c.models.list().data] == ["long"]  # the model directory's name, either way
+        texts[f"serve {backend}"] = c.completions.create(model="long", prompt=prompt, max_tokens=32,
+                                                         temperature=0).choices[0].text
+    assert len(set(texts.values())) == 1, texts
+    assert len(set(texts["generate --checkpoint"])) > 3  # a real continuation, not one repeated byte
+
+
+def test_16_concurrent_requests_of_different_lengths_equal_one_at_a_time(long_servers):
+    body = "for i in range(10):\n    print(i * i)\n" * 60
+    prompts = [body[: 64 + 129 * i + (i == 15)] for i in range(16)]  # 64 ... 2,000 tokens (bytes)
+    assert len(prompts[-1]) >= 2000
+    for backend, s in long_servers.items():
+        c = client(s)
+        alone = [c.completions.create(model="long", prompt=p, max_tokens=16 - i % 5, temperature=0).choices[0].text
+                 for i, p in enumerate(prompts)]
+        sum0, count0 = batch_size_stats(s.url)
+
+        async def burst(url=s.url):
+            ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            # different max_tokens: sequences leave the batch at different steps while others continue
+            return await asyncio.gather(*[ac.completions.create(model="long", prompt=p, max_tokens=16 - i % 5,
+                                                                temperature=0) for i, p in enumerate(prompts)])
+
+        together = [r.choices[0].text for r in asyncio.run(burst())]
+        sum1, count1 = batch_size_stats(s.url)
+        assert (sum1 - sum0) / (count1 - count0) > 1, f"{backend}: the requests were not batched"
+        assert together == alone, backend
+
+
+def test_onnxruntime_serving_needs_no_torch(long_model):
+    probe = ("import sys\nsys.modules['torch'] = None  # importing it now raises ImportError\n"
+             "from reformer_dist.decoding import SamplingParams, generate_stream\n"
+             "from reformer_dist.decoding.loading import open_model\n"
+             "from reformer_dist.serve.app import create_app\n"
+             "from reformer_dist.serve.config import ServeConfig\n"
+             f"loaded = open_model({str(long_model[1])!r})\n"
+             "create_app(loaded.backend, loaded.tokenizer, ServeConfig(), loaded.name)\n"
+             "next(generate_stream(loaded.backend, [[1, 2]], SamplingParams(max_tokens=1, temperature=0)))\n"
+             "print('clean', loaded.name)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "clean long", out.stderr
+
+
+def test_openai_client_penalties_change_the_output_as_specified(long_servers):
+    c = client(long_servers["onnxruntime"])
+    prompt = "x = 1\n" * 8
+
+    def text(**extra) -> str:
+        return c.completions.create(model="long", prompt=prompt, max_tokens=24, temperature=0, **extra).choices[0].text
+
+    plain = text()
+    assert text(frequency_penalty=0, presence_penalty=0, logit_bias={}) == plain  # what clients send by default
+    assert text(logit_bias={str(ord("q")): 100}) == "q" * 24
+    repeated = max(set(plain), key=plain.count)
+    penalised = text(frequency_penalty=2.0)
+    assert penalised != plain and penalised.count(repeated) < plain.count(repeated)
 
 
 @pytest.mark.tensorrt
-def test_tensorrt_backend_serves_the_engine(checkpoint, tmp_path):
-    from reformer_dist.export.loading import load_model_for_export
-    from reformer_dist.export.onnx_export import export_onnx
-    from reformer_dist.export.tensorrt_build import ShapeProfile, build_engine
+def test_tensorrt_backend_decodes_through_its_generation_engines(long_model, tmp_path):
+    from reformer_dist.export.tensorrt_build import ShapeProfile, build_engine, build_generation_engines
 
-    source = load_model_for_export(checkpoint)
-    with one_thread():
-        export_onnx(source.model, tmp_path / "model.onnx", tokenizer=source.tokenizer)
-    plan = build_engine(tmp_path / "model.onnx", tmp_path / "model.plan",
-                        shapes=ShapeProfile((1, 8), (4, 64), (8, 256)))
-    s = Server("--model", str(plan), "--backend", "tensorrt", "--max-batch-size", "8")
+    directory, onnx_path = long_model
+    shapes = ShapeProfile((1, 32), (4, 512), (8, 2112))
+    plan = build_engine(onnx_path, tmp_path / "model.plan", shapes=shapes)
+    assert len(build_generation_engines(onnx_path, plan, shapes=shapes)) == 2
+    s = Server("--model", str(plan), "--max-batch-size", "8")  # --backend inferred from .plan
     try:
-        out = client(s).completions.create(model="model", prompt="import os", max_tokens=16, temperature=0)
+        assert "recomputes" not in "".join(s.output)  # cached: no fallback warning
+        out = client(s).completions.create(model="long", prompt="import os", max_tokens=16, temperature=0)
         assert out.usage.completion_tokens == 16
         # the engine may use TF32 kernels: compare likelihoods with a tolerance rather than argmax ties
         text = "import numpy as np"
         score = httpx.post(s.url + "/v1/score", json={"text": text}).json()["data"][0]
         ids = torch.tensor([list(text.encode())])
         with torch.inference_mode(), one_thread():
-            logits = reference_model(checkpoint)(ids)[0, :-1].double()
+            logits = reference_model(directory)(ids)[0, :-1].double()
         expected = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).sum()
         assert score["log_likelihood"] == pytest.approx(float(expected), rel=1e-2)
     finally:

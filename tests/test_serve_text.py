@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from reformer_dist.data.tokenizer import ByteTokenizer
+from reformer_dist.decoding.sampler import SamplingParams, choose_token, top_logprobs
 from reformer_dist.serve.protocol import ApiError, CompletionRequest, parse_json, validate
-from reformer_dist.serve.sampling import SamplingParams, choose_token, top_logprobs
 from reformer_dist.serve.textstream import TextStream
 
 
@@ -120,3 +120,14 @@ def test_serve_flags_override_the_config_file_which_overrides_the_defaults(tmp_p
     args.port = None
     with pytest.raises(ConfigError, match=r"serve\.port"):
         serve.serve_config(args)
+
+
+def test_backend_is_inferred_from_the_model_path(tmp_path):
+    from reformer_dist.decoding.loading import infer_backend
+    from reformer_dist.errors import ReformerDistError
+
+    assert infer_backend("runs/tiny/model.onnx") == "onnxruntime"
+    assert infer_backend("model.plan") == infer_backend("model.engine") == "tensorrt"
+    assert infer_backend(tmp_path) == "torch"  # a checkpoint directory
+    with pytest.raises(ReformerDistError, match="--backend"):
+        infer_backend(tmp_path / "model.bin")

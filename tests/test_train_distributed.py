@@ -1,6 +1,6 @@
 """Multi-rank training through the real `deepspeed` launcher on CPU (gloo): ZeRO equivalence, gradient
 accumulation, exact resume (SIGTERM, kill -9 mid-checkpoint, 2 -> 1 ranks), two launcher "nodes", a
-killed rank, W&B offline records.
+killed rank, W&B offline records, no shared memory left in /dev/shm, a stale JIT build lock.
 
 Every run trains the same micro Reformer (d_model 32, 2 reversible layers: local + LSH attention with fresh
 random rotations per call, seq 64) on a small synthetic corpus for 20 steps, global batch 2, and logs the
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch_ports import free_port, segments_of
+from micro_run import MICRO_MODEL
 from wandb_records import history_rows, read_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -28,21 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 STEPS = 20
-MICRO_CONFIG = """
-model:
-  vocab_size: 256
-  d_model: 32
-  n_heads: 2
-  d_head: 16
-  d_ff: 64
-  n_layers: 2
-  attn_layers: [local, lsh]
-  lsh_chunk_len: 16
-  local_chunk_len: 16
-  max_seq_len: 64
-  axial_pos_shape: [8, 8]
-  axial_pos_dims: [16, 16]
-train:
+MICRO_CONFIG = MICRO_MODEL + """train:
   max_steps: 20
   seq_len: 64
   micro_batch_size: 2
@@ -59,12 +46,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_args(config: Path, run_dir: Path, overrides: tuple[str, ...]) -> list[str]:
     return ["--module", "reformer_dist", "train", "--config", str(config), f"train.output_dir={run_dir}", *overrides]
 
@@ -73,6 +54,10 @@ def launcher(ranks: int, config: Path, run_dir: Path, *overrides: str) -> list[s
     """`deepspeed --num_gpus N --module reformer_dist train ...` (on CPU: N gloo ranks)."""
     return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()),
             *train_args(config, run_dir, overrides)]
+
+
+def port_of(cmd: list[str]) -> int:
+    return int(cmd[cmd.index("--master_port") + 1])
 
 
 def single(config: Path, run_dir: Path, *overrides: str) -> list[str]:
@@ -204,11 +189,12 @@ def zero_run(config: Path, workdir: Path):
 
     def run(stage: int) -> Path:
         if stage not in done:
-            run_dir = workdir / f"zero{stage}"
+            run_dir, port = workdir / f"zero{stage}", free_port()
             run_ok(["bash", str(REPO / "launch" / "train_single_node.sh"), str(config), f"train.output_dir={run_dir}",
                     "train.micro_batch_size=1", f"deepspeed.zero_stage={stage}", "train.sample_every=10",
                     f"deepspeed.config_file={workdir / 'zero3.json'}"],
-                   env={**ENV, "NUM_GPUS": "2", "MASTER_PORT": str(free_port())})
+                   env={**ENV, "NUM_GPUS": "2", "MASTER_PORT": str(port)})
+            assert not segments_of([port])  # DeepSpeed's per-rank shared memory went with the ranks
             done[stage] = run_dir
         return done[stage]
 
@@ -274,7 +260,7 @@ def test_sigterm_and_kill_during_checkpoint_resume_exactly_with_one_wandb_run(co
             "logging.wandb.mode=offline")
 
     # 1) SIGTERM reaches rank 1 while rank 0 is writing checkpoint 10: all ranks stop after step 11, exit 0
-    job = Job(launcher(2, config, run_dir, *args), workdir / "sigterm.log")
+    job = Job(cmd := launcher(2, config, run_dir, *args), workdir / "sigterm.log")
     wait_for(lambda: 1 in step_losses(run_dir), 300, "step 1", job)
     fifo = plant_fifo(run_dir, 10)
     with open(fifo, "rb") as pipe:  # blocks until rank 0 opens the pipe to write checkpoint 10
@@ -285,21 +271,32 @@ def test_sigterm_and_kill_during_checkpoint_resume_exactly_with_one_wandb_run(co
     assert job.wait(timeout=120) == 0, job.output()
     assert latest(run_dir) == "step_00000011"
     assert "stop signal received by a peer rank: checkpoint saved at step 11" in job.output()
+    assert not segments_of([port_of(cmd)])
 
     # 2) resume; kill -9 the whole job while rank 0 writes the final checkpoint: `latest` stays on 11
-    job = Job(launcher(2, config, run_dir, *args), workdir / "kill.log")
+    job = Job(cmd := launcher(2, config, run_dir, *args), workdir / "kill.log")
     wait_for(lambda: 12 in step_losses(run_dir), 300, "step 12", job)
     fifo = plant_fifo(run_dir, 20)
     with open(fifo, "rb") as pipe:
         pipe.read(1024)  # rank 0 is mid-write
         os.killpg(job.proc.pid, signal.SIGKILL)
     job.wait(timeout=60)
+    assert not segments_of([port_of(cmd)])  # the segments' names were released once both ranks had mapped them
     assert latest(run_dir) == "step_00000011"
     assert not (run_dir / "checkpoints" / "step_00000020" / "meta.json").exists()
     killed = step_losses(run_dir)
 
-    # 3) resume again: the incomplete checkpoint is discarded, the previous one loads, training finishes
-    run_ok(launcher(2, config, run_dir, *args))
+    # 3) resume again: the incomplete checkpoint is discarded, the previous one loads, training finishes.
+    # Segments of a job killed during its setup (before they were released) are removed, with one line
+    orphans = [Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{free_port()}_{rank}"
+               for rank in (0, 1)]
+    for orphan in orphans:
+        orphan.write_bytes(b"\0" * 4096)
+        os.utime(orphan, (time.time() - 60,) * 2)
+    out = run_ok(launcher(2, config, run_dir, *args))
+    assert not any(orphan.exists() for orphan in orphans)
+    lines = [line for line in out.splitlines() if "orphaned DeepSpeed shared-memory segment" in line]
+    assert len(lines) == 1 and all(orphan.name in lines[0] for orphan in orphans), out[-3000:]
     assert latest(run_dir) == "step_00000020"
     resumed = step_losses(run_dir)
     assert max_diff(killed, straight, range(1, STEPS + 1)) <= 1e-6  # steps 12-20 of the killed launch
@@ -377,3 +374,17 @@ def test_samples_print_at_their_steps_and_go_to_wandb_as_a_text_table(config, wo
     assert table["columns"] == ["step", "text"]
     assert table["data"] == [[10, samples[10]], [20, samples[20]]]
 
+
+def test_stale_jit_build_lock_fails_the_launch_naming_the_file_and_the_fix(config, workdir):
+    # a build of DeepSpeed's CPU comm op killed mid-way leaves its lock, which torch would wait on forever
+    extensions = workdir / "torch_extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (time.time() - 60,) * 2)
+    proc = subprocess.run(single(config, workdir / "stale-lock"), env={**ENV, "TORCH_EXTENSIONS_DIR": str(extensions)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("reformer-dist train: error:")]
+    assert len(errors) == 1 and str(lock) in errors[0] and f"rm {lock}" in errors[0], proc.stderr[-3000:]

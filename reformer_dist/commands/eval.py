@@ -8,7 +8,8 @@ data.path=... to evaluate on other prepared data, train.micro_batch_size=...).
 
 Examples:
   reformer-dist eval runs/tiny
-  reformer-dist eval runs/base/checkpoints/step_00010000 --split test --max-batches 0 --json
+  reformer-dist eval runs/base/checkpoints/step_00010000 --split val --max-batches 0 --json
+  reformer-dist eval runs/tiny data.verify_checksums=true   # hash the data files against the manifest first
 """
 
 from __future__ import annotations
@@ -33,20 +34,26 @@ def run(args: argparse.Namespace) -> int:
 
     from reformer_dist.configuration import load_config
     from reformer_dist.data import TokenWindowDataset
-    from reformer_dist.train.checkpoint import CONFIG_FILE, find_checkpoint, read_meta
+    from reformer_dist.errors import CheckpointError, describe
+    from reformer_dist.train.checkpoint import CONFIG_FILE, read_meta, read_saved_config, resolve_checkpoint
     from reformer_dist.train.consolidate import fp32_state_dict
     from reformer_dist.train.distributed import DistInfo
     from reformer_dist.train.engine import TrainingReformerLM
     from reformer_dist.train.evaluate import evaluate
 
-    checkpoint = find_checkpoint(args.checkpoint, Path(args.checkpoint))
+    checkpoint = resolve_checkpoint(Path(args.checkpoint))
     meta = read_meta(checkpoint)
+    read_saved_config(checkpoint, meta)  # present and unchanged since the save
     cfg = load_config([str(checkpoint / CONFIG_FILE)], args.overrides)
     split = args.split or cfg.data.val_split
-    dataset = TokenWindowDataset(cfg.data.path, split, cfg.train.seq_len)
+    dataset = TokenWindowDataset(cfg.data.path, split, cfg.train.seq_len, verify_checksums=cfg.data.verify_checksums)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = TrainingReformerLM(cfg.model)
-    model.load_state_dict(fp32_state_dict(checkpoint))
+    try:
+        model.load_state_dict(fp32_state_dict(checkpoint))
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights of {checkpoint} do not match the model config "
+                              f"({checkpoint / CONFIG_FILE} + overrides): {describe(e)}") from None
     model.to(device)
     solo = DistInfo(rank=0, local_rank=0, world_size=1, device=device, backend="none")
     max_batches = args.max_batches if args.max_batches > 0 else len(dataset)

@@ -4,7 +4,9 @@ Examples:
   reformer-dist export onnx --checkpoint runs/tiny --output model.onnx
   reformer-dist export onnx --checkpoint hf-reformer-dir/ --output model.onnx --precision fp16 --flavour tensorrt
   reformer-dist export onnx --checkpoint runs/tiny --output model.onnx --generation   # + model.prefill/.decode.onnx
+  reformer-dist export onnx --checkpoint runs/tiny --output model.int8.onnx --precision int8
   reformer-dist export check model.onnx --target tensorrt
+  reformer-dist export check model.int8.onnx --target onnxruntime --reference model.onnx --data runs/data/stdlib
   reformer-dist export tensorrt --onnx model.onnx --output model.plan --fp16 --shapes 1x64/1x1024/4x4096
 """
 
@@ -23,7 +25,8 @@ def _add_onnx(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="training run directory, native model directory / .safetensors, or HF Reformer directory")
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="the .onnx file to write")
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help=f"weights and activations of the graph (default {d.precision})")
     p.add_argument("--flavour", choices=FLAVOURS, default=d.flavour,
                    help="portable: standard-op LSH body; tensorrt: + plugin attributes; ort-tensorrt: "
                         "node in ONNX Runtime's trt.plugins domain")
@@ -31,7 +34,7 @@ def _add_onnx(p: argparse.ArgumentParser) -> None:
                    help="sort of the LSH body: counting (TensorRT-parsable) or topk (fewer ops)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="longest sequence the deployment accepts (default: the model's max_seq_len)")
-    p.add_argument("--opset", type=int, default=d.opset)
+    p.add_argument("--opset", type=int, default=d.opset, help=f"ONNX opset version (default {d.opset})")
     p.add_argument("--tokenizer", default=None, metavar="SPEC",
                    help="tokenizer to record (bytes, a tokenizer.json, a .model); default: the checkpoint's")
     p.add_argument("--generation", action="store_true",
@@ -41,7 +44,7 @@ def _add_onnx(p: argparse.ArgumentParser) -> None:
 
 def _run_onnx(args: argparse.Namespace) -> int:
     from reformer_dist.export.check import check_model
-    from reformer_dist.export.loading import load_model_for_export
+    from reformer_dist.export.loading import load_model_for_export, model_name
     from reformer_dist.export.onnx_export import export_onnx, lsh_nodes
 
     source = load_model_for_export(args.checkpoint)
@@ -50,15 +53,23 @@ def _run_onnx(args: argparse.Namespace) -> int:
         from reformer_dist.data.tokenizer import parse_tokenizer_arg
 
         tokenizer = parse_tokenizer_arg(args.tokenizer)
+    if tokenizer is not None:
+        from reformer_dist.data.tokenizer import get_tokenizer
+
+        get_tokenizer(tokenizer)  # a file the deployment could not load is refused before it is embedded
     proto = export_onnx(source.model, args.output, precision=args.precision, flavour=args.flavour, sort=args.sort,
-                        opset=args.opset, max_seq_len=args.max_seq_len, tokenizer=tokenizer, generation=args.generation)
+                        opset=args.opset, max_seq_len=args.max_seq_len, tokenizer=tokenizer, generation=args.generation,
+                        model_name=model_name(source.path))
     report = check_model(proto, "onnxruntime")
     print(f"wrote {args.output}: {len(proto.graph.node)} nodes, {len(lsh_nodes(proto))} LshAttention, "
           f"{args.precision}, flavour {args.flavour}, {args.sort} sort ({source.kind} checkpoint {source.path})")
     if args.generation:
-        from reformer_dist.export.generation_export import generation_paths
+        from reformer_dist.export.metadata import generation_paths
 
         print("wrote " + ", ".join(str(p) for p in generation_paths(args.output).values()))
+    if args.precision == "int8":
+        print(f"int8: measure its quality cost with `reformer-dist export check {args.output} --target onnxruntime "
+              f"--reference FP32.onnx --data DATA_DIR`")
     if not report.ok:
         print(report.format())
     return 0 if report.ok else 1
@@ -66,8 +77,17 @@ def _run_onnx(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- check
 def _add_check(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--target", choices=["tensorrt", "onnxruntime"], required=True)
+    p.add_argument("model", metavar="MODEL.onnx", help="the exported graph to check")
+    p.add_argument("--target", choices=["tensorrt", "onnxruntime"], required=True,
+                   help="the runtime whose importer the graph must pass")
+    quality = p.add_argument_group("quality cost (e.g. of an int8 graph)")
+    quality.add_argument("--reference", default=None, metavar="REF.onnx",
+                         help="also compare the held-out loss of MODEL with this graph's (e.g. the fp32 export)")
+    quality.add_argument("--data", default=None, metavar="DIR", help="prepared data directory (its val split)")
+    quality.add_argument("--seq-len", type=int, default=None, help="window length (default: min(1024, max_seq_len))")
+    quality.add_argument("--windows", type=int, default=16, help="held-out windows to score (16)")
+    quality.add_argument("--max-loss-increase", type=float, default=None, metavar="PCT",
+                         help="fail when MODEL's loss exceeds the reference's by more than PCT percent")
 
 
 def _run_check(args: argparse.Namespace) -> int:
@@ -80,7 +100,18 @@ def _run_check(args: argparse.Namespace) -> int:
         raise ReformerDistError(f"{args.model}: no such ONNX model")
     report = check_model(args.model, args.target)
     print(report.format())
-    return 0 if report.ok else 1
+    ok = report.ok
+    if args.reference is not None:
+        from reformer_dist.export.quantize import quality_cost
+
+        if args.data is None:
+            raise ReformerDistError("--reference needs --data (a prepared data directory with a val split)")
+        quality = quality_cost(args.model, args.reference, args.data, args.seq_len, args.windows)
+        print(quality.format())
+        if args.max_loss_increase is not None and 100 * quality.relative > args.max_loss_increase:
+            print(f"FAIL: loss increase above {args.max_loss_increase}%")
+            ok = False
+    return 0 if ok else 1
 
 
 # ------------------------------------------------------------------------------------------ tensorrt
@@ -100,13 +131,16 @@ def _add_tensorrt(p: argparse.ArgumentParser) -> None:
 
 
 def _run_tensorrt(args: argparse.Namespace) -> int:
-    from reformer_dist.export.tensorrt_build import build_engine, parse_shapes
+    from reformer_dist.export.tensorrt_build import build_engine, build_generation_engines, parse_shapes
 
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-    engine = build_engine(args.onnx, args.output, precision=precision,
-                          shapes=parse_shapes(args.shapes) if args.shapes else None,
-                          timing_cache=args.timing_cache, workspace_gb=args.workspace_gb, plugin=args.plugin)
+    options = dict(precision=precision, shapes=parse_shapes(args.shapes) if args.shapes else None,
+                   timing_cache=args.timing_cache, workspace_gb=args.workspace_gb, plugin=args.plugin)
+    engine = build_engine(args.onnx, args.output, **options)
     print(f"wrote {engine}")
+    # the cached-generation engines the TensorRT serving backend decodes through, when exported
+    for generation_engine in build_generation_engines(args.onnx, args.output, **options):
+        print(f"wrote {generation_engine}")
     return 0
 
 

@@ -1,12 +1,15 @@
 """Serve a model over HTTP: OpenAI-compatible completions, scoring, health and Prometheus metrics.
 
-PATH is a native checkpoint directory (--backend torch), an exported .onnx graph (--backend onnxruntime)
-or a TensorRT .plan (--backend tensorrt). The server binds 127.0.0.1 unless --host says otherwise, and
-drains in-flight requests on SIGTERM before exiting.
+PATH is a checkpoint directory (torch), an exported .onnx graph (onnxruntime: cached decoding through its
+.prefill/.decode graphs when exported with --generation) or a TensorRT .plan (tensorrt); --backend is
+inferred from the path when omitted. Every backend decodes with the same runtime (continuous batching,
+one sampler), so the same prompt gives the same greedy text on each, and the model id is the run or
+model directory's name whatever the backend. The server binds 127.0.0.1 unless --host says otherwise,
+and drains in-flight requests on SIGTERM before exiting.
 
 Examples:
-  reformer-dist serve --model runs/tiny --backend torch            # a run directory (its native/ model)
-  reformer-dist serve --model runs/export/model.onnx --backend onnxruntime --port 8080
+  reformer-dist serve --model runs/tiny                            # a run directory (its native/ model)
+  reformer-dist serve --model runs/tiny/model.onnx --port 8080     # ONNX Runtime
   curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\
        -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'
 """
@@ -16,8 +19,6 @@ from __future__ import annotations
 import argparse
 
 from reformer_dist.serve.config import ServeConfig
-
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 # ServeConfig field -> (flag, type, help). Defaults: ServeConfig's, or the serve: section of --config.
 SERVE_FLAGS = (
@@ -30,18 +31,23 @@ SERVE_FLAGS = (
     ("batch_window_ms", "--batch-window-ms", float, "how long an idle server waits to batch arrivals"),
     ("request_timeout_s", "--request-timeout", float, "per-sequence time limit in seconds"),
     ("drain_timeout_s", "--drain-timeout", float, "on SIGTERM, seconds in-flight requests may still run"),
+    ("chat_template", "--chat-template", str, "Jinja2 chat template file enabling /v1/chat/completions"),
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServeConfig()
+    from reformer_dist.decoding.loading import BACKENDS
+
     parser.add_argument("--model", required=True, metavar="PATH",
-                        help="native checkpoint directory (torch), model.onnx (onnxruntime) or model.plan (tensorrt)")
-    parser.add_argument("--backend", required=True, choices=BACKENDS, help="inference runtime")
+                        help="checkpoint directory (torch), model.onnx (onnxruntime) or model.plan (tensorrt)")
+    parser.add_argument("--backend", default=None, choices=BACKENDS,
+                        help="inference runtime (default: from the path: .onnx, .plan/.engine, a directory)")
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="a run config YAML whose serve: section sets the defaults of the flags below")
     parser.add_argument("--model-name", default=None,
-                        help="name in /v1/models and the 'model' field (default: the file or directory name)")
+                        help="name in /v1/models and the 'model' field (default: the run or model directory's "
+                             "name, recorded in exports)")
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda if available, else cpu); onnxruntime uses CUDA when "
                              "its CUDA provider is installed")
@@ -55,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field, flag, kind, text in SERVE_FLAGS:
         parser.add_argument(flag, dest=field, type=kind, default=None, metavar=flag[2:].upper().replace("-", "_"),
                             help=f"{text} (default {getattr(d, field)})")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                        help="server and access log verbosity (default info)")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -74,7 +81,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                 section = (yaml.safe_load(f) or {}).get("serve") or {}
         except (OSError, yaml.YAMLError, AttributeError) as e:
             raise ConfigError(args.config, f"cannot read a run config with a serve: section ({e})") from None
-        types = {f.name: type(f.default) for f in fields(ServeConfig)}
+        types = {f.name: str if f.default is None else type(f.default) for f in fields(ServeConfig)}
         for key, value in section.items():
             if key not in types:
                 raise ConfigError(f"serve.{key}", f"unknown key in {args.config}; known: {sorted(types)}")
@@ -88,13 +95,14 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    from reformer_dist.decoding.loading import open_model, quiet_openmp
     from reformer_dist.serve.app import create_app
-    from reformer_dist.serve.backends import load_model
     from reformer_dist.serve.server import run_server
 
+    quiet_openmp()  # before torch is imported
     cfg = serve_config(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    loaded = load_model(args.backend, args.model, device=args.device, threads=args.threads,
+    loaded = open_model(args.model, args.backend, device=args.device, threads=args.threads,
                         tokenizer=args.tokenizer)
     app = create_app(loaded.backend, loaded.tokenizer, cfg, args.model_name or loaded.name,
                      eos_token_id=args.eos_token_id)

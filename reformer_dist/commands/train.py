@@ -14,6 +14,7 @@ train.resume=auto (default) continues from `latest`; SIGTERM/SIGUSR1 checkpoint 
 from __future__ import annotations
 
 import argparse
+import os
 
 from reformer_dist.commands.common import add_config_arguments
 
@@ -23,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Host memory on transparent huge pages (torch's switch, for allocations of 2 MiB and more): a long
+    # training step allocates and frees gigabytes of activations, and glibc hands every block above 32 MiB
+    # back to the kernel when it is freed, so the next step faults it in again: one fault per 2 MiB instead
+    # of per 4 KiB. torch reads the switch at its first allocation, so it is set before torch is imported;
+    # THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from reformer_dist.configuration import load_config
     from reformer_dist.train.trainer import train
 

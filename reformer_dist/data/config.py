@@ -16,5 +16,6 @@ class DataConfig:
     shuffle: bool = True
     """Visit training windows in a seed-driven random order (false: in file order)."""
     verify_checksums: bool = False
-    """Hash every shard against its manifest sha256 when training starts (reads the whole corpus once).
-    Shard sizes are checked either way; `reformer-dist prepare-data --verify DIR` does the full check alone."""
+    """Hash every shard against its manifest sha256 before training starts (rank 0 reads the whole corpus
+    once; a mismatch stops the launch naming the file) and in `reformer-dist eval`. Shard sizes are checked
+    either way; `reformer-dist prepare-data --verify DIR` does the full check alone."""

@@ -55,10 +55,16 @@ class TokenWindowDataset:
         return (self.n_tokens - 1) // self.seq_len
 
     def __getitem__(self, i: int) -> np.ndarray:
+        return self.window(i)
+
+    def window(self, i: int, first: int = 0, count: int | None = None) -> np.ndarray:
+        """Tokens [first, first + count + 1) of window i (the whole window by default): the inputs and
+        targets of ``count`` of its positions."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"window {i} out of range for {len(self)} windows")
-        start = (i % len(self)) * self.seq_len
-        return self.tokens(start, start + self.seq_len + 1)
+        count = self.seq_len - first if count is None else count
+        start = (i % len(self)) * self.seq_len + first
+        return self.tokens(start, start + count + 1)
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the split's stream as int64, gathered across shards."""
@@ -72,7 +78,11 @@ class TokenWindowDataset:
         while pos < stop:
             lo = pos - self._starts[k]
             hi = min(stop, self._starts[k + 1]) - self._starts[k]
-            out[pos - start:pos - start + hi - lo] = self._maps[k][lo:hi]
+            piece = out[pos - start:pos - start + hi - lo]
+            piece[:] = self._maps[k][lo:hi]
+            if piece.size and piece.max() >= self.vocab_size:  # an overwritten shard (sizes still match)
+                raise DataError(f"{self._paths[k]}: token id {piece.max()} is outside the vocabulary "
+                                f"({self.vocab_size} ids); the shard is corrupted, re-run prepare-data")
             pos += hi - lo
             k += 1
         return out
@@ -82,15 +92,18 @@ class TokenWindowDataset:
         return {**self.__dict__, "_maps": None}
 
 
-def next_batch(dataset: TokenWindowDataset, sampler: GlobalOrderSampler,
-               micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's next micro-batch as CPU tensors ``(input_ids, targets)``, each (B, seq_len) int64.
+def next_batch(dataset: TokenWindowDataset, sampler: GlobalOrderSampler, micro_batch_size: int,
+               part: int = 0, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's next micro-batch as CPU tensors ``(input_ids, targets)``, each (B, seq_len) int64, or
+    with ``parts`` > 1 (sequence parallelism: ranks that share samples) positions
+    [part*seq_len/parts, (part+1)*seq_len/parts) of them, read alone from the shards.
 
     The sampler advances by one global micro-batch on every call, so its ``state_dict()`` taken after
     the training step that used this batch resumes with the batch after it.
     """
     import torch
 
-    windows = np.stack([dataset[int(i)] for i in sampler.next_indices(micro_batch_size)])  # (B, seq_len+1)
-    batch = torch.from_numpy(windows)
+    span = dataset.seq_len // parts
+    windows = [dataset.window(int(i), part * span, span) for i in sampler.next_indices(micro_batch_size)]
+    batch = torch.from_numpy(np.stack(windows))  # (B, span + 1)
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from reformer_dist.atomic_write import write_text_atomic
 from reformer_dist.errors import DataError
 
 FORMAT = "reformer-dist-tokens"
@@ -56,13 +57,7 @@ def sha256_file(path: str, block_bytes: int = 1 << 20) -> str:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file + os.replace, so readers see the old or the new file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n", fsync=True)
 
 
 def _fsync(path: str) -> None:
@@ -171,20 +166,20 @@ class ShardWriter:
 def load_manifest(data_dir: str, verify_checksums: bool = False) -> dict[str, Any]:
     """Read and check ``data_dir/manifest.json``.
 
-    Always: the format, the dtype against the vocabulary, and every shard's (and the tokenizer copy's)
-    size. With ``verify_checksums``: their sha256 too (reads every byte). A mismatch raises DataError
-    naming the file.
+    Always: the format, the dtype against the vocabulary, that every shard (and the tokenizer copy) lies
+    inside ``data_dir`` (symbolic links resolved), and their sizes. With ``verify_checksums``: their
+    sha256 too (reads every byte). A mismatch raises DataError naming the file.
     """
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isfile(path):
         raise DataError(f"{data_dir}: no {MANIFEST} (not a prepared data directory, or preparation was "
                         f"interrupted); run `reformer-dist prepare-data --output {data_dir} ...`")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
         raise DataError(f"{path}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise DataError(f"{path}: not a {FORMAT} v{VERSION} manifest")
     try:
         dtype = str(manifest["dtype"])
@@ -204,8 +199,12 @@ def load_manifest(data_dir: str, verify_checksums: bool = False) -> dict[str, An
             files.append((tok["path"], tok["bytes"], tok["sha256"]))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    root = os.path.realpath(data_dir)
     for file, size, digest in files:
-        fpath = os.path.join(data_dir, file)
+        fpath = os.path.join(data_dir, str(file))
+        if not isinstance(file, str) or os.path.commonpath([root, os.path.realpath(fpath)]) != root:
+            # a manifest is input like any other: it must not make us read files elsewhere
+            raise DataError(f"{path}: entry {file!r} is not a file inside the data directory {data_dir}")
         if not os.path.isfile(fpath):
             raise DataError(f"{fpath}: missing (listed in {MANIFEST}); re-run prepare-data")
         actual = os.path.getsize(fpath)

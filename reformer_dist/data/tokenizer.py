@@ -140,10 +140,13 @@ def get_tokenizer(spec: str | Mapping[str, Any]) -> Tokenizer:
         spec = parse_tokenizer_arg(spec)
     kind = spec.get("kind")
     if kind == "bytes":
-        return ByteTokenizer(int(spec.get("offset", 0)))
+        offset = spec.get("offset", 0)
+        if type(offset) is not int:
+            raise DataError(f"the bytes tokenizer's offset must be an integer, got {offset!r}")
+        return ByteTokenizer(offset)
     if kind not in TOKENIZER_KINDS:
         raise DataError(f"unknown tokenizer kind {kind!r}; expected one of {list(TOKENIZER_KINDS)}")
-    path = str(spec["path"])
+    path = str(spec.get("path"))
     if not os.path.isfile(path):
         raise DataError(f"tokenizer file not found: {path}")
     return HFTokenizer(path) if kind == "hf_tokenizers" else SentencePieceTokenizer(path)

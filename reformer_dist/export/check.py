@@ -24,6 +24,8 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto
 
+from reformer_dist.errors import ReformerDistError, describe
+
 TARGETS = ("tensorrt", "onnxruntime")
 TRT_TOPK_MAX = 3840  # exclusive: "K input must be less than 3840" (onnx-tensorrt docs/operators.md)
 TRT_OPSETS = (9, 24)
@@ -93,12 +95,23 @@ class CheckReport:
         return "\n".join(lines)
 
 
+def load_onnx(path: str) -> onnx.ModelProto:
+    """The ModelProto in ``path``; ReformerDistError naming the file if it is not a readable ONNX model."""
+    try:
+        model = onnx.load(path)
+    except Exception as e:  # protobuf's DecodeError, a missing external-data file, ...
+        raise ReformerDistError(f"{path}: not a readable ONNX model ({describe(e)})") from None
+    if not model.graph.node or not model.opset_import:  # protobuf parses some foreign bytes as an empty model
+        raise ReformerDistError(f"{path}: not an ONNX model (no graph or no opset)")
+    return model
+
+
 def check_model(model: onnx.ModelProto | str, target: str) -> CheckReport:
     """Inline the local functions of ``model`` and check every node against ``target``."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if isinstance(model, str):
-        model = onnx.load(model)
+        model = load_onnx(model)
     report = CheckReport(target)
     with_body = {(f.domain, f.name) for f in model.functions}
     for node in model.graph.node:  # what claims each custom node before it is inlined

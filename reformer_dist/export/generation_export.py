@@ -16,24 +16,24 @@ Decode graph
 ``<layer>.<name>`` are the model's cache keys (see generation.py): ``k``, ``v``, ``pos`` for local and
 full layers, ``k``, ``v``, ``pos``, ``count`` for bucket-window LSH layers. Every cache tensor has the
 batch first and otherwise a fixed shape; full-attention rings hold ``max_seq_len`` tokens. The LSH
-rotations are not in the cache: they are frozen into both graphs (the same draw as the main graph,
-see :func:`~reformer_dist.export.onnx_export.frozen_rotations`), so a run equals PyTorch generation
-with those rotations (always, when the config sets ``hash_seed``).
+rotations are not in the cache: they are frozen into both graphs (``ReformerLM.freeze_rotations``, the
+same draw as the main graph and as PyTorch decoding), so a run equals PyTorch generation.
 
-The prefill's LSH layers are ``reformer::LshAttention`` nodes carrying the body (as the main graph);
-its bucket-sorted cache layout uses one TopK over the prompt, fine for ONNX Runtime. The decode graph
-has no sort and no custom node (the new token joins its bucket's ring by counting), so TensorRT's
-parser takes it. Chunk-window LSH (imported HF checkpoints) is refused: its cached state grows with the
-sequence and its prefill depends on HF's prompt-length layout rules, which are Python branches.
+Both graphs pass ``export check --target tensorrt``. The prefill's LSH layers are
+``reformer::LshAttention`` nodes carrying the body (as the main graph, with the chosen sort); its
+bucket-ring cache is laid out by counting (one-hot + fp32 CumSum, ``generation.prefill(counting=True)``)
+with ``sort="counting"``: TensorRT takes neither a TopK whose K is the prompt length nor an INT64 CumSum.
+``sort="topk"`` sorts instead (fewer ops, ONNX Runtime only). The decode graph has no sort and no custom
+node (the new token joins its bucket's ring by counting). Chunk-window LSH (imported HF checkpoints) is
+refused: its cached state grows with the sequence and its prefill depends on HF's prompt-length layout
+rules, which are Python branches.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
-from pathlib import Path
 
 import onnx
 import torch
@@ -41,22 +41,15 @@ from torch import Tensor, nn
 
 from reformer_dist.errors import ReformerDistError
 from reformer_dist.export.lsh_onnx import translate_lsh_attention
-from reformer_dist.export.metadata import FORMAT_VERSION, set_metadata
+from reformer_dist.export.metadata import FORMAT_VERSION, generation_paths, set_metadata
 from reformer_dist.export.onnx_export import (
     attach_lsh_function,
-    frozen_rotations,
+    deployment_copy,
     package_version,
     save_model,
     tokenizer_metadata,
 )
-
-GRAPHS = ("prefill", "decode")
-
-
-def generation_paths(model_path: str | os.PathLike) -> dict[str, Path]:
-    """``{"prefill": <stem>.prefill.onnx, "decode": <stem>.decode.onnx}`` beside ``model_path``."""
-    path = Path(model_path)
-    return {name: path.with_name(f"{path.stem}.{name}.onnx") for name in GRAPHS}
+from reformer_dist.model.reformer import ROTATION_SEED
 
 
 def check_supported(model: nn.Module) -> None:
@@ -74,14 +67,17 @@ def check_supported(model: nn.Module) -> None:
 class PrefillGraph(nn.Module):
     """(input_ids, attention_mask) -> (logits, *present) with frozen rotations."""
 
-    def __init__(self, model: nn.Module, rotations: list[Tensor | None], max_len: int, names: list[str]):
+    def __init__(self, model: nn.Module, rotations: list[Tensor | None], max_len: int, names: list[str],
+                 counting: bool):
         super().__init__()
         self.model, self.rotations, self.max_len, self.names = model, rotations, max_len, names
+        self.counting = counting
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
         from reformer_dist.model.generation import prefill
 
-        logits, cache = prefill(self.model, input_ids, attention_mask, self.rotations, self.max_len)
+        logits, cache = prefill(self.model, input_ids, attention_mask, self.rotations, self.max_len,
+                                counting=self.counting)
         return (logits, *(cache[n] for n in self.names))
 
 
@@ -101,15 +97,17 @@ class DecodeGraph(nn.Module):
 
 
 def export_generation(model: nn.Module, model_path: str | os.PathLike, *, precision: str = "fp32",
-                      opset: int = 18, max_seq_len: int | None = None, rotation_seed: int = 0,
-                      sort: str = "counting", tokenizer: dict | None = None) -> dict[str, onnx.ModelProto]:
+                      opset: int = 18, max_seq_len: int | None = None, rotation_seed: int = ROTATION_SEED,
+                      sort: str = "counting", tokenizer: dict | None = None,
+                      model_name: str | None = None) -> dict[str, onnx.ModelProto]:
     """Write the prefill and decode graphs beside ``model_path`` (see module doc); return their protos.
 
     Use the same ``rotation_seed`` and ``precision`` as the main graph's export (``export_onnx(...,
-    generation=True)`` does); tokenizer: recorded as in the main graph, so the runner needs no other file. max_seq_len: capacity
-    of full-attention caches and the longest sequence generation may reach (default: the model's).
+    generation=True)`` does); tokenizer, model_name: recorded as in the main graph, so the runner needs
+    no other file. max_seq_len: capacity of full-attention caches and the longest sequence generation may
+    reach (default: the model's). sort: the LSH body's and the prefill cache layout's (see module doc).
     """
-    from reformer_dist.model.generation import draw_rotations, prefill
+    from reformer_dist.model.generation import prefill
 
     check_supported(model)
     cfg = model.config
@@ -117,17 +115,16 @@ def export_generation(model: nn.Module, model_path: str | os.PathLike, *, precis
     multiple = cfg.pad_multiple()
     if 2 * multiple > max_len:
         raise ReformerDistError(f"max_seq_len {max_len} must hold at least two chunk multiples ({2 * multiple})")
-    model = copy.deepcopy(model).eval().to("cpu")
-    if precision == "fp16":
-        model = model.half()
-    paths = generation_paths(model_path)
+    model = deployment_copy(model, precision, rotation_seed)
+    counting = sort == "counting"
+    paths = generation_paths(model_path, ".onnx")
     protos = {}
-    with frozen_rotations(model, rotation_seed), torch.no_grad():
-        rotations = draw_rotations(model, torch.Generator().manual_seed(0))  # the frozen ones
+    with torch.no_grad():
+        rotations = model.draw_rotations()  # the frozen ones
         # trace at 2 chunk multiples, rows of different lengths (the padded path is the general one)
         ids = torch.zeros(2, 2 * multiple, dtype=torch.long)
         mask = (torch.arange(2 * multiple)[None, :] < torch.tensor([[2 * multiple], [multiple + 1]])).long()
-        _, cache = prefill(model, ids, mask, rotations, max_len)
+        _, cache = prefill(model, ids, mask, rotations, max_len, counting=counting)
         names = [n for n in cache if not n.endswith(".rot")]
         present = [f"present.{n}" for n in names]
         batch = torch.export.Dim("batch")
@@ -135,7 +132,7 @@ def export_generation(model: nn.Module, model_path: str | os.PathLike, *, precis
         prompt = multiple * torch.export.Dim("chunks", min=2, max=max_len // multiple)
         table = {torch.ops.reformer.lsh_attention.default: translate_lsh_attention}
         prefill_program = torch.onnx.export(
-            PrefillGraph(model, rotations, max_len, names).eval(), (ids, mask), dynamo=True, opset_version=opset,
+            PrefillGraph(model, rotations, max_len, names, counting).eval(), (ids, mask), dynamo=True, opset_version=opset,
             verbose=False, input_names=["input_ids", "attention_mask"], output_names=["logits", *present],
             dynamic_shapes=({0: batch, 1: prompt}, {0: batch, 1: prompt}), custom_translation_table=table)
         token = torch.zeros(2, dtype=torch.long)
@@ -158,7 +155,10 @@ def export_generation(model: nn.Module, model_path: str | os.PathLike, *, precis
             "pad_multiple": str(multiple),
             "vocab_size": str(cfg.vocab_size),
             "cache_names": json.dumps(names),
+            "lsh_sort": sort,
+            "rotation_seed": str(rotation_seed),
             "version": package_version(),
+            **({"model_name": model_name} if model_name else {}),
             **tokenizer_metadata(tokenizer),
         })
         onnx.checker.check_model(proto, full_check=True)

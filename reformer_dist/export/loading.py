@@ -17,10 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from reformer_dist.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 RUN_NATIVE_DIR = "native"
 
@@ -58,3 +60,14 @@ def load_model_for_export(path: str | os.PathLike) -> ExportSource:
                               f"{native.WEIGHTS}); it is written when training finishes")
     raise CheckpointError(f"{path}: not a run directory, a native model directory ({native.WEIGHTS} + "
                           f"{native.CONFIG}) or a Hugging Face Reformer directory (config.json + weights)")
+
+
+def model_name(path: str | os.PathLike) -> str:
+    """The name a model is known by (the served model id, recorded in exports): the name of its run or
+    model directory. A file names the directory holding it; a run's ``native/`` names the run."""
+    path = Path(path).resolve()
+    if path.is_file():
+        path = path.parent
+    if path.name == RUN_NATIVE_DIR:
+        path = path.parent
+    return path.name

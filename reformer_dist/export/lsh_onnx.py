@@ -34,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from reformer_dist.export.config import LSH_SORTS
+from reformer_dist.model.lsh_attention import BUCKET_SPLIT
 
 DOMAIN = "reformer"
 OP_TYPE = "LshAttention"
@@ -139,11 +140,16 @@ class _Body:
         return self("Range", self.const(0), stop, self.const(1))
 
 
-def window_offsets(spec: LshSpec) -> list[int]:
-    """Chunk offsets (relative to a query's chunk) of its key window, as the reference's."""
-    if spec.window == "bucket":
-        return [-1, 0] if spec.causal else [-1, 0, 1]
-    return list(range(-spec.chunks_before, spec.chunks_after + 1))
+def window_layout(spec: LshSpec) -> tuple[int, list[int]]:
+    """(chunk length, chunk offsets relative to a query's chunk) of the sorted layout the body attends
+    over. 'chunk' windows are defined by their chunks. A 'bucket' window reaches chunk_len sorted slots
+    back (and ahead when not causal), so, as the model's op does (``lsh_attention.Window``), it runs on
+    query chunks of chunk_len / BUCKET_SPLIT: each query scores (1 + 1/BUCKET_SPLIT) * chunk_len keys
+    instead of 2x, with the same ones valid."""
+    if spec.window == "chunk":
+        return spec.chunk_len, list(range(-spec.chunks_before, spec.chunks_after + 1))
+    split = BUCKET_SPLIT if spec.chunk_len % BUCKET_SPLIT == 0 else 1
+    return spec.chunk_len // split, list(range(-split, 1 if spec.causal else split + 1))
 
 
 def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = False,
@@ -168,36 +174,59 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
     length = g("Squeeze", l1, g.const([0]))
     n_bh = g("Squeeze", g("Mul", b1, h1), g.const([0]))
     n_total = g("Mul", length, g.const(n))  # n*L sorted entries per (batch, head)
-    n_chunks = g("Div", n_total, g.const(c))
+    qc, offsets = window_layout(spec)  # chunk length of the layout (c for 'chunk' windows)
+    n_chunks = g("Div", n_total, g.const(qc))
 
     # ---- 1. hash in fp32: rotated (B, H, n, L, R/2); one argmax per bucket factor
     x = g("Cast", "qk", to=TensorProto.FLOAT)
     rot = g("Reshape", g("Cast", "rotations", to=TensorProto.FLOAT), g.const([0, 0, -1]))  # (H, D, n*R/2)
     rotated = g("Reshape", g("MatMul", x, rot), g.const([0, 0, 0, n, -1]))  # (B, H, L, n, R/2)
     rotated = g("Transpose", rotated, perm=[0, 1, 3, 2, 4])
-    buckets, offset, stride = None, 0, 1
+    buckets, digits, offset, stride = None, [], 0, 1
     for factor in spec.n_buckets:
-        part = g("Slice", rotated, g.const([offset]), g.const([offset + factor // 2]), g.const([4]))
-        b = g("ArgMax", g("Concat", part, g("Neg", part), axis=4), axis=4, keepdims=0)  # (B, H, n, L)
+        part = rotated if len(spec.n_buckets) == 1 else \
+            g("Slice", rotated, g.const([offset]), g.const([offset + factor // 2]), g.const([4]))
+        # argmax(cat[p, -p]) without writing the concatenation: the first maximum lies in the first half
+        # exactly when max(p) >= max(-p) = -min(p); argmin(p) is the first maximum of -p
+        top = g("ReduceMax", part, g.const([4]), keepdims=0)
+        low = g("ReduceMin", part, g.const([4]), keepdims=0)
+        b = g("Where", g("GreaterOrEqual", top, g("Neg", low)), g("ArgMax", part, axis=4, keepdims=0),
+              g("Add", g("ArgMin", part, axis=4, keepdims=0), g.const(factor // 2)))  # (B, H, n, L)
         buckets = b if buckets is None else g("Add", buckets, g("Mul", b, g.const(stride)))
+        digits.append(b)
         offset += factor // 2
         stride *= factor
+    widths = list(spec.n_buckets)  # of each digit of the bucket, least significant first
     if spec.has_padding_mask:
         real = g("Unsqueeze", "key_padding_mask", g.const([1, 2]))  # (B, 1, 1, L)
         buckets = g("Where", real, buckets, g.const(n_real))
+        # padding's bucket n_real has digits (0, ..., 0, top factor): one more value in the top digit
+        digits = [g("Where", real, d, g.const(widths[-1] if i == len(digits) - 1 else 0))
+                  for i, d in enumerate(digits)]
+        widths[-1] += 1
     buckets = g("Identity", buckets, name="buckets")
 
     # ---- 2. per round, sort by (bucket, position): rank = position -> slot, order = slot -> position
     positions = g.arange(length)  # (L,)
     zeros = g("Mul", buckets, g.const(0))
     if sort == "counting":
-        onehot = g("Cast", g("Equal", g("Unsqueeze", buckets, g.const([-1])), g.const(np.arange(n_slots))),
-                   to=TensorProto.FLOAT)  # (B, H, n, L, S)
-        within = g("CumSum", onehot, g.const(3))  # inclusive count of the position's bucket so far
-        starts = g("CumSum", g("ReduceSum", onehot, g.const([3]), keepdims=1), g.const(4), exclusive=1)
-        rank = g("ReduceSum", g("Mul", onehot, g("Add", within, starts)), g.const([4]), keepdims=0)
-        rank = g("Cast", g("Sub", rank, g.f32(1.0)), to=TensorProto.INT64)  # fp32 counts exact below 2**24
-        order = g("ScatterElements", zeros, rank, g("Add", zeros, positions), axis=3)
+        # least-significant-digit radix sort: one stable counting pass per bucket factor, so the one-hot
+        # counts are B*H*n*L*(factor + 1) wide, not B*H*n*L*n_buckets (16x less for [16, 32] buckets)
+        order = g("Add", zeros, positions)  # slot -> position of the order so far (identity at first)
+        for i, (digit, width) in enumerate(zip(digits, widths)):
+            keys = digit if i == 0 else g("GatherElements", digit, order, axis=3)  # the digit in each slot
+            onehot = g("Cast", g("Equal", g("Unsqueeze", keys, g.const([-1])), g.const(np.arange(width))),
+                       to=TensorProto.FLOAT)  # (B, H, n, L, width)
+            within = g("CumSum", onehot, g.const(3))  # inclusive count of each value up to each slot
+            counts = g("Gather", within, g("Sub", length, g.const(1)), axis=3)  # (B, H, n, width): last row
+            starts = g("CumSum", counts, g.const(3), exclusive=1)  # first slot of each value
+            # an entry's new slot = its value's first slot + how many of that value came up to it, minus one
+            mine = g("Squeeze", g("GatherElements", within, g("Unsqueeze", keys, g.const([-1])), axis=4),
+                     g.const([4]))  # (B, H, n, L)
+            slot = g("Add", mine, g("GatherElements", starts, keys, axis=3))
+            slot = g("Cast", g("Sub", slot, g.f32(1.0)), to=TensorProto.INT64)  # fp32 counts exact below 2**24
+            order = g("ScatterElements", zeros, slot, order, axis=3)
+        rank = g("ScatterElements", zeros, order, g("Add", zeros, positions), axis=3)
     else:
         keys = g("Add", g("Mul", buckets, l1), positions)  # unique: bucket*L + position
         _, order = g("TopK", keys, l1, n_out=2, axis=3, largest=0, sorted=1)
@@ -210,16 +239,15 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
     rows = g("Add", order, g("Mul", bh_ids, length))
 
     # ---- 3. attention over sorted chunks; every chunk's key window gathered by one index
-    offsets = window_offsets(spec)
-    width = len(offsets) * c
+    width = len(offsets) * qc
     chunk_ids = g.arange(n_chunks)
     raw_chunks = g("Add", g("Unsqueeze", chunk_ids, g.const([1])), g.const(offsets))  # (nc, n_off)
     # wrap around (as the reference); the added multiple of nc keeps Mod's operand non-negative
     key_chunks = g("Mod", g("Add", raw_chunks, g("Mul", n_chunks, g.const(max(map(abs, offsets)) + 1))), n_chunks)
-    slot = g.const(np.arange(c).reshape(1, 1, c))
+    slot = g.const(np.arange(qc).reshape(1, 1, qc))
 
     def sorted_index(chunks: str) -> str:  # (nc, n_off) chunk ids -> (nc, W) sorted indices
-        return g("Reshape", g("Add", g("Mul", g("Unsqueeze", chunks, g.const([2])), g.const(c)), slot),
+        return g("Reshape", g("Add", g("Mul", g("Unsqueeze", chunks, g.const([2])), g.const(qc)), slot),
                  g.const([0, -1]))
 
     key_sidx = g("Reshape", sorted_index(key_chunks), g.const([-1]))  # (nc*W,)
@@ -231,13 +259,15 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
     keys_flat = g("Div", g("Div", x_flat, g("Sqrt", g("Add", mean_sq, g.f32(1e-6)))),
                   g("Sqrt", g("Cast", d1, to=TensorProto.FLOAT)))  # unit length / sqrt(D)
     v_flat = g("Reshape", g("Cast", "v", to=TensorProto.FLOAT), flat)
-    chunked, windowed = g.shape(b1, h1, [-1, c], d1), g.shape(b1, h1, [-1, width], d1)
-    q = g("Reshape", g("Gather", x_flat, rows, axis=0), chunked)  # (B, H, nc, c, D)
+    chunked, windowed = g.shape(b1, h1, [-1, qc], d1), g.shape(b1, h1, [-1, width], d1)
+    q = g("Reshape", g("Gather", x_flat, rows, axis=0), chunked)  # (B, H, nc, qc, D)
+    # the windows by one Gather of their rows (shifted copies of the sorted chunks, Slice + Concat, were
+    # slower in ONNX Runtime: measured)
     k = g("Reshape", g("Gather", keys_flat, key_rows, axis=0), windowed)  # (B, H, nc, W, D)
     vk = g("Reshape", g("Gather", v_flat, key_rows, axis=0), windowed)
-    scores = g("MatMul", q, g("Transpose", k, perm=[0, 1, 2, 4, 3]))  # (B, H, nc, c, W)
+    scores = g("MatMul", q, g("Transpose", k, perm=[0, 1, 2, 4, 3]))  # (B, H, nc, qc, W)
 
-    q_shape, k_shape = g.shape(b1, h1, [-1, c, 1]), g.shape(b1, h1, [-1, 1, width])
+    q_shape, k_shape = g.shape(b1, h1, [-1, qc, 1]), g.shape(b1, h1, [-1, 1, width])
     if spec.window == "chunk":  # causal and padding on original positions (padding keys sit at L)
         key_pos = order
         if spec.has_padding_mask:
@@ -262,19 +292,28 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
         sorted_keys = g("GatherElements", g("Reshape", round_keys, g.const([0, 0, -1])),
                         g("Add", order, slot_round), axis=2)  # (B, H, n*L)
         raw_sidx = sorted_index(raw_chunks)  # (nc, W), not wrapped
-        q_sidx = g("Reshape", g("Add", g("Mul", g("Unsqueeze", chunk_ids, g.const([1])), g.const(c)),
-                                g.const(np.arange(c).reshape(1, c))), g.const([-1, c, 1]))
-        lag = g("Sub", q_sidx, g("Unsqueeze", raw_sidx, g.const([1])))  # (nc, c, W)
+        q_sidx = g("Reshape", g("Add", g("Mul", g("Unsqueeze", chunk_ids, g.const([1])), g.const(qc)),
+                                g.const(np.arange(qc).reshape(1, qc))), g.const([-1, qc, 1]))
+        lag = g("Sub", q_sidx, g("Unsqueeze", raw_sidx, g.const([1])))  # (nc, qc, W)
         in_range = g("And", g("GreaterOrEqual", raw_sidx, g.const(0)), g("Less", raw_sidx, n_total))
         band = g("And", g("GreaterOrEqual", lag, g.const(0 if spec.causal else -c)),
                  g("LessOrEqual", lag, g.const(c)))
         band = g("And", band, g("Unsqueeze", in_range, g.const([1])))
         q_key = g("Reshape", sorted_keys, q_shape)
         k_key = g("Reshape", g("Gather", sorted_keys, key_sidx, axis=2), k_shape)
-        valid = g("And", band, g("Equal", q_key, k_key))
-        is_self = g("Equal", lag, g.const(0))
-    scores = g("Where", valid, scores, g.f32(masked))
-    scores = g("Where", is_self, g.f32(self_masked), scores)
+        is_self = g("Equal", lag, g.const(0))  # (nc, qc, W): in the band and the query's own bucket
+        # keep = same bucket, in the band, not self; masked entries get -1e5 (self) or -1e9 (the rest).
+        # By arithmetic, exact for finite scores (products with 0 or 1): ONNX Runtime's Where over the
+        # (B, H, chunks, qc, W) scores took ~20x an elementwise Mul (measured)
+        others = g("Cast", g("And", band, g("Not", is_self)), to=TensorProto.FLOAT)  # small
+        keep = g("Mul", g("Cast", g("Equal", q_key, k_key), to=TensorProto.FLOAT), others)
+        fill = g("Where", is_self, g.f32(self_masked), g.f32(masked))  # small
+        scores = g("Add", g("Mul", scores, keep), g("Mul", g("Sub", g.f32(1.0), keep), fill))
+    if spec.window == "chunk":  # the same masking for general (B, H, ...) masks
+        keep = g("Cast", g("And", valid, g("Not", is_self)), to=TensorProto.FLOAT)
+        fill = g("Add", g("Mul", g("Cast", is_self, to=TensorProto.FLOAT), g.f32(self_masked)),
+                 g("Mul", g("Cast", g("Not", g("Or", valid, is_self)), to=TensorProto.FLOAT), g.f32(masked)))
+        scores = g("Add", g("Mul", scores, keep), fill)
     # softmax max-shifted by hand (TensorRT lowers ReduceLogSumExp without the shift); the logsumexp is
     # kept as (row max, log of the shifted sum): the mask constants put row maxima near -1e5, where
     # one fp32 logsumexp would lose ~1e-2 (the reference keeps them apart for the same reason)
@@ -307,7 +346,9 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
         weights = g("Exp", g("Sub", lse, lse_all))
     else:
         top = g("ReduceMax", row_max, g.const([2]), keepdims=1)
-        weights = g("Softmax", g("Add", g("Sub", row_max, top), log_sum), axis=2)
+        z = g("Add", g("Sub", row_max, top), log_sum)  # softmax over the rounds, written out: ONNX Runtime's
+        z = g("Exp", g("Sub", z, g("ReduceMax", z, g.const([2]), keepdims=1)))  # Softmax transposes a non-last axis
+        weights = g("Div", z, g("ReduceSum", z, g.const([2]), keepdims=1))
     out = g("ReduceSum", g("Mul", o, weights), g.const([2]), keepdims=0)
     g("CastLike", out, "v", name="out")
 

@@ -23,24 +23,23 @@ Flavours:
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 import onnx
 import torch
 from torch import Tensor, nn
 
+from reformer_dist.atomic_write import atomic_write
 from reformer_dist.errors import ReformerDistError
 from reformer_dist.export.config import ExportConfig
 from reformer_dist.export.lsh_onnx import DOMAIN, OP_TYPE, LshSpec, lsh_function, translate_lsh_attention
 from reformer_dist.export.metadata import FORMAT_VERSION, set_metadata
+from reformer_dist.model.reformer import ROTATION_SEED
 
 TRT_PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_VERSION = "1"
@@ -57,30 +56,6 @@ class LogitsGraph(nn.Module):
         return self.model(input_ids, attention_mask=attention_mask)
 
 
-@contextlib.contextmanager
-def frozen_rotations(model: nn.Module, seed: int = 0) -> Iterator[nn.Module]:
-    """Inside: every LSH layer uses one fixed draw of random rotations and draws no dropout seed.
-
-    An exported graph needs its rotations as constants (with ``hash_seed`` unset the model draws fresh
-    ones from a private generator on every call, which torch.export cannot trace), and compare-with-
-    PyTorch tests need the same ones in eager mode. The draw uses ``hash_seed`` when the config sets it
-    (so the graph equals the model exactly), else ``seed``. Stands in for a model-side hook
-    (``ReformerLM.freeze_rotations()``) requested from the model package.
-    """
-    from reformer_dist.model import attention
-
-    lsh_layers = [m for m in model.modules() if isinstance(m, attention.LSHSelfAttention)]
-    with contextlib.ExitStack() as stack:
-        for i, layer in enumerate(lsh_layers):
-            device = next(layer.parameters()).device
-            rotations = layer.rotations(torch.Generator().manual_seed(seed + i), device)
-            layer.register_buffer("export_rotations", rotations, persistent=False)
-            stack.enter_context(mock.patch.object(layer, "rotations", lambda g, d, _l=layer: _l.export_rotations))
-            stack.callback(delattr, layer, "export_rotations")
-        stack.enter_context(mock.patch.object(attention, "draw_seed", lambda generator: 0))
-        yield model
-
-
 def export_onnx(
     model: nn.Module,
     output: str | os.PathLike,
@@ -91,17 +66,22 @@ def export_onnx(
     opset: int = 18,
     max_seq_len: int | None = None,
     tokenizer: dict | None = None,
-    rotation_seed: int = 0,
+    rotation_seed: int = ROTATION_SEED,
     generation: bool = False,
+    model_name: str | None = None,
 ) -> onnx.ModelProto:
     """Export ``model`` (a ReformerLM) to ``output`` and return the saved ModelProto.
 
-    precision: fp32 | fp16 (weights and activations; hashing stays fp32). flavour: see module doc.
+    precision: fp32 | fp16 (weights and activations; hashing stays fp32) | int8 (the fp32 graph with its
+    linear layers dynamically quantized, see ``quantize.py``). flavour: see module doc.
     sort: the LSH body's sort, 'counting' (TensorRT-parsable) or 'topk'. max_seq_len: the longest
     sequence the deployment promises (metadata; defaults to the model's). tokenizer: the tokenizer spec
     (``reformer_dist.data.tokenizer``); a file tokenizer's file is embedded in the metadata.
-    rotation_seed: see :func:`frozen_rotations`. generation: also write ``<stem>.prefill.onnx`` and
-    ``<stem>.decode.onnx`` (cached generation, same rotations; see ``generation_export``).
+    rotation_seed: the LSH rotations frozen into the graph are ``ReformerLM.freeze_rotations(rotation_seed)``'s
+    draw (``hash_seed``'s when the config sets one), the same draw PyTorch decoding and serving use by
+    default. generation: also write ``<stem>.prefill.onnx`` and ``<stem>.decode.onnx``
+    (cached generation, same rotations; see ``generation_export``). model_name: recorded as the served
+    model id (default: none; the CLI records the run or model directory name).
     """
     ExportConfig(precision=precision, flavour=flavour, opset=opset, lsh_sort=sort).validate("export_onnx")
     config = model.config
@@ -113,15 +93,17 @@ def export_onnx(
         from reformer_dist.export.generation_export import check_supported
 
         check_supported(model)
-    model = copy.deepcopy(model).eval().to("cpu")
-    if precision == "fp16":
-        model = model.half()
+    if precision == "int8":
+        return _export_int8(model, output, flavour=flavour, sort=sort, opset=opset, max_seq_len=max_seq_len,
+                            tokenizer=tokenizer, rotation_seed=rotation_seed, generation=generation,
+                            model_name=model_name)
+    model = deployment_copy(model, precision, rotation_seed)
     # trace at a length that needs padding (see module doc), within the positional table
     multiple = config.pad_multiple()
     length = min(multiple + 1, config.max_seq_len) if multiple > 1 else min(2, config.max_seq_len)
     example = (torch.zeros(2, length, dtype=torch.long), torch.ones(2, length, dtype=torch.long))
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    with frozen_rotations(model, rotation_seed), torch.no_grad():
+    with torch.no_grad():
         program = torch.onnx.export(
             LogitsGraph(model).eval(), example, dynamo=True, opset_version=opset, verbose=False,
             input_names=["input_ids", "attention_mask"], output_names=["logits"],
@@ -140,7 +122,9 @@ def export_onnx(
         "max_seq_len": str(max_seq_len),
         "pad_multiple": str(multiple),
         "vocab_size": str(config.vocab_size),
+        "rotation_seed": str(rotation_seed),
         "version": package_version(),
+        **({"model_name": model_name} if model_name else {}),
         **tokenizer_metadata(tokenizer),
     })
     onnx.checker.check_model(proto, full_check=True)
@@ -149,8 +133,32 @@ def export_onnx(
         from reformer_dist.export.generation_export import export_generation
 
         export_generation(model, output, precision=precision, opset=opset, max_seq_len=max_seq_len,
-                          rotation_seed=rotation_seed, sort=sort, tokenizer=tokenizer)
+                          rotation_seed=rotation_seed, sort=sort, tokenizer=tokenizer, model_name=model_name)
     return proto
+
+
+def _export_int8(model: nn.Module, output: str | os.PathLike, generation: bool, **kwargs) -> onnx.ModelProto:
+    """The fp32 export (and its generation graphs), quantized into ``output`` (and its companions)."""
+    from reformer_dist.export.metadata import generation_paths
+    from reformer_dist.export.quantize import quantize_int8
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / Path(output).name
+        export_onnx(model, fp32, precision="fp32", generation=generation, **kwargs)
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        proto = quantize_int8(fp32, output)
+        if generation:
+            for name, path in generation_paths(fp32).items():
+                quantize_int8(path, generation_paths(output)[name])
+    return proto
+
+
+def deployment_copy(model: nn.Module, precision: str, rotation_seed: int = ROTATION_SEED) -> nn.Module:
+    """A CPU eval copy of ``model`` in ``precision`` with its LSH rotations frozen to
+    ``model.draw_rotations(rotation_seed)``: graphs hold them as constants (unfrozen, a model without
+    ``hash_seed`` draws fresh ones per forward, which torch.export cannot trace). They stay fp32."""
+    model = copy.deepcopy(model).eval().to("cpu").freeze_rotations(rotation_seed)
+    return model.half() if precision == "fp16" else model
 
 
 def lsh_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -191,16 +199,9 @@ def apply_flavour(proto: onnx.ModelProto, flavour: str) -> None:
 def save_model(proto: onnx.ModelProto, output: str | os.PathLike) -> None:
     """Save atomically (temp file + rename); weights above protobuf's 2 GiB limit go to ``<name>.data``."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     large = proto.ByteSize() > 2**31 - 2**24
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp, save_as_external_data=large, location=f"{output.name}.data")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(output, lambda tmp: onnx.save_model(proto, tmp, save_as_external_data=large,
+                                                     location=f"{output.name}.data"))
 
 
 def tokenizer_metadata(spec: dict | None) -> dict[str, str]:

@@ -35,16 +35,12 @@ def select_providers(requested: list[str] | None = None) -> list[str]:
     return [p for p in PROVIDER_PREFERENCE if p in installed]
 
 
-def create_session(path: str | os.PathLike, providers: list[str] | None = None, optimization: str = "all",
-                   optimized_model_path: str | os.PathLike | None = None, threads: int = 0,
-                   custom_ops_library: str | None = None):
-    """An ``onnxruntime.InferenceSession`` over ``path`` (arguments as :class:`OrtRunner`'s)."""
+def session_options(optimization: str = "all", threads: int = 0):
+    """``onnxruntime.SessionOptions`` at an optimisation level ('disable' .. 'all') and intra-op threads."""
     import onnxruntime as ort
 
     if optimization not in OPTIMIZATION_LEVELS:
         raise ReformerDistError(f"optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}")
-    if not os.path.isfile(path):
-        raise ReformerDistError(f"{path}: no such ONNX model")
     options = ort.SessionOptions()
     options.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -53,10 +49,22 @@ def create_session(path: str | os.PathLike, providers: list[str] | None = None, 
         "layout": ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    if optimized_model_path is not None:
-        options.optimized_model_filepath = str(optimized_model_path)
     if threads:
         options.intra_op_num_threads = threads
+    return options
+
+
+def create_session(path: str | os.PathLike, providers: list[str] | None = None, optimization: str = "all",
+                   optimized_model_path: str | os.PathLike | None = None, threads: int = 0,
+                   custom_ops_library: str | None = None):
+    """An ``onnxruntime.InferenceSession`` over ``path`` (arguments as :class:`OrtRunner`'s)."""
+    import onnxruntime as ort
+
+    options = session_options(optimization, threads)
+    if not os.path.isfile(path):
+        raise ReformerDistError(f"{path}: no such ONNX model")
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
     if custom_ops_library is not None:
         options.register_custom_ops_library(custom_ops_library)
     try:

@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from reformer_dist.atomic_write import umask_mode
 from reformer_dist.errors import ReformerDistError
 
 ONNX_TO_TRITON = {
@@ -137,7 +138,7 @@ def _external_data_files(path: Path) -> list[Path]:
 
 
 def write_triton_repo(model: str | os.PathLike, output: str | os.PathLike, *, name: str = "reformer",
-                      max_batch_size: int = 8, instances: int = 1, kind: str = "KIND_GPU",
+                      max_batch_size: int = 8, instances: int = 1, kind: str = "KIND_AUTO",
                       queue_delay_us: int = 1000) -> list[Path]:
     """Write a Triton model repository for ``model`` (and its prefill/decode companions) under ``output``.
     Returns the directories of the models written. The repository is assembled in a temporary directory
@@ -178,11 +179,12 @@ def write_triton_repo(model: str | os.PathLike, output: str | os.PathLike, *, na
                 for extra in _external_data_files(file):
                     shutil.copy2(extra, staging / "1" / extra.name)
             (staging / "config.pbtxt").write_text(text)
-            # mkdtemp/mkstemp create owner-only modes; the server often runs as another user
+            # mkdtemp creates an owner-only directory and copy2 keeps the source's mode; the server often
+            # runs as another user: give the modes mkdir()/open() would (under the usual umask 755/644)
             for p in (staging, staging / "1"):
-                p.chmod(0o755)
+                p.chmod(umask_mode(0o777))
             for p in (*staging.glob("*.pbtxt"), *(staging / "1").iterdir()):
-                p.chmod(0o644)
+                p.chmod(umask_mode())
             final = out / model_name
             if final.exists():
                 shutil.rmtree(final)
@@ -206,8 +208,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=8,
                    help="Triton's max_batch_size for graphs with a leading batch dimension (default 8)")
     p.add_argument("--instances", type=int, default=1, help="model instances per device (default 1)")
-    p.add_argument("--kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default="KIND_GPU",
-                   help="where the instances run (default KIND_GPU)")
+    p.add_argument("--kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default="KIND_AUTO",
+                   help="where the instances run (default KIND_AUTO: Triton uses the GPUs of the machine that "
+                        "serves the repository, or its CPU when it has none)")
     p.add_argument("--queue-delay-us", type=int, default=1000,
                    help="dynamic batching: how long Triton may hold a request to batch it (default 1000)")
 

@@ -78,8 +78,9 @@ class ReformerConfig:
     default, 1.0 beside token embeddings at 0.02, drowns the tokens in the positions at initialisation:
     a fresh model then sits at the unigram level for ~100 steps (README, learning curves). Only fresh
     models are affected: a checkpoint loads its own weights."""
-    ff_chunk_size: int = 0
-    """Positions per feed-forward chunk (0 = unchunked); bounds activation memory at long lengths."""
+    ff_chunk_size: int = 2048
+    """Positions per feed-forward chunk (0 = unchunked): the feed-forward is position-wise, so its
+    (batch, chunk, d_ff) activations exist one chunk at a time; shorter sequences run in one chunk."""
     loss_chunk_size: int = 4096
     """Positions per chunk of the LM-head + cross-entropy so (seq, vocab) logits never exist whole."""
     hash_seed: int | None = None

@@ -22,9 +22,10 @@ class AxialPositionalEmbedding(nn.Module):
         self.shape = list(shape)
         self.weights = nn.ParameterList([nn.Parameter(torch.randn(n, d) * std) for n, d in zip(shape, dims)])
 
-    def forward(self, length: int, device: torch.device) -> Tensor:
-        """(length, sum(dims)); positions past the table wrap (only padding ever gets there)."""
-        pos = torch.arange(length, device=device) % math.prod(self.shape)
+    def forward(self, length: int, device: torch.device, start: int = 0) -> Tensor:
+        """(length, sum(dims)) for positions [start, start + length); positions past the table wrap (only
+        padding ever gets there)."""
+        pos = torch.arange(start, start + length, device=device) % math.prod(self.shape)
         parts, stride = [], math.prod(self.shape)
         for n, weight in zip(self.shape, self.weights):
             stride //= n
@@ -43,7 +44,7 @@ class Embeddings(GeneratorHolder):
         self.position_embeddings = AxialPositionalEmbedding(config.resolved_axial_shape(), config.resolved_axial_dims(),
                                                             config.resolved_axial_norm_std())
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """(B, L) int64 -> (B, L, d_model)."""
-        x = dropout(self.word_embeddings(input_ids), self.dropout, self.generator, self.training)
-        return x + self.position_embeddings(input_ids.shape[1], input_ids.device).to(x.dtype)
+    def forward(self, input_ids: Tensor, start: int = 0) -> Tensor:
+        """(B, L) int64 at positions [start, start + L) -> (B, L, d_model)."""
+        x = dropout(self.word_embeddings(input_ids), self.dropout, self.generator, self.training, start)
+        return x + self.position_embeddings(input_ids.shape[1], input_ids.device, start).to(x.dtype)

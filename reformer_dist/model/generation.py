@@ -11,12 +11,13 @@ engineer can trace them into ONNX prefill / decode graphs. Each layer's cache de
 ``full``   a ring of keys/values of capacity ``max_cache_len`` (default: the whole generation). Exact
            while the sequence fits; beyond it, a sliding window over the most recent tokens.
 ``lsh``, ``lsh_window="bucket"``
-           per (batch, head, round, bucket) a ring of the last ``chunk_len`` keys (unit-normalised) and
+           per (batch, head, round, bucket) a ring of the last ``chunk_len + 1`` keys (unit-normalised) and
            values and their positions, plus ``count`` tokens seen per bucket and the layer's rotations
-           ``rot``. The new token is hashed with the same rotations, attends to its bucket's ring plus
-           itself (self-masked, so only when the ring is empty), rounds are combined by logsumexp weights,
-           then it replaces the bucket's oldest entry. Bounded by ``n_buckets * chunk_len`` per round, and
-           equal to recomputation because a bucket window only ever looks at earlier tokens.
+           ``rot``. The new token is hashed with the same rotations and replaces its bucket's oldest entry,
+           then attends to the ring: the last ``chunk_len`` earlier tokens of its bucket and itself
+           (self-masked, so only when it is alone); rounds are combined by logsumexp weights. Bounded by
+           ``n_buckets * (chunk_len + 1)`` per round, and equal to recomputation because a bucket window
+           only ever looks at earlier tokens.
 ``lsh``, ``lsh_window="chunk"`` (imported HF checkpoints)
            HF's cached algorithm (``ReformerDynamicCache`` / ``_get_relevant_hid_states_and_buckets``)
            in fixed shapes: every token's key/value and HF-style bucket value (round offsets included),
@@ -35,22 +36,21 @@ the prefill of a padded batch follows HF's padded forward (padding in its own bu
 boundaries slightly versus a row alone. (HF's own cached ``generate`` mixes up rows for batch > 1: it
 gathers every row's hidden states from row 0; batch 1 is the parity reference.)
 
-Sampling draws from a private ``torch.Generator`` seeded by ``seed``; the global RNG is never touched.
-LSH rotations are drawn once per ``generate`` call (``hash_seed`` fixes them, as in training) and held in
-the cache, so prefill and every step hash alike.
+LSH rotations come from the model (:meth:`ReformerLM.draw_rotations`: its frozen ones, else one fixed
+draw) and are held in the cache, so prefill and every step hash alike, and so do the exported graphs and
+every serving backend. Choosing tokens (sampling, penalties, stop rules) and batching sequences that join
+and leave is the decoding runtime's work (``reformer_dist.decoding``), shared by every backend.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reformer_dist.errors import ConfigError
 from reformer_dist.model.attention import merge_heads, split_heads
 from reformer_dist.model.lsh_attention import hash_vectors, mask_values, normalize_keys
 
@@ -126,7 +126,7 @@ def _prefill_local(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity
 
 
 def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: int, rot: Tensor,
-                 hf_stride_pad: Tensor, hf_hashed: bool):
+                 hf_stride_pad: Tensor, hf_hashed: bool, counting: bool):
     qk, v = split_heads(sa.query_key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
     out, buckets = torch.ops.reformer.lsh_attention(
         qk, v, rot, mask, None, sa.n_buckets, sa.chunk_len, sa.chunks_before, sa.chunks_after, sa.window,
@@ -152,57 +152,95 @@ def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: 
             "hashed": torch.full((b,), hf_hashed, dtype=torch.bool, device=h.device),
         }
         return out, cache
-    # bucket window: per bucket, the last chunk_len tokens, at ring slot (rank within bucket) % chunk_len
-    c = sa.chunk_len
-    order = torch.sort(buckets * length + pos, dim=-1).indices  # (B, H, n, L) positions by (bucket, pos)
-    sorted_b = torch.gather(buckets, 3, order)
-    counts = torch.zeros(b, n_heads, n_hashes, nb + 1, dtype=torch.long, device=h.device)
-    counts = counts.scatter_add(3, buckets, torch.ones_like(buckets))
-    starts = torch.cumsum(counts, dim=-1) - counts
-    rank = pos - torch.gather(starts, 3, sorted_b)
-    keep = (sorted_b < nb) & (rank >= torch.gather(counts, 3, sorted_b) - c)
-    slot = torch.where(keep, sorted_b * c + rank % c, nb * c)  # nb * c: a discard slot, dropped below
+    # bucket window: per bucket, the last chunk_len + 1 tokens (a decode step writes the new one first, see
+    # _step_lsh_bucket), at ring slot (rank within bucket) % (chunk_len + 1)
+    c = sa.chunk_len + 1
+    real = buckets < nb  # (B, H, n, L); padding sits in bucket nb
+    rank, counts = _bucket_ranks_counting(buckets, sa.n_buckets) if counting else _bucket_ranks_sorting(buckets, nb)
+    seen = torch.gather(counts, 3, buckets.clamp(max=nb - 1))  # tokens in each position's bucket
+    keep = real & (rank >= seen - c)
+    slot = torch.where(keep, buckets * c + rank % c, nb * c)  # nb * c: a discard slot, dropped below
     d = k.shape[-1]
-    flat = order.flatten(2)  # (B, H, n*L)
+    index = slot[..., None].expand(-1, -1, -1, -1, d)
 
-    def scatter(x: Tensor) -> Tensor:
-        gathered = torch.gather(x, 2, flat[..., None].expand(-1, -1, -1, d)).view(b, n_heads, n_hashes, length, d)
+    def scatter(x: Tensor) -> Tensor:  # (B, H, L, D) -> per round, each kept position at its slot
         buf = x.new_zeros(b, n_heads, n_hashes, nb * c + 1, d)
-        return buf.scatter(3, slot[..., None].expand(-1, -1, -1, -1, d), gathered)[:, :, :, : nb * c]
+        return buf.scatter(3, index, x[:, :, None].expand(-1, -1, n_hashes, -1, -1))[:, :, :, : nb * c]
 
     pos_buf = torch.full((b, n_heads, n_hashes, nb * c + 1), -1, dtype=torch.long, device=h.device)
     cache = {
         "rot": rot,
         "k": scatter(k),
         "v": scatter(v),
-        "pos": pos_buf.scatter(3, slot, order)[..., : nb * c],
-        "count": counts[..., :nb],
+        "pos": pos_buf.scatter(3, slot, pos.expand_as(slot))[..., : nb * c],
+        "count": counts,
     }
     return out, cache
 
 
-def draw_rotations(model: ReformerLM, generator: torch.Generator) -> list[Tensor | None]:
-    """Each LSH layer's rotations for one generation (its ``hash_seed`` ones if set), None elsewhere."""
-    device = model.lm_head.weight.device
-    return [layer.attention.self_attention.rotations(generator, device) if layer.attention.kind == "lsh"
-            else None for layer in model.layers]
+def _bucket_ranks_sorting(buckets: Tensor, nb: int) -> tuple[Tensor, Tensor]:
+    """Each position's rank among the earlier positions of its bucket (B, H, n, L) and the number of
+    tokens per real bucket (B, H, n, nb), by a stable sort on (bucket, position): eager's layout."""
+    length = buckets.shape[-1]
+    pos = torch.arange(length, device=buckets.device)
+    order = torch.sort(buckets * length + pos, dim=-1).indices  # (B, H, n, L) positions by (bucket, pos)
+    counts = torch.zeros(*buckets.shape[:3], nb + 1, dtype=torch.long, device=buckets.device)
+    counts = counts.scatter_add(3, buckets, torch.ones_like(buckets))
+    starts = torch.cumsum(counts, dim=-1) - counts
+    sorted_rank = torch.arange(length, device=buckets.device) - torch.gather(starts, 3, torch.gather(buckets, 3, order))
+    rank = torch.empty_like(buckets).scatter_(3, order, sorted_rank)
+    return rank, counts[..., :nb]
+
+
+def _bucket_ranks_counting(buckets: Tensor, factors: list[int]) -> tuple[Tensor, Tensor]:
+    """As :func:`_bucket_ranks_sorting`, by counting, because TensorRT takes neither a TopK whose K is the
+    prompt length nor an INT64 CumSum: the exported prefill's layout. A least-significant-digit radix sort
+    with one stable counting pass per bucket factor (one-hot + fp32 CumSum, exact below 2**24 tokens), so
+    it costs B*H*n*L*(factor + 1) floats per pass rather than B*H*n*L*n_buckets; the tokens per bucket are
+    a sum over positions of (top digit one-hot) x (lower digits one-hot): one MatMul."""
+    nb, top_factor = math.prod(factors), factors[-1]
+    positions = torch.arange(buckets.shape[-1], device=buckets.device).expand_as(buckets)
+    order, stride = positions, 1  # order: slot -> position, sorted by the digits so far
+    for i, factor in enumerate(factors):
+        digit = torch.div(buckets, stride, rounding_mode="floor")
+        last = i == len(factors) - 1
+        digit = digit if last else digit % factor  # padding (bucket nb) is the top digit's extra value
+        keys = torch.gather(digit, 3, order)
+        onehot = (keys[..., None] == torch.arange(factor + last, device=buckets.device)).float()
+        running = torch.cumsum(onehot, dim=3)  # (B, H, n, L, width): each value's count up to each slot
+        counts = running[:, :, :, -1]
+        starts = torch.cumsum(counts, dim=-1) - counts
+        slot = torch.gather(running, 4, keys[..., None])[..., 0] + torch.gather(starts, 3, keys) - 1
+        order = torch.zeros_like(order).scatter(3, slot.long(), order)
+        stride *= factor
+    slot_of = torch.zeros_like(order).scatter(3, order, positions)  # position -> slot in (bucket, position)
+    low = nb // top_factor
+    top_hot = (torch.div(buckets, low, rounding_mode="floor")[..., None]
+               == torch.arange(top_factor + 1, device=buckets.device)).float()
+    low_hot = ((buckets % low)[..., None] == torch.arange(low, device=buckets.device)).float()
+    counts = torch.matmul(top_hot.transpose(-1, -2), low_hot)[:, :, :, :top_factor].flatten(3)  # (B, H, n, nb)
+    starts = torch.cumsum(counts, dim=-1) - counts
+    rank = slot_of - torch.gather(starts, 3, buckets.clamp(max=nb - 1)).long()
+    return rank, counts.long()
 
 
 def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None = None,
             rotations: list[Tensor | None] | None = None, max_len: int | None = None,
-            max_cache_len: int | None = None) -> tuple[Tensor, Cache]:
+            max_cache_len: int | None = None, counting: bool = False) -> tuple[Tensor, Cache]:
     """Run the prompt and build the cache.
 
-    input_ids (B, L) right-padded, attention_mask (B, L) 1 = real token (None: all real); rotations from
-    :func:`draw_rotations` (default: drawn from a generator seeded 0); max_len = the longest sequence the
-    cache must hold (default max_seq_len); max_cache_len bounds full-attention caches.
+    input_ids (B, L) right-padded, attention_mask (B, L) 1 = real token (None: all real); rotations: one
+    per layer (default: the model's, :meth:`ReformerLM.draw_rotations`); max_len = the longest sequence
+    the cache must hold (default max_seq_len); max_cache_len bounds full-attention caches; counting: lay
+    out bucket-window LSH caches by counting instead of sorting (same cache; the TensorRT-legal form the
+    exported prefill graph uses).
     Returns the logits of each row's last real token (B, vocab) and the cache; the next token of row b
     goes to position ``lengths[b]``.
     """
     cfg = model.config
     batch, length = input_ids.shape
     if rotations is None:
-        rotations = draw_rotations(model, torch.Generator().manual_seed(0))
+        rotations = model.draw_rotations()
     max_len = cfg.max_seq_len if max_len is None else max_len
     full_len = max_len if max_cache_len is None else min(max_len, max_cache_len)
     lengths = (torch.full((batch,), length, device=input_ids.device) if attention_mask is None
@@ -229,7 +267,7 @@ def prefill(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None 
         h = block.layer_norm(x2)
         if block.kind == "lsh":
             out, layer_cache = _prefill_lsh(block.self_attention, h, mask, lengths, max_len, rotations[i],
-                                            hf_stride_pad, hf_hashed)
+                                            hf_stride_pad, hf_hashed, counting)
         else:
             out, layer_cache = _prefill_local(block.self_attention, h, mask, lengths, full_len,
                                               block.kind == "full")
@@ -264,40 +302,38 @@ def _step_local(sa, h: Tensor, position: Tensor, c: Cache, full: bool, inplace: 
 
 
 def _step_lsh_bucket(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache, inplace: bool) -> tuple[Tensor, Cache]:
-    """Bucket window: attend the bucket's ring (last chunk_len tokens) plus self, then join the ring."""
+    """Bucket window: the new token joins its bucket's ring of chunk_len + 1 slots (replacing the oldest),
+    then attends to that ring: the last chunk_len earlier tokens of its bucket, and itself self-masked.
+    Written first, read after: nothing reads the incoming cache once it is written, so a runtime may
+    update it in place (ONNX Runtime binds each ``present.*`` output to its ``cache.*`` input)."""
     b, n_heads, _, d = qk.shape
-    width = sa.chunk_len
+    width = sa.chunk_len + 1
     buckets = hash_vectors(qk, c["rot"], sa.n_buckets, None)[..., 0]  # (B, H, n)
     n_hashes = buckets.shape[-1]
-    k = normalize_keys(qk)
-    slots = buckets[..., None] * width + torch.arange(width, device=qk.device)  # (B, H, n, c)
-    ring_k = torch.gather(c["k"], 3, slots[..., None].expand(-1, -1, -1, -1, d))  # (B, H, n, c, D)
-    ring_v = torch.gather(c["v"], 3, slots[..., None].expand(-1, -1, -1, -1, d))
-    ring_pos = torch.gather(c["pos"], 3, slots)
+    seen = torch.gather(c["count"], 3, buckets[..., None])  # (B, H, n, 1) tokens of the bucket so far
+    slot = buckets[..., None] * width + seen % width
+    index = slot[..., None].expand(-1, -1, -1, -1, d)
+    keys = _write(c["k"], 3, index, normalize_keys(qk)[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace)
+    values = _write(c["v"], 3, index, v[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace)
+    pos = _write(c["pos"], 3, slot, position.view(-1, 1, 1, 1).expand_as(slot), inplace)
+    count = _write(c["count"], 3, buckets[..., None], seen + 1, inplace)
+
+    slots = buckets[..., None] * width + torch.arange(width, device=qk.device)  # (B, H, n, c+1)
+    ring_k = torch.gather(keys, 3, slots[..., None].expand(-1, -1, -1, -1, d))  # (B, H, n, c+1, D)
+    ring_v = torch.gather(values, 3, slots[..., None].expand(-1, -1, -1, -1, d))
+    ring_pos = torch.gather(pos, 3, slots)
     masked, self_masked = mask_values(qk.dtype)
     scores = torch.einsum("bhqd,bhnkd->bhnk", qk, ring_k).float().masked_fill(ring_pos < 0, masked)
-    scores = torch.cat([scores, scores.new_full((b, n_heads, n_hashes, 1), self_masked)], dim=-1)
-    values = torch.cat([ring_v, v[:, :, None].expand(-1, -1, n_hashes, -1, -1)], dim=3)  # (B, H, n, c+1, D)
+    scores = scores.masked_fill(ring_pos == position.view(-1, 1, 1, 1), self_masked)
     # the model's LSH op arithmetic: per-round softmax statistics kept as (max, log-sum) — at the -1e5
     # self-mask scale a folded logsumexp would lose ~1e-2 in fp32 — then a softmax over rounds
     top = scores.amax(dim=-1, keepdim=True)  # (B, H, n, 1)
     probs = torch.exp(scores - top)
     total = probs.sum(dim=-1, keepdim=True)
-    o = torch.einsum("bhnk,bhnkd->bhnd", (probs / total).to(v.dtype), values)
+    o = torch.einsum("bhnk,bhnkd->bhnd", (probs / total).to(v.dtype), ring_v)
     weights = torch.softmax((top - top.amax(dim=2, keepdim=True)) + total.log(), dim=2)  # (B, H, n, 1)
     out = (o * weights.to(o.dtype)).sum(dim=2, keepdim=True).transpose(1, 2)  # (B, 1, H, D)
-
-    # the new token replaces the oldest entry of its bucket's ring
-    seen = torch.gather(c["count"], 3, buckets[..., None])  # (B, H, n, 1)
-    slot = buckets[..., None] * width + seen % width
-    index = slot[..., None].expand(-1, -1, -1, -1, d)
-    new = {
-        "rot": c["rot"],
-        "k": _write(c["k"], 3, index, k[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace),
-        "v": _write(c["v"], 3, index, v[:, :, None].expand(-1, -1, n_hashes, -1, -1), inplace),
-        "pos": _write(c["pos"], 3, slot, position.view(-1, 1, 1, 1).expand_as(slot), inplace),
-        "count": _write(c["count"], 3, buckets[..., None], seen + 1, inplace),
-    }
+    new = {"rot": c["rot"], "k": keys, "v": values, "pos": pos, "count": count}
     return out.reshape(b, 1, n_heads * d), new
 
 
@@ -368,7 +404,9 @@ def decode_step(model: ReformerLM, token: Tensor, position: Tensor, cache: Cache
     """One new token per row: token (B,) int64 at position (B,) int64 -> (logits (B, vocab), new cache).
 
     A pure function by default (the input cache is left as it was); ``inplace=True`` writes the new
-    entries into the input cache's tensors instead of copying them, which eager generation uses."""
+    entries into the input cache's tensors instead of copying them, which eager generation uses. Every
+    layer writes its new entries before it reads the cache, and reads only what it wrote: an exported
+    decode graph may therefore run with its outputs bound to its cache inputs (in place)."""
     x = (model.embeddings.word_embeddings(token) + _axial_at(model, position))[:, None]  # (B, 1, d_model)
     x1, x2, new_cache = x, x, {}
     for i, layer in enumerate(model.layers):
@@ -388,108 +426,4 @@ def decode_step(model: ReformerLM, token: Tensor, position: Tensor, cache: Cache
     return model.lm_head(model.final_norm(torch.cat([x1, x2], dim=-1)))[:, 0], new_cache
 
 
-# ------------------------------------------------------------------------------------------ sampling
-def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator) -> Tensor:
-    """Next tokens (B,) from logits (B, V): greedy when temperature == 0, else softmax(logits / T)
-    restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    device = logits.device
-    logits = logits.float().cpu() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-    return choice.to(device)
-
-
-# ------------------------------------------------------------------------------------------ generate
-def check_sampling(longest_prompt: int, max_new_tokens: int, temperature: float, top_p: float | None,
-                   max_seq_len: int, limit_name: str) -> None:
-    """The request checks every generation front end shares (this module, the ONNX Runtime runner):
-    sampling settings, and prompt + new tokens within ``max_seq_len`` (named ``limit_name`` in the error)."""
-    if max_new_tokens < 1:
-        raise ConfigError("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError("top_p", f"must be in (0, 1], got {top_p}")
-    if longest_prompt + max_new_tokens > max_seq_len:
-        raise ConfigError("max_new_tokens", f"prompt ({longest_prompt}) + max_new_tokens ({max_new_tokens}) "
-                                            f"exceeds {limit_name}={max_seq_len}")
-
-
-def _check_request(model: ReformerLM, input_ids: Tensor, attention_mask: Tensor | None,
-                   max_new_tokens: int, temperature: float, top_p: float | None) -> Tensor:
-    cfg = model.config
-    if not cfg.causal:
-        raise ConfigError("model.causal", "generation needs a causal model")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ConfigError("input_ids", f"must be (batch, length >= 1), got {tuple(input_ids.shape)}")
-    lengths = torch.full((input_ids.shape[0],), input_ids.shape[1]) if attention_mask is None \
-        else attention_mask.long().sum(-1).cpu()
-    if attention_mask is not None:
-        expected = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
-        if not torch.equal(attention_mask.bool().cpu(), expected) or int(lengths.min()) < 1:
-            raise ConfigError("attention_mask", "must mark each row's prompt as 1s followed by 0s (right "
-                                                "padding, at least one real token per row)")
-    check_sampling(int(lengths.max()), max_new_tokens, temperature, top_p, cfg.max_seq_len, "model.max_seq_len")
-    return lengths
-
-
-@torch.no_grad()
-def stream_generate(
-    model: ReformerLM, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-    top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
-    attention_mask: Tensor | None = None, max_cache_len: int | None = None,
-) -> Iterator[Tensor]:
-    """Yield the next token of every row (B,) per step; rows that produced ``eos_token_id`` keep
-    yielding it. Stops after max_new_tokens steps or once every row has finished."""
-    lengths = _check_request(model, input_ids, attention_mask, max_new_tokens, temperature, top_p)
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()  # fresh entropy from the OS, not from the global RNG
-    else:
-        generator.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        rotations = draw_rotations(model, generator)
-        max_len = int(lengths.max()) + max_new_tokens
-        logits, cache = prefill(model, input_ids, attention_mask, rotations, max_len, max_cache_len)
-        position = lengths.to(input_ids.device)
-        done = torch.zeros_like(position, dtype=torch.bool)
-        for step in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p, generator).to(input_ids.device)
-            if eos_token_id is not None:
-                token = torch.where(done, eos_token_id, token)
-                done = done | (token == eos_token_id)
-            yield token
-            if step + 1 == max_new_tokens or bool(done.all()):
-                return
-            logits, cache = decode_step(model, token, position, cache, inplace=True)
-            position = position + 1
-    finally:
-        model.train(was_training)
-
-
-def generate(
-    model: ReformerLM, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-    top_p: float | None = None, eos_token_id: int | None = None, seed: int | None = None,
-    attention_mask: Tensor | None = None, max_cache_len: int | None = None,
-) -> Tensor:
-    """Cached generation: the new tokens (B, n) with n <= max_new_tokens (fewer once every row hit
-    ``eos_token_id``; a finished row repeats it). temperature 0 = greedy. Prompts of different lengths
-    are right-padded with ``attention_mask`` (1 = real). ``max_cache_len`` bounds full-attention caches."""
-    steps = list(stream_generate(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-                                 attention_mask, max_cache_len))
-    return torch.stack(steps, dim=1)
-
-
-__all__ = ["decode_step", "draw_rotations", "generate", "prefill", "sample", "stream_generate"]
+__all__ = ["Cache", "decode_step", "prefill"]

@@ -38,14 +38,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from reformer_dist.errors import CheckpointError, ConfigError
+from reformer_dist.atomic_write import atomic_write
+from reformer_dist.errors import CheckpointError, ConfigError, describe
 from reformer_dist.model.config import ReformerConfig
 
 if TYPE_CHECKING:
@@ -285,22 +285,40 @@ def state_dict_from_hf(model: ReformerLM, hf_state: dict[str, Tensor], source: s
     return out
 
 
-def _load_weights(path: Path) -> dict[str, Tensor]:
+def _load_safetensors(file: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for bad files
+        raise CheckpointError(f"{file}: not a readable safetensors file ({describe(e)})") from None
+
+
+def _load_weights(path: Path) -> dict[str, Tensor]:
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return _load_safetensors(path / "model.safetensors")
     if (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+        index_file = path / "model.safetensors.index.json"
+        try:
+            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+            files = [path / shard for shard in shards]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index_file}: not a safetensors index ({describe(e)})") from None
+        root = os.path.realpath(path)
         state: dict[str, Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(path / shard))
+        for file in files:
+            if os.path.commonpath([root, os.path.realpath(file)]) != root:
+                raise CheckpointError(f"{index_file}: shard {file.name!r} lies outside the model directory")
+            state.update(_load_safetensors(file))
         return state
     if (path / "pytorch_model.bin").is_file():
         try:
-            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling refuses anything but tensors and plain containers
-            raise CheckpointError(f"{path / 'pytorch_model.bin'}: cannot be loaded safely ({e})") from None
+            raise CheckpointError(f"{path / 'pytorch_model.bin'}: cannot be loaded safely ({describe(e)})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path / 'pytorch_model.bin'}: not a state dict")
+        return state
     raise CheckpointError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
 
 
@@ -311,9 +329,12 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+        config = json.loads(file.read_text())
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise CheckpointError(f"{file}: invalid JSON ({describe(e)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: not a model config (a JSON object)")
+    return config
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -340,22 +361,14 @@ def from_hf(path: str | os.PathLike) -> ReformerLM:
     from reformer_dist.model.reformer import ReformerLM
 
     path = Path(path)
-    cfg = config_from_hf(read_hf_config(path), str(path / "config.json"))
-    model = ReformerLM(cfg)
-    model.load_state_dict(state_dict_from_hf(model, _load_weights(path), str(path)))
-    return model.eval()
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``target``, then rename it over ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
     try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        cfg = config_from_hf(read_hf_config(path), str(path / "config.json"))
+    except (ValueError, TypeError, AttributeError) as e:  # a field of the wrong type
+        raise CheckpointError(f"{path / 'config.json'}: not a valid Reformer config ({describe(e)})") from None
+    model = ReformerLM(cfg)
+    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), path)
+    model.load_state_dict(state_dict_from_hf(model, _load_weights(path), str(weights)))
+    return model.eval()
 
 
 def save_hf(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str, Any] | None = None) -> None:
@@ -370,12 +383,12 @@ def save_hf(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str, Any
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = state_dict_to_hf(model)
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     if tokenizer is not None and "path" in tokenizer:
         name = {"sentencepiece": "spiece.model", "hf_tokenizers": "tokenizer.json"}[tokenizer["kind"]]
-        _atomic_write(path / name, lambda tmp: shutil.copyfile(tokenizer["path"], tmp))
+        atomic_write(path / name, lambda tmp: shutil.copyfile(tokenizer["path"], tmp))
     text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
 
 
 __all__ = ["config_from_hf", "config_to_hf", "from_hf", "hf_auto_buckets", "hf_tokenizer_spec", "is_hf_dir", "save_hf"]

@@ -67,8 +67,9 @@ BLOCK_SCORES = 1 << 20
 ACCELERATOR_BLOCK_SCORES = 1 << 24
 # 'bucket' window query chunks are chunk_len / BUCKET_SPLIT long (see ``Window``).
 BUCKET_SPLIT = 2
-# Positions per hashing block (the rotated (B, H, n_hashes, L, R/2) tensor is bounded by this).
-HASH_BLOCK = 1 << 15
+# Rotated elements per hashing block: a block of positions whose (B, H, n_hashes, positions, R/2) rotations
+# (and their (..., R) sign-doubled copy) stay a few MiB at any length and head count.
+HASH_BLOCK_ELEMENTS = 1 << 21
 
 
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:
@@ -167,10 +168,13 @@ class SortedLayout:
     layout ``inner``); ``bucket_key`` (BH, N)
     the (round, bucket) id; ``key_pos`` (BH, N) the position, or L for padding (so ``q_pos >= key_pos`` is
     the causal-and-not-padding test and ``key_pos < L`` the padding test); ``dest`` (BH, N) the row of each
-    sorted entry in per-round (n*B*H*L, ...) outputs and statistics, ``r * B*H*L + flat_pos``.
+    sorted entry in per-round (n*B*H*L, ...) outputs and statistics, ``r * B*H*L + flat_pos``; ``bh_ids``
+    (BH,) each batch*head's index in the dropout counters, ``b * n_heads_total + head_offset + h`` (under
+    sequence parallelism a call's heads are a slice of the layer's: the counters stay those of one process).
     """
 
-    def __init__(self, buckets: Tensor, key_padding_mask: Tensor | None, chunk_len: int, inner: bool):
+    def __init__(self, buckets: Tensor, key_padding_mask: Tensor | None, chunk_len: int, inner: bool,
+                 head_offset: int = 0, n_heads_total: int = 0):
         b, h, n, length = buckets.shape
         sorted_idx, bucket_key = sort_by_bucket(buckets)
         self.bh, self.n_hashes, self.length, self.chunk_len = b * h, n, length, chunk_len
@@ -191,6 +195,8 @@ class SortedLayout:
             real = key_padding_mask.bool().repeat_interleave(h, dim=0)  # (BH, L)
             self.key_pos = torch.where(torch.gather(real, 1, self.pos), self.pos, length)
         self.dest = (self.sorted_idx // length) * (self.bh * length) + self.flat_pos
+        heads = torch.arange(h, device=buckets.device) + head_offset
+        self.bh_ids = (torch.arange(b, device=buckets.device)[:, None] * (n_heads_total or h) + heads).flatten()
 
 
 def window_offsets(window: str, chunks_before: int, chunks_after: int, causal: bool) -> list[int]:
@@ -227,9 +233,11 @@ class Window:
         else:
             self.offsets = list(range(-split, 1 if causal else split + 1))
 
-    def layout(self, buckets: Tensor, key_padding_mask: Tensor | None, inner: bool) -> SortedLayout:
+    def layout(self, buckets: Tensor, key_padding_mask: Tensor | None, inner: bool, head_offset: int = 0,
+               n_heads_total: int = 0) -> SortedLayout:
         """The sorted order this window attends over (``attended_buckets``)."""
-        return SortedLayout(attended_buckets(buckets, self.kind, self.reach), key_padding_mask, self.chunk, inner)
+        return SortedLayout(attended_buckets(buckets, self.kind, self.reach), key_padding_mask, self.chunk, inner,
+                            head_offset, n_heads_total)
 
 
 def is_plain(window: str, length: int, chunk_len: int) -> bool:
@@ -396,17 +404,17 @@ def block_scores(block: Block, q: Tensor, scale: Tensor, self_masked: float) -> 
     return flat, scores, m, qf, kf, q_span, scale_span
 
 
-def dropout_keep(seed: int, bh: int, n_total: int, first_row: int, shape: tuple[int, ...], p: float,
+def dropout_keep(seed: int, bh_ids: Tensor, n_total: int, first_row: int, shape: tuple[int, ...], p: float,
                  device: torch.device) -> Tensor:
     """Keep-mask (BH, nb, c, W) of attention dropout from a counter hash: no state, any block size.
 
-    The counter is (bh, sorted query index, window slot); two rounds of multiply-xorshift (all
-    intermediate products < 2**63) turn it into 24 uniform bits.
+    The counter is (bh id, sorted query index, window slot), bh ids from ``SortedLayout.bh_ids``; two
+    rounds of multiply-xorshift (all intermediate products < 2**63) turn it into 24 uniform bits.
     """
-    bh_, nb, c, w = shape
+    _, nb, c, w = shape
     m32 = 0xFFFFFFFF
     q_idx = first_row + torch.arange(nb * c, device=device).view(1, nb, c, 1)
-    counter = (torch.arange(bh_, device=device).view(-1, 1, 1, 1) * n_total + q_idx) * w
+    counter = (bh_ids.view(-1, 1, 1, 1) * n_total + q_idx) * w
     counter = counter + torch.arange(w, device=device).view(1, 1, 1, w)
     x = (counter & m32) ^ ((seed ^ (seed >> 32)) & m32)
     for _ in range(2):
@@ -452,7 +460,7 @@ def attend_sorted(
         probs = scores.sub_(m).exp_() if in_place else torch.exp(scores - m)  # in place: flat holds them
         total = probs.sum(dim=-1, keepdim=True)
         if dropout_p > 0:
-            keep = dropout_keep(dropout_seed, layout.bh, layout.n_total, block.first * block.c,
+            keep = dropout_keep(dropout_seed, layout.bh_ids, layout.n_total, block.first * block.c,
                                 tuple(probs.shape), dropout_p, probs.device)
             probs, in_place = probs * keep / (1.0 - dropout_p), False
         log_total = total.log()
@@ -492,10 +500,11 @@ def _buckets_or_hash(qk: Tensor, rotations: Tensor, key_padding_mask: Tensor | N
                      n_buckets: list[int]) -> Tensor:
     if buckets is not None:
         return buckets
-    length = qk.shape[2]
+    b, h, length, _ = qk.shape
+    block = max(1, HASH_BLOCK_ELEMENTS // (b * h * rotations.shape[2] * rotations.shape[3]))
     parts = []
-    for start in range(0, length, HASH_BLOCK):
-        stop = min(start + HASH_BLOCK, length)
+    for start in range(0, length, block):
+        stop = min(start + block, length)
         mask = None if key_padding_mask is None else key_padding_mask[:, start:stop]
         parts.append(hash_vectors(qk[:, :, start:stop], rotations, n_buckets, mask))
     return torch.cat(parts, dim=-1)
@@ -537,15 +546,16 @@ def probability_terms(stats: Tensor, hf_rounding: bool) -> tuple[Tensor, Tensor 
 def lsh_attention_forward(
     qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
     n_buckets: list[int], chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool,
-    dropout_p: float = 0.0, dropout_seed: int = 0,
+    dropout_p: float = 0.0, dropout_seed: int = 0, head_offset: int = 0, n_heads_total: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The op's semantics in plain differentiable PyTorch: (out, buckets, per-round softmax statistics
-    (2, n_hashes, B*H*L))."""
+    (2, n_hashes, B*H*L)). ``head_offset``/``n_heads_total`` (0 = the input's H) place the input's heads
+    among a layer's heads for the dropout counters (``SortedLayout.bh_ids``)."""
     _check(qk, v, chunk_len, window)
     inner = heads_inner(v)
     buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
     win = Window(window, chunk_len, chunks_before, chunks_after, causal, dropout_p, qk.shape[2])
-    layout = win.layout(buckets, key_padding_mask, inner)
+    layout = win.layout(buckets, key_padding_mask, inner, head_offset, n_heads_total)
     o, row_max, log_sum = attend_sorted(as_rows(qk, inner), as_rows(v, inner), layout, win, dropout_p,
                                         dropout_seed)
     stats = _pad_rounds(row_max.detach(), log_sum.detach(), buckets.shape[2])
@@ -556,11 +566,12 @@ def lsh_attention_forward(
 def lsh_attention_reference(
     qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
     n_buckets: list[int], chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool,
-    dropout_p: float = 0.0, dropout_seed: int = 0,
+    dropout_p: float = 0.0, dropout_seed: int = 0, head_offset: int = 0, n_heads_total: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The op's semantics in plain differentiable PyTorch (autograd backward). Same signature/outputs."""
     out, buckets, _ = lsh_attention_forward(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len,
-                                            chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
+                                            chunks_before, chunks_after, window, causal, dropout_p, dropout_seed,
+                                            head_offset, n_heads_total)
     return out, buckets
 
 
@@ -595,17 +606,19 @@ def lsh_attention_backward(
     causal: bool,
     dropout_p: float,
     dropout_seed: int,
+    head_offset: int = 0,
+    n_heads_total: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Flash-style backward of ``lsh_attention``: returns (grad_qk, grad_v). ``stats`` from the forward
     (``lsh_attention_with_stats``) or None to recompute them."""
     with torch.no_grad(), torch.autocast(qk.device.type, enabled=False):
         return _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len, chunks_before,
-                         chunks_after, window, causal, dropout_p, dropout_seed)
+                         chunks_after, window, causal, dropout_p, dropout_seed, head_offset, n_heads_total)
 
 
 @lsh_attention_backward.register_fake
 def _(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len, chunks_before, chunks_after, window, causal,
-      dropout_p, dropout_seed):
+      dropout_p, dropout_seed, head_offset=0, n_heads_total=0):
     inner, rows = heads_inner(v), qk.shape[0] * qk.shape[1] * qk.shape[2]
     return (from_rows(qk.new_empty(rows, qk.shape[-1]), tuple(qk.shape), inner),
             from_rows(v.new_empty(rows, v.shape[-1]), tuple(v.shape), inner))
@@ -626,10 +639,10 @@ def _recompute_stats(layout: SortedLayout, q: Tensor, scale: Tensor, win: Window
 
 
 def _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len, chunks_before, chunks_after, window,
-              causal, dropout_p, dropout_seed):
+              causal, dropout_p, dropout_seed, head_offset, n_heads_total):
     inner = heads_inner(v)
     win = Window(window, chunk_len, chunks_before, chunks_after, causal, dropout_p, qk.shape[2])
-    layout = win.layout(buckets, key_padding_mask, inner)
+    layout = win.layout(buckets, key_padding_mask, inner, head_offset, n_heads_total)
     q, vf = as_rows(qk, inner), as_rows(v, inner)
     rows_total, d = q.shape
     scale = key_scale(q)
@@ -662,7 +675,7 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len,
         dp_flat = block.zero_invalid(torch.bmm(go_f, block.flat_windows(block.span(vf)).transpose(1, 2)).to(acc))
         dp = block.valid(dp_flat)  # (BH, nb, c, W)
         if dropout_p > 0:
-            keep = dropout_keep(dropout_seed, bh, layout.n_total, block.first * c, tuple(probs.shape), dropout_p,
+            keep = dropout_keep(dropout_seed, layout.bh_ids, layout.n_total, block.first * c, tuple(probs.shape), dropout_p,
                                 probs.device).to(acc) / (1.0 - dropout_p)
             dp.mul_(keep)
             p_drop = block.to_flat(probs * keep)
@@ -679,24 +692,26 @@ def _backward(grad_out, qk, v, out, buckets, key_padding_mask, stats, chunk_len,
 
 def _setup_context(ctx, inputs, output):
     (qk, v, _rot, key_padding_mask, _b, _nb, chunk_len, chunks_before, chunks_after, window, causal, dropout_p,
-     dropout_seed) = inputs
+     dropout_seed, head_offset, n_heads_total) = inputs
     out, buckets, *stats = output
     ctx.save_for_backward(qk, v, out, buckets, key_padding_mask, stats[0] if stats else None)
-    ctx.args = (chunk_len, chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
+    ctx.args = (chunk_len, chunks_before, chunks_after, window, causal, dropout_p, dropout_seed, head_offset,
+                n_heads_total)
 
 
 def _autograd_backward(ctx, grad_out, *_unused_grads):
     qk, v, out, buckets, key_padding_mask, stats = ctx.saved_tensors
     grad_qk, grad_v = torch.ops.reformer.lsh_attention_backward(grad_out, qk, v, out, buckets, key_padding_mask,
                                                                 stats, *ctx.args)
-    return grad_qk, grad_v, None, None, None, None, None, None, None, None, None, None, None
+    return grad_qk, grad_v, *([None] * 13)
 
 
 # The forward ops share one schema: (qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len,
-# chunks_before, chunks_after, window, causal, dropout_p, dropout_seed).
+# chunks_before, chunks_after, window, causal, dropout_p, dropout_seed[, head_offset, n_heads_total]); the last
+# two (defaults: the input's own heads) only matter for attention dropout under sequence parallelism.
 _FORWARD_ARGS = ("(Tensor qk, Tensor v, Tensor rotations, Tensor? key_padding_mask, Tensor? buckets, "
                  "int[] n_buckets, int chunk_len, int chunks_before, int chunks_after, str window, bool causal, "
-                 "float dropout_p, int dropout_seed)")
+                 "float dropout_p, int dropout_seed, int head_offset=0, int n_heads_total=0)")
 
 
 def _forward_op(name: str, n_outputs: int):

@@ -20,9 +20,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reformer_dist.errors import CheckpointError
+from reformer_dist.atomic_write import atomic_write
+from reformer_dist.errors import CheckpointError, ReformerDistError, describe
 
 if TYPE_CHECKING:
+    from reformer_dist.model.config import ReformerConfig
     from reformer_dist.model.reformer import ReformerLM
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.json"
@@ -49,13 +51,14 @@ def save_native(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": NATIVE_FORMAT, "version": "1"})
+    # safetensors writes 0600 files; atomic_write gives the mode open() would (the directory is shared)
+    atomic_write(tmp / WEIGHTS, lambda file: save_file(state, file, metadata={"format": NATIVE_FORMAT, "version": "1"}))
     (tmp / CONFIG).write_text(yaml.safe_dump({"model": asdict(model.config)}, sort_keys=False))
     if tokenizer is not None:
         spec = dict(tokenizer)
         if "path" in spec:  # the directory must stand alone: copy the file in
             name = TOKENIZER_FILES.get(spec["kind"], Path(spec["path"]).name)
-            shutil.copy(spec["path"], tmp / name)
+            shutil.copyfile(spec["path"], tmp / name)  # the contents, not the source's permission bits
             spec["path"] = name
         (tmp / TOKENIZER).write_text(json.dumps(spec, indent=1) + "\n")
     old = path.with_name(f".{path.name}.old")
@@ -67,26 +70,42 @@ def save_native(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str,
     return path
 
 
-def from_native(path: str | os.PathLike) -> ReformerLM:
-    """The ReformerLM (fp32, eval mode) of a native directory; CheckpointError names what is wrong."""
+def model_config_from_yaml(text: str, source: str) -> ReformerConfig:
+    """The ReformerConfig of a run config's ``model:`` section (a native directory's ``config.yaml`` or a
+    training run's); CheckpointError naming ``source`` if there is no valid one."""
     import yaml
-    from safetensors.torch import load_file
 
     from reformer_dist.model.config import ReformerConfig
+
+    try:
+        return ReformerConfig(**yaml.safe_load(text)["model"]).validate()
+    except (KeyError, TypeError, ValueError, yaml.YAMLError, ReformerDistError) as e:
+        raise CheckpointError(f"{source}: no valid model section ({describe(e)})") from None
+
+
+def from_native(path: str | os.PathLike) -> ReformerLM:
+    """The ReformerLM (fp32, eval mode) of a native directory; CheckpointError names what is wrong."""
+    from safetensors.torch import load_file
+
     from reformer_dist.model.reformer import ReformerLM
 
     path = Path(path)
     if not is_native_dir(path):
         raise CheckpointError(f"{path}: not a native model directory ({WEIGHTS} + {CONFIG})")
     try:
-        config = ReformerConfig(**yaml.safe_load((path / CONFIG).read_text())["model"])
-    except (KeyError, TypeError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{path / CONFIG}: no valid model section ({e})") from None
+        text = (path / CONFIG).read_text()
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8
+        raise CheckpointError(f"{path / CONFIG}: unreadable ({describe(e)})") from None
+    config = model_config_from_yaml(text, str(path / CONFIG))
+    try:
+        weights = load_file(str(path / WEIGHTS))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for bad files
+        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file ({describe(e)})") from None
     model = ReformerLM(config)
     try:
-        model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path / WEIGHTS}: weights do not match {CONFIG}: {e}") from None
+        raise CheckpointError(f"{path / WEIGHTS}: weights do not match {path / CONFIG}: {describe(e)}") from None
     return model.eval()
 
 
@@ -95,7 +114,15 @@ def native_tokenizer(path: str | os.PathLike) -> dict[str, Any] | None:
     file = Path(path) / TOKENIZER
     if not file.is_file():
         return None
-    spec = json.loads(file.read_text())
+    try:
+        spec = json.loads(file.read_text())
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise CheckpointError(f"{file}: not a tokenizer spec ({describe(e)})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or not isinstance(spec.get("path", ""), str):
+        raise CheckpointError(f"{file}: not a tokenizer spec (expected an object like {{\"kind\": \"bytes\"}})")
     if "path" in spec:
+        root = os.path.realpath(path)
         spec["path"] = str(Path(path) / spec["path"])
+        if os.path.commonpath([root, os.path.realpath(spec["path"])]) != root:
+            raise CheckpointError(f"{file}: its tokenizer path lies outside the model directory {path}")
     return spec

@@ -19,12 +19,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from reformer_dist.errors import ReformerDistError
-from reformer_dist.model import generation, hf_interop, native
-from reformer_dist.model.attention import AttentionBlock
+from reformer_dist.model import hf_interop, native
+from reformer_dist.model.attention import AttentionBlock, LSHSelfAttention
 from reformer_dist.model.config import ReformerConfig
 from reformer_dist.model.embeddings import Embeddings
-from reformer_dist.model.reversible import residual_stack, reversible_stack
-from reformer_dist.model.rng import GeneratorHolder, dropout
+from reformer_dist.model.reversible import TileHook, residual_stack, reversible_stack
+from reformer_dist.model.rng import GeneratorHolder, draw_seed, positional_dropout
+from reformer_dist.model.sequence_parallel import SequenceShard
+
+ROTATION_SEED = 0  # the default draw of inference rotations (see ReformerLM.draw_rotations)
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -36,7 +39,10 @@ ACTIVATIONS = {
 
 class FeedForwardBlock(GeneratorHolder):
     """G of the reversible pair: ``dropout(output(act(dropout(dense(LN(x))))))`` (HF/trax order: dropout
-    before the activation), position-wise, optionally in chunks of ``ff_chunk_size`` positions."""
+    before the activation), position-wise, optionally in chunks of ``ff_chunk_size`` positions.
+
+    One seed per call (both dropouts, streams 0 and 1), masks addressed by position: a chunk of a call
+    (the reversible backward recomputes chunk by chunk) drops what the whole call drops there."""
 
     def __init__(self, config: ReformerConfig):
         super().__init__()
@@ -47,16 +53,22 @@ class FeedForwardBlock(GeneratorHolder):
         self.dropout = config.dropout
         self.chunk_size = config.ff_chunk_size
 
-    def _chunk(self, x: Tensor) -> Tensor:
-        h = dropout(self.dense(self.layer_norm(x)), self.dropout, self.generator, self.training)
-        out = dropout(self.output(self.act(h)), self.dropout, self.generator, self.training)
+    def _chunk(self, x: Tensor, seed: int | None, start: int) -> Tensor:
+        h = self.dense(self.layer_norm(x))
+        if seed is not None:
+            h = positional_dropout(h, self.dropout, seed, start, stream=0)
+        out = self.output(self.act(h))
+        if seed is not None:
+            out = positional_dropout(out, self.dropout, seed, start, stream=1)
         return out.to(x.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, L, d_model) -> (B, L, d_model)."""
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        """(B, L, d_model) at positions [start, start + L) -> (B, L, d_model)."""
+        seed = draw_seed(self.generator) if self.training and self.dropout > 0 else None
         if self.chunk_size <= 0 or x.shape[1] <= self.chunk_size:
-            return self._chunk(x)
-        return torch.cat([self._chunk(part) for part in x.split(self.chunk_size, dim=1)], dim=1)
+            return self._chunk(x, seed, start)
+        return torch.cat([self._chunk(x[:, s : s + self.chunk_size], seed, start + s)
+                          for s in range(0, x.shape[1], self.chunk_size)], dim=1)
 
 
 class ReformerLayer(nn.Module):
@@ -70,6 +82,11 @@ class ReformerLayer(nn.Module):
 
 class ReformerLM(nn.Module):
     """Causal (or bidirectional) Reformer language model. See the module docstring."""
+
+    sequence_shard: SequenceShard | None = None
+    """Set by :meth:`shard_sequence`: this process holds one shard of each sequence."""
+    tile_hook: TileHook | None = None
+    """Set by :meth:`set_tile_hook`: told before each tile of a reversible layer's backward."""
 
     def __init__(self, config: ReformerConfig):
         super().__init__()
@@ -90,24 +107,56 @@ class ReformerLM(nn.Module):
             for branch_output in (layer.attention.output, layer.feed_forward.output):
                 nn.init.normal_(branch_output.weight, std=config.init_std / math.sqrt(2 * config.n_layers))
 
+    # ------------------------------------------------------------------ sequence parallelism
+    def shard_sequence(self, shard: SequenceShard | None) -> None:
+        """From now on every input holds one shard of each sequence (``sequence_parallel.py``): the forward
+        paths run on this rank's positions and exchange heads around attention through ``shard``; the loss
+        is the whole sequence's. None returns to whole sequences."""
+        if shard is not None and self.config.n_heads % shard.size:
+            raise ReformerDistError(f"model.n_heads={self.config.n_heads} is not divisible by the "
+                                    f"{shard.size} ranks that share a sequence")
+        self.sequence_shard = shard
+
+    def set_tile_hook(self, hook: TileHook | None) -> None:
+        """The reversible backward runs each layer in tiles (feed-forward chunks, attention head groups) whose
+        nested backwards accumulate into the same parameters; ``hook(parameters, last)`` is called before
+        each tile (``reversible.py``), e.g. to hold back a reduction that would fire on every accumulation."""
+        self.tile_hook = hook
+
     # ------------------------------------------------------------------ forward paths
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """(B, L) int64 -> (B, L, 2*d_model) after the final LayerNorm; attention_mask (B, L), 1 = real."""
+        """(B, L) int64 -> (B, L, 2*d_model) after the final LayerNorm; attention_mask (B, L), 1 = real.
+        Under :meth:`shard_sequence`, L is this rank's shard (the whole sequence is P times longer)."""
+        return self.final_norm(torch.cat(self.streams(input_ids, attention_mask), dim=-1))
+
+    def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The two residual streams after the last layer, (B, L, d_model) each: the final LayerNorm reads
+        their concatenation (``hidden_states``). Arguments as there."""
         batch, length = input_ids.shape
-        if length > self.config.max_seq_len:
-            raise ReformerDistError(f"sequence length {length} exceeds model.max_seq_len={self.config.max_seq_len}")
-        padded = math.ceil(length / self.config.pad_multiple()) * self.config.pad_multiple()
+        shard = self.sequence_shard
+        total = length if shard is None else length * shard.size
+        if total > self.config.max_seq_len:
+            raise ReformerDistError(f"sequence length {total} exceeds model.max_seq_len={self.config.max_seq_len}")
+        multiple = self.config.pad_multiple()
+        padded = math.ceil(length / multiple) * multiple
         mask = None if attention_mask is None else attention_mask.bool()
-        if padded != length:
+        if shard is not None:
+            # padding would have to go at the end of the last shard only: sharded sequences come unpadded
+            if total % multiple:
+                raise ReformerDistError(f"a sequence-parallel sequence of {total} positions is not a multiple of "
+                                        f"the chunk length {multiple}")
+            padded = length
+            mask = None if mask is None else shard.gather(mask)
+        elif padded != length:
             input_ids = F.pad(input_ids, (0, padded - length))
             real = torch.ones(batch, length, dtype=torch.bool, device=input_ids.device) if mask is None else mask
             mask = F.pad(real, (0, padded - length), value=False)
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, 0 if shard is None else shard.start(length))
         if self.config.reversible:
-            y1, y2 = reversible_stack(x, x, self.layers, mask, self.config.ff_chunk_size)
+            y1, y2 = reversible_stack(x, x, self.layers, mask, self.config.ff_chunk_size, shard, self.tile_hook)
         else:
-            y1, y2 = residual_stack(x, x, self.layers, mask)
-        return self.final_norm(torch.cat([y1[:, :length], y2[:, :length]], dim=-1))
+            y1, y2 = residual_stack(x, x, self.layers, mask, shard)
+        return y1[:, :length], y2[:, :length]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits (B, L, vocab_size). Builds all logits: for training use :meth:`loss`."""
@@ -116,30 +165,66 @@ class ReformerLM(nn.Module):
     def loss(self, input_ids: Tensor, targets: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Mean cross-entropy of ``logits[:, t]`` against ``targets[:, t]`` (-100 = ignore).
 
-        The head + cross-entropy run over ``loss_chunk_size`` positions at a time and each chunk is
-        recomputed in the backward, so (B, L, vocab) logits never exist whole, not even for autograd.
+        The final LayerNorm + head + cross-entropy run over ``loss_chunk_size`` positions at a time and each
+        chunk is recomputed in the backward, so neither the (B, L, 2*d_model) normalised streams nor the
+        (B, L, vocab) logits ever exist whole, not even for autograd.
+        Under :meth:`shard_sequence` the value is the whole sequence's mean (each shard's sum, summed over
+        the shards, over the global count of targets); the gradient flows through this shard's positions.
         """
-        hidden = self.hidden_states(input_ids, attention_mask)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for h, t in zip(hidden.split(self.config.loss_chunk_size, dim=1),
-                        targets.split(self.config.loss_chunk_size, dim=1)):
+        y1, y2 = self.streams(input_ids, attention_mask)
+        total = y1.new_zeros((), dtype=torch.float32)
+        chunk = self.config.loss_chunk_size
+        for a, b, t in zip(y1.split(chunk, dim=1), y2.split(chunk, dim=1), targets.split(chunk, dim=1)):
             if torch.is_grad_enabled():
-                total = total + checkpoint(self._chunk_loss_sum, h, t, use_reentrant=False, preserve_rng_state=False)
+                total = total + checkpoint(self._chunk_loss_sum, a, b, t, use_reentrant=False, preserve_rng_state=False)
             else:
-                total = total + self._chunk_loss_sum(h, t)
-        return total / (targets != -100).sum().clamp(min=1)
+                total = total + self._chunk_loss_sum(a, b, t)
+        count = (targets != -100).sum()
+        if self.sequence_shard is not None:
+            total, count = self.sequence_shard.sum(total), self.sequence_shard.sum(count)
+        return total / count.clamp(min=1)
 
-    def _chunk_loss_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:
-        logits = self.lm_head(hidden).float()
+    def _chunk_loss_sum(self, y1: Tensor, y2: Tensor, targets: Tensor) -> Tensor:
+        logits = self.lm_head(self.final_norm(torch.cat([y1, y2], dim=-1))).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
-    # ------------------------------------------------------------------ checkpoints and decoding
-    # (implemented beside the model: hf_interop.py, native.py, generation.py)
+    # ------------------------------------------------------------------ checkpoints
+    # (implemented beside the model: hf_interop.py, native.py; cached decoding: generation.py)
     from_hf = staticmethod(hf_interop.from_hf)
     save_hf = hf_interop.save_hf
     from_native = staticmethod(native.from_native)
     save_native = native.save_native
-    generate = generation.generate
+
+    # ------------------------------------------------------------------ deployment: one draw of rotations
+    def draw_rotations(self, seed: int = ROTATION_SEED) -> list[Tensor | None]:
+        """Each layer's LSH rotations for inference (None for other layers): the frozen ones when the model
+        has them (``seed`` is then ignored), else one fixed draw: layer i uses ``hash_seed``'s when the
+        config sets one, else a generator seeded ``seed + i``. Cached decoding, export and every serving
+        backend take their rotations from here, so a prompt hashes (and decodes) alike everywhere."""
+        lsh = [layer.attention.self_attention for layer in self.layers]
+        if any(isinstance(sa, LSHSelfAttention) and sa.frozen_rotations is not None for sa in lsh):
+            return [sa.frozen_rotations if isinstance(sa, LSHSelfAttention) else None for sa in lsh]
+        device = self.lm_head.weight.device
+        return [sa.rotations(torch.Generator().manual_seed(seed + i), device) if isinstance(sa, LSHSelfAttention)
+                else None for i, sa in enumerate(lsh)]
+
+    def freeze_rotations(self, seed: int = ROTATION_SEED) -> ReformerLM:
+        """Record a fresh ``draw_rotations(seed)`` in the LSH layers (fp32, untouched by dtype casts):
+        until :meth:`unfreeze_rotations`, every forward hashes with them and draws no dropout seed while
+        dropout is off, which is what an exported graph holds as constants (unfrozen, a model without
+        ``hash_seed`` draws fresh rotations per forward, as in training). Returns the model."""
+        self.unfreeze_rotations()
+        for layer, rotations in zip(self.layers, self.draw_rotations(seed)):
+            if rotations is not None:
+                layer.attention.self_attention.frozen_rotations = rotations.float()
+        return self
+
+    def unfreeze_rotations(self) -> ReformerLM:
+        """Back to per-forward rotations (training)."""
+        for layer in self.layers:
+            if isinstance(layer.attention.self_attention, LSHSelfAttention):
+                layer.attention.self_attention.frozen_rotations = None
+        return self
 
     # ------------------------------------------------------------------ private randomness
     def _generators(self) -> dict[str, torch.Generator]:

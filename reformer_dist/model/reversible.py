@@ -12,17 +12,35 @@ The recompute must equal the forward exactly:
 - autocast: the forward's autocast state is re-entered for the recompute;
 - submodules are called through ``__call__`` so module hooks (DeepSpeed ZeRO-3 parameter gathering) fire.
 
+Memory is what bounds the longest sequence, so every layer works in tiles and in place:
+- G is position-wise: it runs in chunks of ``ff_chunk_size`` positions;
+- F runs in groups of heads (``head_groups``: each group's (B, L, heads, D) tensors stay under
+  ``HEAD_GROUP_ELEMENTS``), each group adding its share of the output projection (in the backward
+  each group normalises its input again, so no normalised copy outlives a group);
+- the two streams are two buffers updated in place, forward (X -> Y) and backward (Y -> X), and the
+  backward accumulates the stream gradients into the gradient tensors it receives (``ReformerLM``'s head
+  creates them for it and reads nothing else from them), so a layer allocates only its tiles' temporaries.
+A tile's nested backward accumulates into parameters that later tiles of the same layer use again; a
+``tile_hook(parameters, last)`` (installed with ``ReformerLM.set_tile_hook``) hears before each tile whether
+it is the last, for optimizers that reduce a gradient as soon as it is accumulated (DeepSpeed ZeRO-2/3).
+
 The two streams stay in the dtype they enter with (fp32 under autocast): branches upcast their outputs.
-G is position-wise, so with ``ff_chunk_size`` its recompute + backward runs chunk by chunk, bounding the
-feed-forward activations to one chunk.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+
+from reformer_dist.model.sequence_parallel import SequenceShard
+
+TileHook = Callable[[Iterable[nn.Parameter], bool], None]
+# Elements of one (B, L, heads, D) attention tensor above which the heads are split into groups (16 MiB in
+# fp32: the LSH op's per-group buffers, qk/v and their gradients, stay small at any length).
+HEAD_GROUP_ELEMENTS = 1 << 22
 
 
 @contextmanager
@@ -41,26 +59,60 @@ def _spans(length: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
 
 
+def head_groups(n_heads: int, elements_per_head: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """(first, count) groups of heads: the most heads per group (a divisor of n_heads and a multiple of
+    ``multiple``, the sequence-parallel size) whose tensors hold at most HEAD_GROUP_ELEMENTS, else the
+    fewest allowed. ``elements_per_head``: B * L * d_head of the whole sequence."""
+    allowed = [c for c in range(multiple, n_heads + 1, multiple) if n_heads % c == 0]
+    fits = [c for c in allowed if c * elements_per_head <= HEAD_GROUP_ELEMENTS]
+    count = max(fits) if fits else min(allowed)
+    return [(first, count) for first in range(0, n_heads, count)]
+
+
+def _layer_groups(layer: nn.Module, stream: Tensor, shard: SequenceShard | None) -> list[tuple[int, int]]:
+    sa = layer.attention.self_attention
+    length = stream.shape[1] * (1 if shard is None else shard.size)
+    return head_groups(sa.n_heads, stream.shape[0] * length * sa.value.d_head, 1 if shard is None else shard.size)
+
+
+def _mark(tile_hook: TileHook | None, modules: Iterable[nn.Module], last: bool) -> None:
+    if tile_hook is not None:
+        tile_hook([p for m in modules for p in m.parameters()], last)
+
+
 class ReversibleStack(torch.autograd.Function):
     """Apply ``layers`` (each with ``.attention`` = F and ``.feed_forward`` = G) reversibly."""
 
     @staticmethod
     def forward(ctx, x1: Tensor, x2: Tensor, layers: nn.ModuleList, key_padding_mask: Tensor | None,
-                ff_chunk_size: int) -> tuple[Tensor, Tensor]:
+                ff_chunk_size: int, shard: SequenceShard | None, tile_hook: TileHook | None) -> tuple[Tensor, Tensor]:
         records = []
+        start = 0 if shard is None else shard.start(x1.shape[1])
+        spans = _spans(x1.shape[1], ff_chunk_size)
         with torch.no_grad():
+            x1, x2 = x1.clone(), x2.clone()  # the streams' own buffers, updated in place from here on
             for layer in layers:
-                f_state = layer.attention.generator.get_state()
-                f, buckets = layer.attention(x2, key_padding_mask)
-                x1 = x1 + f
-                g_state = layer.feed_forward.generator.get_state()
-                x2 = x2 + layer.feed_forward(x1)
-                records.append((f_state, g_state, None if buckets is None else buckets.to(torch.int32)))
+                attention, feed_forward = layer.attention, layer.feed_forward
+                f_state = attention.generator.get_state()
+                draw = attention.draw(x1.device)
+                h = attention.layer_norm(x2)
+                buckets = []
+                for heads in _layer_groups(layer, x2, shard):
+                    f, b = attention.attend(h, key_padding_mask, None, shard, draw, heads)
+                    x1.add_(f)
+                    buckets.append(None if b is None else b.to(torch.int32))
+                del h, f
+                g_state = feed_forward.generator.get_state()
+                for s, e in spans:  # every chunk is a call with the same draw (masks are addressed by position)
+                    feed_forward.generator.set_state(g_state)
+                    x2[:, s:e] += feed_forward(x1[:, s:e], start + s)
+                records.append((f_state, g_state, buckets))
         device = x1.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.layers, ctx.records, ctx.mask, ctx.ff_chunk_size = layers, records, key_padding_mask, ff_chunk_size
-        # kept as detached aliases rather than save_for_backward, so the backward can drop them as soon as
-        # the top layer has been reconstructed (the streams are never modified in place)
+        ctx.layers, ctx.records, ctx.mask, ctx.spans = layers, records, key_padding_mask, spans
+        ctx.shard, ctx.start, ctx.tile_hook = shard, start, tile_hook
+        # kept as detached aliases rather than save_for_backward: the backward reconstructs the inputs in
+        # these buffers (the streams are not read by anything else)
         ctx.outputs = [x1.detach(), x2.detach()]
         return x1, x2
 
@@ -70,62 +122,73 @@ class ReversibleStack(torch.autograd.Function):
             raise RuntimeError("ReversibleStack: backward through the same forward twice is not supported")
         y1, y2 = ctx.outputs
         ctx.outputs = None
-        dy1 = torch.zeros_like(y1) if dy1 is None else dy1
-        dy2 = torch.zeros_like(y2) if dy2 is None else dy2
+        dy1, dy2 = _accumulator(dy1, y1), _accumulator(dy2, y2)
         device, enabled, dtype = ctx.autocast
-        length = y1.shape[1]
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             for layer, (f_state, g_state, buckets) in zip(reversed(ctx.layers), reversed(ctx.records)):
-                # G: x2 = y2 - G(y1); dL/dy1 += G'(y1)^T dy2
-                y1 = y1.detach()
-                x2, grad_y1 = torch.empty_like(y2), torch.empty_like(y1)
-                with _replaying(layer.feed_forward.generator, g_state), torch.enable_grad():
-                    for s, e in _spans(length, ctx.ff_chunk_size):
-                        # each chunk its own leaf: a slice of one leaf would give every chunk's backward a
-                        # zero-filled gradient of the whole sequence to add into (quadratic in length)
-                        part = y1[:, s:e].requires_grad_()
-                        g = layer.feed_forward(part)
-                        torch.autograd.backward(g, dy2[:, s:e])
-                        x2[:, s:e] = y2[:, s:e] - g.detach()
-                        grad_y1[:, s:e] = _take_grad(part)
+                # G: x2 = y2 - G(y1); dL/dy1 += G'(y1)^T dy2, chunk by chunk, in place (y2 becomes x2)
+                feed_forward = layer.feed_forward
+                for s, e in ctx.spans:
+                    # each chunk its own leaf: a slice of one leaf would give every chunk's backward a
+                    # zero-filled gradient of the whole sequence to add into (quadratic in length)
+                    part = y1[:, s:e].detach().requires_grad_()
+                    _mark(ctx.tile_hook, [feed_forward], last=e == y1.shape[1])
+                    with _replaying(feed_forward.generator, g_state), torch.enable_grad():
+                        g = feed_forward(part, ctx.start + s)
+                    torch.autograd.backward(g, dy2[:, s:e])
+                    y2[:, s:e] -= g.detach()
+                    dy1[:, s:e] += part.grad
                 del g, part
-                y2 = None  # reconstructed as x2: free it before the attention recompute
-                dy1 = dy1 + grad_y1
-                del grad_y1
-                # F: x1 = y1 - F(x2); dL/dx2 = dy2 + F'(x2)^T dy1
-                x2.requires_grad_()
-                replay = None if buckets is None else buckets.long()
-                with _replaying(layer.attention.generator, f_state), torch.enable_grad():
-                    f, _ = layer.attention(x2, ctx.mask, replay)
-                    torch.autograd.backward(f, dy1)
-                with torch.no_grad():
-                    y1 = y1.detach() - f
-                del f
-                dy2 = dy2 + _take_grad(x2)
-                y2 = x2.detach()
+                # F: x1 = y1 - F(x2); dL/dx2 = dy2 + F'(x2)^T dy1, head group by head group
+                attention = layer.attention
+                x2 = y2.detach().requires_grad_()
+                with _replaying(attention.generator, f_state):
+                    draw = attention.draw(y1.device)
+                groups = _layer_groups(layer, y2, ctx.shard)
+                for i, (heads, replay) in enumerate(zip(groups, buckets)):
+                    # each group normalises x2 again, so the LayerNorm's output and gradient exist for one
+                    # group at a time
+                    _mark(ctx.tile_hook, [attention], last=i == len(groups) - 1)
+                    with torch.enable_grad():
+                        f, _ = attention.attend(attention.layer_norm(x2), ctx.mask,
+                                               None if replay is None else replay.long(), ctx.shard, draw, heads)
+                    y1 -= f.detach()
+                    # the backward reads the branch's inputs, never its output's values: free them first
+                    f.untyped_storage().resize_(0)
+                    torch.autograd.backward(f, dy1)  # outside grad mode: parameter gradients accumulate in place
+                    del f
+                    dy2 += x2.grad
+                    x2.grad = None
                 del x2
-        return dy1, dy2, None, None, None
+        return dy1, dy2, None, None, None, None, None
 
 
-def _take_grad(x: Tensor) -> Tensor:
-    """Detach and return x.grad, freeing it from x (the caller adds it into the running gradient)."""
-    grad, x.grad = x.grad, None
+def _accumulator(grad: Tensor | None, like: Tensor) -> Tensor:
+    """The incoming gradient to accumulate into in place, or a fresh one when it cannot take writes
+    (absent, or an expanded view whose elements share memory)."""
+    if grad is None:
+        return torch.zeros_like(like)
+    if any(stride == 0 and size > 1 for stride, size in zip(grad.stride(), grad.shape)):
+        return grad.clone()
     return grad
 
 
 def reversible_stack(x1: Tensor, x2: Tensor, layers: nn.ModuleList, key_padding_mask: Tensor | None,
-                     ff_chunk_size: int) -> tuple[Tensor, Tensor]:
-    """The reversible stack when gradients are needed, the plain recurrence otherwise (same result)."""
+                     ff_chunk_size: int, shard: SequenceShard | None = None,
+                     tile_hook: TileHook | None = None) -> tuple[Tensor, Tensor]:
+    """The reversible stack when gradients are needed, the plain recurrence otherwise (same result).
+    With a shard the streams hold this rank's positions (``sequence_parallel.py``)."""
     if torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad):
-        return ReversibleStack.apply(x1, x2, layers, key_padding_mask, ff_chunk_size)
-    return residual_stack(x1, x2, layers, key_padding_mask)
+        return ReversibleStack.apply(x1, x2, layers, key_padding_mask, ff_chunk_size, shard, tile_hook)
+    return residual_stack(x1, x2, layers, key_padding_mask, shard)
 
 
-def residual_stack(x1: Tensor, x2: Tensor, layers: nn.ModuleList,
-                   key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def residual_stack(x1: Tensor, x2: Tensor, layers: nn.ModuleList, key_padding_mask: Tensor | None,
+                   shard: SequenceShard | None = None) -> tuple[Tensor, Tensor]:
     """Ordinary residual stack with ordinary autograd (``reversible=False`` and no-grad inference)."""
+    start = 0 if shard is None else shard.start(x1.shape[1])
     for layer in layers:
-        f, _ = layer.attention(x2, key_padding_mask)
+        f, _ = layer.attention(x2, key_padding_mask, None, shard)
         x1 = x1 + f
-        x2 = x2 + layer.feed_forward(x1)
+        x2 = x2 + layer.feed_forward(x1, start)
     return x1, x2

@@ -1,7 +1,8 @@
 """The HTTP serving stack (``reformer-dist serve``); imports neither DeepSpeed nor the training code.
 
 Modules, outside in: ``server`` (uvicorn, graceful drain on SIGTERM), ``app`` (the OpenAI-compatible
-HTTP API), ``protocol`` (request schemas, error shape), ``engine`` (continuous batching on a worker
-thread), ``sampling`` and ``textstream`` (token choice, incremental detokenization with stop strings),
-``backends`` (PyTorch / ONNX Runtime / TensorRT), ``metrics`` (Prometheus), ``config`` (ServeConfig).
+HTTP API), ``protocol`` (request schemas, error shape), ``chat`` (optional chat templates), ``engine``
+(the worker thread: admission, timeouts, events), ``textstream`` (incremental detokenization with stop
+strings), ``metrics`` (Prometheus), ``config`` (ServeConfig). Decoding itself (backends, sampler,
+continuous batching) is ``reformer_dist.decoding``, shared with ``reformer-dist generate``.
 """

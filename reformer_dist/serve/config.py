@@ -27,6 +27,9 @@ class ServeConfig:
     """A sequence not finished this long after it was admitted is stopped (HTTP 504, or an error event)."""
     drain_timeout_s: float = 60.0
     """On SIGTERM, in-flight requests get this long to finish before the server exits anyway."""
+    chat_template: str | None = None
+    """A Jinja2 chat template file (Hugging Face convention) enabling /v1/chat/completions; without one
+    the endpoint answers 400 (a base language model continues text, it does not chat)."""
 
     def validate(self, prefix: str = "serve") -> ServeConfig:
         """Check every field; raise ConfigError naming the first bad one. Returns self."""

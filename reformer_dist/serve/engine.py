@@ -4,14 +4,17 @@ HTTP handlers run on the asyncio event loop and must never block on the model, s
 dedicated thread that owns the backend. Handlers :meth:`Engine.submit` sequences and receive
 :class:`Event` objects through a callback (which hops back onto the event loop).
 
-Batching is continuous: the worker keeps a batch of up to ``max_batch_size`` active sequences and runs one
-decode step for all of them at a time. Between steps, finished, timed-out and cancelled sequences leave
-and queued ones join, so a short request never waits for a long one to end. When the engine is idle, the
-first arrival waits ``batch_window_ms`` for company before the first step (dynamic batching). Admission is
-bounded: more than ``max_concurrency`` sequences queued + running is refused (HTTP 429 upstream).
+Batching is continuous (``reformer_dist.decoding.ContinuousBatcher``, the decoding runtime that
+``reformer-dist generate`` runs too): the worker keeps a batch of up to ``max_batch_size`` active
+sequences and runs one cached decode step for all of them at a time. Between steps, finished, timed-out
+and cancelled sequences leave (their rows are dropped, the others untouched) and queued ones join (their
+prompts are prefilled and merged into the batch cache), so a short request never waits for a long one to
+end. Tokens are chosen by each sequence's ``Sampler``. When the engine is idle, the first arrival waits
+``batch_window_ms`` for company before the first step (dynamic batching). Admission is bounded: more than
+``max_concurrency`` sequences queued + running is refused (HTTP 429 upstream).
 
-Scoring requests (``/v1/score``) are single full-sequence forwards; they run on the same thread, between
-decode steps, so the model is never driven from two threads at once.
+Scoring requests (``/v1/score``, echoed prompts' log-probabilities) are full-sequence forwards; they run
+on the same thread, between decode steps, so the model is never driven from two threads at once.
 """
 
 from __future__ import annotations
@@ -22,15 +25,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from reformer_dist.serve.backends import Backend
+from reformer_dist.decoding.backend import DecodingBackend, TokenScores
+from reformer_dist.decoding.batcher import ContinuousBatcher
+from reformer_dist.decoding.sampler import Sampler, SamplingParams, log_softmax, top_logprobs
 from reformer_dist.serve.config import ServeConfig
 from reformer_dist.serve.metrics import ServerMetrics
 from reformer_dist.serve.protocol import ApiError
-from reformer_dist.serve.sampling import SamplingParams, choose_token, log_softmax, top_logprobs
 from reformer_dist.serve.textstream import Detokenizer, TextStream
 
 log = logging.getLogger("reformer_dist.serve")
@@ -40,11 +43,11 @@ THROUGHPUT_WINDOW_S = 10.0  # the tokens/s gauge averages over this many recent 
 
 @dataclass
 class TokenInfo:
-    """One generated token, as reported with ``logprobs``."""
+    """One token, as reported with ``logprobs`` (an echoed prompt's first token has no log p: None)."""
 
     token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None
+    top: list[tuple[int, float]] | None
 
 
 @dataclass
@@ -65,18 +68,18 @@ Deliver = Callable[[Event], None]
 
 
 class Sequence:
-    """One prompt being completed. ``tokens`` and ``cache`` are what the backend reads and keeps."""
+    """One prompt being completed: its tokens so far (prompt first) and its sampler."""
 
     def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams, tokenizer: Detokenizer,
-                 deliver: Deliver):
+                 deliver: Deliver, vocab_size: int):
         self.index = index
         self.tokens = list(prompt_ids)
         self.n_prompt = len(prompt_ids)
         self.params = params
         self.deliver = deliver
         self.text = TextStream(tokenizer, params.stop)
-        self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
-        self.cache: Any = None  # backend-owned decoding state (None until the backend's first step)
+        self.sampler = Sampler(params, vocab_size)
+        self.joined = False  # in the batcher (prefilled)
         self.cancelled = False  # set from the event loop when the client went away
         self.finished = False  # left the engine (guards the admission count against double release)
         self.admitted_at = 0.0
@@ -90,11 +93,13 @@ class Sequence:
 
 @dataclass
 class ScoreJob:
-    """Full-sequence log-likelihood of some token sequences; ``done`` receives the per-sequence log p of
-    each token given the previous ones (len-1 values each), or an ApiError."""
+    """Full-sequence log-likelihood of some token sequences; ``done`` receives, per sequence, the log p of
+    each token given the previous ones (len-1 values) and the ``top`` likeliest alternatives at each, or
+    an ApiError."""
 
     sequences: list[list[int]]
-    done: Callable[[list[np.ndarray] | ApiError], None]
+    done: Callable[[list[TokenScores] | ApiError], None]
+    top: int = 0
 
 
 class Overloaded(Exception):
@@ -106,9 +111,10 @@ class Draining(Exception):
 
 
 class Engine:
-    def __init__(self, backend: Backend, tokenizer: Detokenizer, cfg: ServeConfig, metrics: ServerMetrics,
+    def __init__(self, backend: DecodingBackend, tokenizer: Detokenizer, cfg: ServeConfig, metrics: ServerMetrics,
                  eos_token_id: int | None = None):
         self.backend = backend
+        self.batcher = ContinuousBatcher(backend)
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.metrics = metrics
@@ -203,6 +209,7 @@ class Engine:
                 for s in active:
                     self._finish(s, error=ApiError(500, "internal error while generating", "server_error"))
                 active = []
+                self.batcher.clear()
             self.metrics.active_sequences.set(len(active))
 
     def _wait_for_work(self, active: list[Sequence]) -> tuple[list[Sequence] | None, list[ScoreJob]]:
@@ -237,7 +244,7 @@ class Engine:
 
     def _drop_finished_early(self, active: list[Sequence]) -> list[Sequence]:
         now = time.monotonic()
-        keep = []
+        keep, gone = [], []
         for s in active:
             if s.cancelled:
                 self._finish(s)
@@ -245,17 +252,36 @@ class Engine:
                 self._finish(s, error=self.timeout_error())
             else:
                 keep.append(s)
+                continue
+            gone.append(s)
+        self.batcher.leave(gone)
         return keep
+
+    def _logits(self, active: list[Sequence]) -> list[np.ndarray]:
+        """Next-token logits (V,) of every active sequence: one decode step for the members of the batch
+        (fed their last token), a prefill for the newcomers, who then join it."""
+        rows: dict[int, np.ndarray] = {}
+        if self.batcher.members:
+            step = self.batcher.decode({s: s.tokens[-1] for s in self.batcher.members})
+            rows.update((id(s), row) for s, row in zip(self.batcher.members, step))
+        joining = [s for s in active if not s.joined]
+        if joining:
+            prefilled = self.batcher.join(joining, [s.tokens for s in joining])
+            rows.update((id(s), row) for s, row in zip(joining, prefilled))
+            for s in joining:
+                s.joined = True
+        return [rows[id(s)] for s in active]
 
     def _step(self, active: list[Sequence]) -> list[Sequence]:
         """One decode step for the whole batch; returns the sequences still running."""
         t0 = time.monotonic()
         try:
-            logits = self.backend.step(active)  # (B, V)
+            logits = self._logits(active)
         except Exception:
             log.exception("model step failed for a batch of %d", len(active))
             for s in active:
                 self._finish(s, error=ApiError(500, "the model failed on this batch", "server_error"))
+            self.batcher.clear()
             return []
         now = time.monotonic()
         self.metrics.step_seconds.observe(now - t0)
@@ -266,9 +292,9 @@ class Engine:
             while self._recent and now - self._recent[0][0] > THROUGHPUT_WINDOW_S:
                 self._recent.popleft()
 
-        running = []
+        running, finished = [], []
         for s, row in zip(active, logits):
-            token = choose_token(row, s.params, s.rng)
+            token = s.sampler.choose(row)
             s.tokens.append(token)
             if s.first_token_at is None:
                 s.first_token_at = now
@@ -294,11 +320,13 @@ class Engine:
                 running.append(s)
             else:
                 self._finish(s)
+                finished.append(s)
+        self.batcher.leave(finished)
         return running
 
     def _score(self, job: ScoreJob) -> None:
         try:
-            result: list[np.ndarray] | ApiError = self.backend.token_logprobs(job.sequences)
+            result: list[TokenScores] | ApiError = self.backend.score(job.sequences, job.top)
         except Exception:
             log.exception("scoring failed")
             result = ApiError(500, "the model failed to score this text", "server_error")
@@ -324,12 +352,12 @@ class Engine:
         self._send(s, Event(s.index, error=error))
 
     def _finish(self, s: Sequence, error: ApiError | None = None) -> None:
-        """The sequence leaves the engine (its final event, if any, was sent or is ``error``)."""
+        """The sequence leaves the engine (its final event, if any, was sent or is ``error``); the caller
+        drops it from the batcher."""
         if s.finished:
             return
         s.finished = True
         if error is not None:
             self._fail(s, error)
-        self.backend.release(s)
         with self._cv:
             self._load -= 1

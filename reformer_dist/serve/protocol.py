@@ -40,12 +40,10 @@ class StreamOptions(_Strict):
     """Send a last chunk with the token usage before ``[DONE]``."""
 
 
-class CompletionRequest(_Strict):
-    """``POST /v1/completions``. Fields as in OpenAI's legacy completions API; ``top_k`` is an extension."""
+class _Sampling(_Strict):
+    """The generation fields completions and chat requests share (OpenAI's; ``top_k`` is an extension)."""
 
     model: str | None = None
-    prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
@@ -53,9 +51,40 @@ class CompletionRequest(_Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=5)
     n: int = Field(default=1, ge=1, le=16)
     user: str | None = None
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    """Token id (a decimal string, as JSON keys are) -> bias in [-100, 100] added to its logit."""
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``, OpenAI's legacy completions API. ``best_of`` > ``n`` and ``suffix`` are
+    refused by the endpoint with a 400 naming them (a base LM that continues text cannot insert, and
+    ranking samples is left to the client)."""
+
+    prompt: str | list[str] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=0)
+    """0 only with echo (the prompt's log-probabilities alone)."""
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+    """Prefix each choice's text (and logprobs) with its prompt."""
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str
+
+
+class ChatRequest(_Sampling):
+    """``POST /v1/chat/completions``, answered only when the server has a chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
 class ScoreRequest(_Strict):

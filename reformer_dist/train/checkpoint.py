@@ -26,6 +26,7 @@ the same streams anyway, see ``engine.build_model``). Only ZeRO-0 <-> ZeRO >= 1 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -38,7 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from reformer_dist.errors import CheckpointError
+from reformer_dist import atomic_write
+from reformer_dist.errors import CheckpointError, describe
 from reformer_dist.train.distributed import DistInfo, barrier
 
 CHECKPOINTS = "checkpoints"
@@ -60,12 +62,8 @@ def step_of(tag: str) -> int | None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Checkpoint records (meta.json, latest) mark other files complete: on disk before they are named."""
+    atomic_write.write_text_atomic(path, text, fsync=True)
 
 
 def save_torch_atomic(obj: Any, path: Path) -> None:
@@ -76,25 +74,44 @@ def save_torch_atomic(obj: Any, path: Path) -> None:
 
 def read_meta(path: Path) -> dict[str, Any]:
     """The completion record of checkpoint directory ``path``; CheckpointError if it is not complete."""
+    file = path / META
     try:
-        meta = json.loads((path / META).read_text())
+        meta = json.loads(file.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {META}: the save was interrupted, "
                               f"or this is not a reformer-dist checkpoint directory)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / META} is unreadable: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path / META} is not a {FORMAT} record")
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        raise CheckpointError(f"{file} is unreadable: {describe(e)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a {FORMAT} record")
+    bad = [key for key in ("step", "world_size", "zero_stage") if type(meta.get(key)) is not int]
+    if bad:
+        raise CheckpointError(f"{file} is malformed: {', '.join(bad)} missing or not an integer")
     return meta
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint ``run_dir/latest`` points to, None if there is no pointer yet."""
+    file = run_dir / LATEST
     try:
-        tag = (run_dir / LATEST).read_text().strip()
+        tag = file.read_text().strip()
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is unreadable: {describe(e)}") from None
+    if step_of(tag) is None or not (run_dir / CHECKPOINTS / tag).is_dir():
+        raise CheckpointError(f"{file} does not name a checkpoint of this run (it holds {tag[:40]!r}; "
+                              f"expected a directory name step_XXXXXXXX under {run_dir / CHECKPOINTS})")
     return run_dir / CHECKPOINTS / tag
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory as given, or a run directory's latest checkpoint."""
+    if (path / LATEST).is_file():
+        return latest_checkpoint(path)  # type: ignore[return-value]
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    return path
 
 
 def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
@@ -103,17 +120,63 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     if resume == "never":
         if (run_dir / LATEST).is_file():
             raise CheckpointError(f"train.resume=never, but {run_dir} already holds checkpoints (latest: "
-                                  f"{latest_checkpoint(run_dir)}): use a new train.output_dir, delete this one, "
+                                  f"{run_dir / LATEST}): use a new train.output_dir, delete this one, "
                                   f"or resume with train.resume=auto")
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if (path / LATEST).is_file():
-        path = latest_checkpoint(path)  # type: ignore[assignment]
-    if not path.is_dir():
+    if not Path(resume).exists():
         raise CheckpointError(f"train.resume={resume!r}: no such checkpoint or run directory")
-    return path
+    return resolve_checkpoint(Path(resume))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_saved_config(path: Path, meta: dict[str, Any]) -> str:
+    """The run config saved in checkpoint ``path``, checked against the hash its ``meta.json`` records (a
+    truncated YAML file can still parse, and silently fall back to defaults)."""
+    file = path / CONFIG_FILE
+    try:
+        text = file.read_text()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable ({describe(e)})") from None
+    if "config_sha256" in meta and _sha256(text) != meta["config_sha256"]:
+        raise CheckpointError(f"{file} was modified or damaged after the checkpoint was saved (its sha256 "
+                              f"differs from the one in {path / META}); pass changes as key=value overrides")
+    return text
+
+
+def verify_resume_point(resume: str, run_dir: Path, world_size: int, zero_stage: int) -> None:
+    """Check the checkpoint ``train.resume`` picks (if any) before training starts: complete, loadable
+    by this world size and ZeRO stage, every file loadable (a universal conversion it reuses included)."""
+    found = find_checkpoint(resume, run_dir)
+    if found is None:
+        return
+    point = plan_resume(found, world_size, zero_stage, run_dir)
+    verify_checkpoint_files(point.path)
+    if point.universal_dir is not None and (point.load_dir / point.tag / META).is_file():
+        verify_checkpoint_files(point.load_dir / point.tag)  # left by an earlier launch, loaded as it is
+
+
+# DeepSpeed's files (model states, ZeRO optimizer partitions) and ours: the keys each must hold
+_REQUIRED_KEYS = (("model_states.pt", ("module",)), ("optim_states.pt", ("optimizer_state_dict",)),
+                  ("optimizer_state.pt", ("param_groups",)), ("rng_rank", ("python", "numpy", "torch", "model")))
+
+
+def required_keys(file: Path) -> tuple[str, ...]:
+    return next((keys for pattern, keys in _REQUIRED_KEYS if pattern in file.name), ())
+
+
+def verify_checkpoint_files(path: Path) -> None:
+    """Open every ``.pt`` file of checkpoint directory ``path`` (universal conversions included) the way
+    DeepSpeed will, weights-only, mapping rather than reading the tensors: a truncated, foreign or unsafe
+    file is refused with its name before any process group or engine exists."""
+    from reformer_dist.train import weights_only
+
+    for file in sorted(path.rglob("*.pt")):
+        weights_only.load(file, required=required_keys(file), mmap=True)
 
 
 @dataclass(frozen=True)
@@ -148,8 +211,11 @@ def plan_resume(path: Path, world_size: int, zero_stage: int, run_dir: Path) -> 
 
 
 def convert_to_universal(point: ResumePoint) -> None:
-    """Rank 0: write the universal form of ``point`` (once; an interrupted conversion is redone)."""
+    """Rank 0: write the universal form of ``point`` (once; an interrupted conversion is redone).
+    DeepSpeed's converter reads the checkpoint weights-only (see ``weights_only``)."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    from reformer_dist.train.weights_only import weights_only_loads
 
     out = point.load_dir / point.tag
     if (out / META).is_file():
@@ -160,7 +226,8 @@ def convert_to_universal(point: ResumePoint) -> None:
     args = type("Args", (), dict(input_folder=str(point.path), output_folder=str(tmp), num_extract_workers=1,
                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
                                  inject_missing_state=True))()
-    ds_to_universal(args)
+    with weights_only_loads():
+        ds_to_universal(args)
     shutil.copy(point.path / META, tmp / META)  # marks the conversion complete
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -224,7 +291,8 @@ class Checkpointer:
         if self.dist.is_main:
             write_text_atomic(path / CONFIG_FILE, config_yaml)
             record = {"format": FORMAT, "version": 1, "step": step, "world_size": self.dist.world_size,
-                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
+                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config_sha256": _sha256(config_yaml),
+                      **meta}
             write_text_atomic(path / META, json.dumps(record, indent=1) + "\n")
             write_text_atomic(self.run_dir / LATEST, tag + "\n")
             shutil.rmtree(self.run_dir / UNIVERSAL, ignore_errors=True)  # a resume conversion is now obsolete
@@ -240,13 +308,21 @@ class Checkpointer:
             shutil.rmtree(self.root / tag_for(s), ignore_errors=True)
 
     def load(self, engine: Any, point: ResumePoint) -> dict[str, Any]:
-        """Load ``point`` into ``engine`` and this rank's RNG streams; returns the client state."""
-        loaded, client = engine.load_checkpoint(str(point.load_dir), tag=point.tag)
+        """Load ``point`` into ``engine`` and this rank's RNG streams; returns the client state.
+        Every file is read weights-only (``weights_only``), a universal conversion's files included."""
+        from reformer_dist.train import weights_only
+
+        with weights_only.weights_only_loads():
+            loaded, client = engine.load_checkpoint(str(point.load_dir), tag=point.tag)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {point.load_dir / point.tag}")
         own = rng_file(point.path, self.dist.rank)
-        state = torch.load(own if own.is_file() else rng_file(point.path, 0), map_location="cpu", weights_only=True)
-        restore_rng(state, engine.module)
+        file = own if own.is_file() else rng_file(point.path, 0)
+        state = weights_only.load(file, required=required_keys(file))
+        try:
+            restore_rng(state, engine.module)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{file}: not a reformer-dist RNG state ({describe(e)})") from None
         if self.dist.is_main and point.path.parent == self.root and latest_checkpoint(self.run_dir) != point.path:
             # resuming from an older checkpoint of this run (a rollback): make it the resume point, so a
             # crash before the next save comes back here, and the newer ones are overwritten as we go

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from reformer_dist.errors import ConfigError
 
@@ -41,8 +42,11 @@ class TrainConfig:
     eval_batches: int = 8
     """Validation micro-batches per evaluation."""
     sample_every: int = 0
-    """Every N steps (and at the last step) generate a short sample from ``sample_prompt``, print it and log
-    it to W&B as text; 0 = never (sampling pauses training: keep it off for large runs)."""
+    """Every N steps (and at the last step) rank 0 continues ``sample_prompt`` with the decoding runtime
+    (``reformer_dist.decoding.generate``: cached, top-k 40, temperature 0.8, seeded by ``seed``), prints
+    the prompt and the continuation, appends them to metrics.jsonl and logs them to W&B's ``samples`` text
+    table; 0 = never (sampling pauses training, and under ZeRO-3 gathers the whole model on rank 0: keep it
+    off for large runs)."""
     sample_prompt: str = "\n"
     """Text the samples continue (printed with them)."""
     sample_tokens: int = 200
@@ -110,6 +114,10 @@ class DeepSpeedConfig:
     collective_timeout_s: float = 100.0
     """Seconds a collective may wait for a peer before this rank fails: a dead or hung rank then ends
     the job instead of stalling it. Raise it if one checkpoint write takes longer."""
+    sequence_parallel_size: int = 1
+    """Ranks that share each sample (DeepSpeed-Ulysses sequence parallelism): each holds seq_len/P positions,
+    and attention exchanges them for n_heads/P heads over the whole sequence. Groups are consecutive ranks;
+    the world size must be a multiple of it (data parallel across groups, ZeRO over all ranks)."""
 
     def validate(self) -> DeepSpeedConfig:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -120,28 +128,48 @@ class DeepSpeedConfig:
             raise ConfigError("deepspeed.offload_params", "needs deepspeed.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
+        if self.sequence_parallel_size < 1:
+            raise ConfigError("deepspeed.sequence_parallel_size", f"must be >= 1, got {self.sequence_parallel_size}")
         if not self.collective_timeout_s > 0:
             raise ConfigError("deepspeed.collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
         return self
 
 
+# W&B's own spellings of WANDB_MODE -> ours ("dryrun" and "run" are its older names)
+WANDB_ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline",
+                   "run": "online"}
+
+
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"
-    """online, offline or disabled."""
-    project: str = "reformer-dist"
-    """W&B project."""
+    mode: str | None = None
+    """online, offline or disabled; null = $WANDB_MODE if set, else disabled."""
+    project: str | None = None
+    """W&B project; null = $WANDB_PROJECT if set, else reformer-dist."""
     entity: str | None = None
-    """W&B entity (team or user); null = the default."""
+    """W&B entity (team or user); null = $WANDB_ENTITY if set, else your W&B default."""
     group: str | None = None
     """W&B run group."""
     tags: list[str] = field(default_factory=list)
     """W&B run tags."""
 
     def validate(self) -> WandbConfig:
-        if self.mode not in ("online", "offline", "disabled"):
+        if self.mode not in (None, "online", "offline", "disabled"):
             raise ConfigError("logging.wandb.mode", f"must be online, offline or disabled, got {self.mode!r}")
         return self
+
+    def resolve(self, env: Mapping[str, str]) -> WandbConfig:
+        """This config with each unset key taken from W&B's environment variables (as ``wandb`` itself
+        does), then from the defaults; a key the config sets wins over the environment."""
+        mode = self.mode
+        if mode is None:
+            raw = env.get("WANDB_MODE", "").strip().lower()
+            if raw and raw not in WANDB_ENV_MODES:
+                raise ConfigError("WANDB_MODE", f"must be online, offline or disabled, got {raw!r} (it applies "
+                                                f"because logging.wandb.mode is not set)")
+            mode = WANDB_ENV_MODES.get(raw, "disabled")
+        return replace(self, mode=mode, project=self.project or env.get("WANDB_PROJECT") or "reformer-dist",
+                       entity=self.entity or env.get("WANDB_ENTITY") or None)
 
 
 @dataclass

@@ -15,37 +15,51 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from reformer_dist.errors import CheckpointError
-from reformer_dist.train.checkpoint import CONFIG_FILE, read_meta
+from reformer_dist.errors import CheckpointError, describe
+from reformer_dist.train.checkpoint import CONFIG_FILE, read_meta, read_saved_config, verify_checkpoint_files
 
 
 def fp32_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The fp32 model weights of a complete checkpoint directory, on CPU, on one process."""
+    """The fp32 model weights of a complete checkpoint directory, on CPU, on one process. Every file is
+    read weights-only (``weights_only``); one that cannot be is refused with its name."""
+    from reformer_dist.train import weights_only
+
     meta = read_meta(checkpoint)
-    if int(meta["zero_stage"]) == 0:
-        # DeepSpeed's model-states file mixes tensors with plain Python containers; weights_only still loads it
-        states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        return {name: t.float() for name, t in states["module"].items()}
+    verify_checkpoint_files(checkpoint)
+    if meta["zero_stage"] == 0:
+        # DeepSpeed's model-states file mixes tensors with plain Python containers; weights_only loads it
+        file = checkpoint / "mp_rank_00_model_states.pt"
+        states = weights_only.load(file, required=("module",))
+        try:
+            return {name: t.float() for name, t in states["module"].items()}
+        except (AttributeError, TypeError) as e:
+            raise CheckpointError(f"{file}: its module entry is not a state dict ({describe(e)})") from None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    try:
+        with weights_only.weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, FileNotFoundError) as e:
+        # every file loaded (checked above) but their contents do not fit together, e.g. a shard swapped in
+        raise CheckpointError(f"{checkpoint}: DeepSpeed cannot consolidate its files ({describe(e)})") from None
     return {name: t.float() for name, t in state.items()}
 
 
-def write_native(state_dict: dict[str, torch.Tensor], config_yaml: str, tokenizer: dict[str, Any],
-                 out_dir: Path) -> Path:
+def write_native(state_dict: dict[str, torch.Tensor], config_yaml: str, tokenizer: dict[str, Any] | None,
+                 out_dir: Path, source: str = "the run config") -> Path:
     """Build the ReformerLM that ``config_yaml``'s ``model:`` section describes, load ``state_dict`` into it
-    (strictly: weights that do not fit are refused) and save it as a native directory."""
-    from reformer_dist.model import ReformerConfig, ReformerLM
-    from reformer_dist.model.native import save_native
+    (strictly: weights that do not fit are refused) and save it as a native directory. ``source`` names
+    the config in errors."""
+    from reformer_dist.model import ReformerLM
+    from reformer_dist.model.native import model_config_from_yaml, save_native
 
-    model = ReformerLM(ReformerConfig(**yaml.safe_load(config_yaml)["model"]))
+    model = ReformerLM(model_config_from_yaml(config_yaml, source))
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint's weights do not match its model config: {e}") from None
+        raise CheckpointError(f"the checkpoint's weights do not match its model config ({source}): "
+                              f"{describe(e)}") from None
     return save_native(model, out_dir, tokenizer)
 
 
@@ -53,5 +67,6 @@ def consolidate(checkpoint: Path, out_dir: Path) -> Path:
     """Checkpoint directory (any ZeRO stage, any world size) -> native directory ``out_dir``."""
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)
-    config_yaml = (checkpoint / CONFIG_FILE).read_text()
-    return write_native(fp32_state_dict(checkpoint), config_yaml, meta["tokenizer"], Path(out_dir))
+    config_yaml = read_saved_config(checkpoint, meta)
+    return write_native(fp32_state_dict(checkpoint), config_yaml, meta.get("tokenizer"), Path(out_dir),
+                        str(checkpoint / CONFIG_FILE))

@@ -19,6 +19,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from reformer_dist.errors import ConfigError
+from reformer_dist.train.sequence_parallel import layout_for
 
 if TYPE_CHECKING:
     from reformer_dist.configuration import JobConfig
@@ -32,29 +33,33 @@ OWNED_KEYS: dict[tuple[str, ...], str] = {
     ("zero_optimization", "stage"): "deepspeed.zero_stage",
     ("bf16", "enabled"): "deepspeed.precision",
     ("fp16", "enabled"): "deepspeed.precision",
+    ("sequence_parallel_size",): "deepspeed.sequence_parallel_size",
 }
 
 
-def global_batch_size(train: TrainConfig, world_size: int) -> int:
-    """Samples per optimizer step: micro_batch_size x grad_accum x world_size, checked against
-    ``train.global_batch_size`` when the user pinned it (e.g. to keep a recipe's batch on a new cluster)."""
-    if world_size < 1:
-        raise ConfigError("--world-size", f"must be >= 1, got {world_size}")
-    product = train.micro_batch_size * train.grad_accum * world_size
+def global_batch_size(train: TrainConfig, replicas: int) -> int:
+    """Samples per optimizer step: micro_batch_size x grad_accum x data-parallel replicas (the world size, or
+    the number of sequence-parallel groups), checked against ``train.global_batch_size`` when the user
+    pinned it (e.g. to keep a recipe's batch on a new cluster)."""
+    product = train.micro_batch_size * train.grad_accum * replicas
     want = train.global_batch_size
     if want is not None and want != product:
-        per_step = train.micro_batch_size * world_size
-        hint = (f"; with {world_size} rank(s) use train.grad_accum={want // per_step}" if want % per_step == 0
-                else f"; it must be a multiple of train.micro_batch_size x world size = {per_step}")
+        per_step = train.micro_batch_size * replicas
+        hint = (f"; with {replicas} replica(s) use train.grad_accum={want // per_step}" if want % per_step == 0
+                else f"; it must be a multiple of train.micro_batch_size x replicas = {per_step}")
         raise ConfigError("train.global_batch_size",
                           f"{want} != train.micro_batch_size ({train.micro_batch_size}) x train.grad_accum "
-                          f"({train.grad_accum}) x world size ({world_size}) = {product}{hint}")
+                          f"({train.grad_accum}) x data-parallel replicas ({replicas}) = {product}{hint}")
     return product
 
 
 def build_deepspeed_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for ``cfg`` on ``world_size`` data-parallel ranks (user JSON merged in)."""
+    """The DeepSpeed config for ``cfg`` on ``world_size`` ranks (user JSON merged in); under sequence
+    parallelism the batch triple counts the data-parallel groups, not the ranks."""
+    if world_size < 1:
+        raise ConfigError("--world-size", f"must be >= 1, got {world_size}")
     train, ds = cfg.train, cfg.deepspeed
+    layout = layout_for(world_size, ds.sequence_parallel_size)
     offload = ds.offload_optimizer or ds.offload_params
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -65,7 +70,7 @@ def build_deepspeed_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
 
     out: dict[str, Any] = {
-        "train_batch_size": global_batch_size(train, world_size),
+        "train_batch_size": global_batch_size(train, layout.data_parallel_size),
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": train.grad_clip,
@@ -81,6 +86,10 @@ def build_deepspeed_config(cfg: JobConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": None,
         "wall_clock_breakdown": False,
     }
+    if layout.sequence_parallel_size > 1:
+        # informational for DeepSpeed here (the trainer hands the groups over as ``mpu``), and it records
+        # the layout in ds_config.json
+        out["sequence_parallel_size"] = layout.sequence_parallel_size
     if ds.precision == "bf16":
         out["bf16"] = {"enabled": True}
     elif ds.precision == "fp16":

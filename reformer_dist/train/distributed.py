@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from reformer_dist.errors import ConfigError
+from reformer_dist.train import shm_comm
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ def init_distributed(timeout_s: float) -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                               verbose=False)
+    with shm_comm.housekeeping(rank, local_rank):  # CPU: DeepSpeed's comm-op build lock, its /dev/shm segments
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                   verbose=False)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -36,7 +36,18 @@ def build_model(config: ReformerConfig, seed: int) -> TrainingReformerLM:
     so N ranks compute exactly what one process computes on the same global batch.
     """
     torch.manual_seed(seed)
-    return TrainingReformerLM(config)
+    model = TrainingReformerLM(config)
+    model.set_tile_hook(hold_reduction_until_last_tile)
+    return model
+
+
+def hold_reduction_until_last_tile(parameters: Iterable[torch.nn.Parameter], last: bool) -> None:
+    """The model's tile hook (``ReformerLM.set_tile_hook``): a reversible layer's backward accumulates a
+    parameter's gradient once per tile (feed-forward chunk, head group); ZeRO-2/3 reduce a gradient as
+    soon as it is accumulated and refuse a second one, unless DeepSpeed's ``ds_grad_is_ready`` says the
+    accumulation is not complete yet (the flag DeepSpeed provides for tiled computations)."""
+    for p in parameters:
+        p.ds_grad_is_ready = last
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -95,9 +106,13 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def initialize_engine(model: TrainingReformerLM, ds_config: dict[str, Any], train: TrainConfig) -> Any:
-    """``deepspeed.initialize`` with our parameter groups and schedule; returns the engine."""
+def initialize_engine(model: TrainingReformerLM, ds_config: dict[str, Any], train: TrainConfig,
+                      mpu: Any = None) -> Any:
+    """``deepspeed.initialize`` with our parameter groups and schedule; returns the engine. ``mpu``:
+    DeepSpeed's sequence-parallel groups (``sequence_parallel.initialize``), or None."""
     import deepspeed
+
+    from reformer_dist.train import weights_only
 
     ds_config = copy.deepcopy(ds_config)  # DeepSpeed annotates the dict it is given
     groups = param_groups(model, train.weight_decay)
@@ -113,5 +128,6 @@ def initialize_engine(model: TrainingReformerLM, ds_config: dict[str, Any], trai
     # a scheduler in the user's DeepSpeed JSON replaces the built-in warmup + cosine
     scheduler = None if "scheduler" in ds_config else scheduler_factory(train)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
-                                      optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+                                      optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
+    weights_only.install(engine)  # checkpoints are read without unpickling code
     return engine

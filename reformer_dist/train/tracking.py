@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from reformer_dist.train.checkpoint import write_text_atomic
-from reformer_dist.train.config import LoggingConfig
+from reformer_dist.train.config import LoggingConfig, WandbConfig
 
 WANDB_ID_FILE = "wandb_id"
 METRICS_FILE = "metrics.jsonl"
@@ -76,21 +77,28 @@ class Tracker:
                                       TimeRemainingColumn())
             self._task = self._progress.add_task("train", total=self.max_steps, completed=start_step)
             self._progress.start()
-        if log.wandb.mode != "disabled":
-            self._wandb = self._init_wandb(cfg, ds_config, resumed)
+        wandb_cfg = log.wandb.resolve(os.environ)  # unset keys follow WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY
+        if wandb_cfg.mode != "disabled":
+            self._wandb = self._init_wandb(cfg, wandb_cfg, ds_config, resumed)
 
-    def _init_wandb(self, cfg: Any, ds_config: dict[str, Any], resumed: bool) -> Any:
+    def _init_wandb(self, cfg: Any, w: WandbConfig, ds_config: dict[str, Any], resumed: bool) -> Any:
         import wandb
         from omegaconf import OmegaConf
 
         id_file = self.run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resumed and id_file.is_file() else secrets.token_hex(6)
         write_text_atomic(id_file, run_id + "\n")
-        w = cfg.logging.wandb
-        return wandb.init(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags) or None,
-                          mode=w.mode, dir=str(self.run_dir), id=run_id, resume="allow",
-                          name=self.run_dir.name,
-                          config={**OmegaConf.to_container(OmegaConf.structured(cfg)), "ds_config": ds_config})
+        config = OmegaConf.to_container(OmegaConf.structured(cfg))
+        config["logging"]["wandb"] = OmegaConf.to_container(OmegaConf.structured(w))  # what was used
+        run = wandb.init(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags) or None,
+                         mode=w.mode, dir=str(self.run_dir), id=run_id, resume="allow", name=self.run_dir.name,
+                         config={**config, "ds_config": ds_config})
+        if w.mode == "offline":
+            self.print(f"W&B: offline run {run_id} in {run.settings.sync_dir} "
+                       f"(upload it with `wandb sync {run.settings.sync_dir}`)")
+        else:
+            self.print(f"W&B: run {run_id} at {run.url}")
+        return run
 
     def print(self, line: str) -> None:
         if not self.active:

@@ -43,6 +43,8 @@ from reformer_dist.train.engine import build_model, initialize_engine
 from reformer_dist.train.evaluate import evaluate, generate_sample
 from reformer_dist.train.flops import peak_flops, token_flops
 from reformer_dist.train.preemption import StopRequest
+from reformer_dist.train.sequence_parallel import initialize as initialize_sequence_parallel
+from reformer_dist.train.sequence_parallel import layout_for
 from reformer_dist.train.tracking import Tracker, peak_memory_gib, readout_line
 
 NATIVE_DIR = "native"
@@ -60,8 +62,11 @@ class TrainState:
 
 def open_datasets(cfg: JobConfig) -> tuple[TokenWindowDataset, TokenWindowDataset | None]:
     """Training and (if the manifest has enough tokens for one window) validation windows; checked before
-    any process group exists, so a wrong data.path fails fast with a one-line error."""
-    train_ds = TokenWindowDataset(cfg.data.path, cfg.data.train_split, cfg.train.seq_len)
+    any process group exists, so a wrong data.path fails fast with a one-line error. With
+    data.verify_checksums rank 0 hashes every file of the manifest; the other ranks then wait for it in the
+    rendezvous, which a failed rank 0 never joins (the launcher ends them, or the rendezvous times out)."""
+    verify = cfg.data.verify_checksums and rank_from_env(os.environ)[0] == 0
+    train_ds = TokenWindowDataset(cfg.data.path, cfg.data.train_split, cfg.train.seq_len, verify_checksums=verify)
     if train_ds.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the vocabulary of "
                                               f"{cfg.data.path} ({train_ds.vocab_size} ids)")
@@ -75,7 +80,10 @@ def train(cfg: JobConfig) -> int:
     """Run (or resume) the training job ``cfg`` on this rank; returns the exit status."""
     # user errors (data, batch triple, DeepSpeed JSON) surface before any process group is formed
     train_ds, val_ds = open_datasets(cfg)
-    build_deepspeed_config(cfg, rank_from_env(os.environ)[2])
+    rank, _, world_size = rank_from_env(os.environ)
+    build_deepspeed_config(cfg, world_size)
+    if rank == 0:  # a broken checkpoint is refused, naming the file, before the ranks gather
+        ckpt.verify_resume_point(cfg.train.resume, Path(cfg.train.output_dir), world_size, cfg.deepspeed.zero_stage)
     dist_info = init_distributed(cfg.deepspeed.collective_timeout_s)
     try:
         return Trainer(cfg, dist_info, train_ds, val_ds).train()
@@ -113,9 +121,15 @@ class Trainer:
         # DeepSpeed calls collectives torch has renamed; the deprecation notice is not actionable here
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         self.model = build_model(cfg.model, t.seed)
-        self.engine = initialize_engine(self.model, engine_config, t)
+        # sequence parallelism: groups of consecutive ranks share each sample, each rank its positions
+        self.layout = layout_for(dist_info.world_size, cfg.deepspeed.sequence_parallel_size)
+        mpu, shard = initialize_sequence_parallel(self.layout.sequence_parallel_size)
+        self.model.shard_sequence(shard)
+        self.part = self.layout.sequence_parallel_rank(dist_info.rank), self.layout.sequence_parallel_size
+        self.engine = initialize_engine(self.model, engine_config, t, mpu)
         self.sampler = GlobalOrderSampler(len(train_ds), seed=t.seed, shuffle=cfg.data.shuffle,
-                                          rank=dist_info.rank, world_size=dist_info.world_size)
+                                          rank=self.layout.data_parallel_rank(dist_info.rank),
+                                          world_size=self.layout.data_parallel_size)
         self.state = TrainState()
         self.last_saved = -1
         if self.resume is not None:
@@ -139,6 +153,7 @@ class Trainer:
         client = {"reformer_dist": {"train_state": asdict(self.state), "sampler": self.sampler.state_dict(),
                                     "config": self.config_yaml}}
         meta = {"zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.deepspeed.precision,
+                "sequence_parallel_size": self.layout.sequence_parallel_size,
                 "global_batch_size": self.global_batch, "tokens_seen": self.state.tokens_seen,
                 "tokenizer": self.train_ds.tokenizer_spec}
         path = self.checkpointer.save(self.engine, self.state.step, client, meta, self.config_yaml)
@@ -152,7 +167,7 @@ class Trainer:
         t, dev = self.cfg.train, self.dist.device
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for _ in range(t.grad_accum):
-            input_ids, targets = next_batch(self.train_ds, self.sampler, t.micro_batch_size)  # (B, L) each
+            input_ids, targets = next_batch(self.train_ds, self.sampler, t.micro_batch_size, *self.part)  # (B, L/P)
             loss = self.engine(input_ids.to(dev), targets.to(dev))
             self.engine.backward(loss)
             self.engine.step()
@@ -160,7 +175,7 @@ class Trainer:
         votes = torch.stack([loss_sum, torch.tensor(float(stop.signalled), dtype=torch.float64, device=dev),
                              torch.tensor(float(stop.out_of_time), dtype=torch.float64, device=dev)])
         torch.distributed.all_reduce(votes)
-        loss_mean = float(votes[0]) / (t.grad_accum * self.dist.world_size)
+        loss_mean = float(votes[0]) / (t.grad_accum * self.dist.world_size)  # a group's ranks hold its mean
         reason = None
         if votes[1] > 0:
             reason = f"{stop.signal_name} received" if stop.signalled else "stop signal received by a peer rank"
@@ -180,6 +195,8 @@ class Trainer:
             self.tracker.print(f"reformer-dist train: {where}; {self.dist.world_size} rank(s), "
                                f"ZeRO-{self.cfg.deepspeed.zero_stage}, {self.cfg.deepspeed.precision}, "
                                f"global batch {self.global_batch} x {t.seq_len} tokens -> {self.run_dir}")
+            if self.layout.sequence_parallel_size > 1:
+                self.tracker.print(f"sequence parallel: {self.layout.describe(t.seq_len, self.cfg.model.n_heads)}")
         stop = StopRequest(t.time_limit_minutes)
         try:
             reason = self._loop(stop)
@@ -274,7 +291,7 @@ class Trainer:
 
     def _evaluate(self) -> None:
         result = evaluate(self.engine, self.val_ds, self.cfg.train.micro_batch_size, self.cfg.train.eval_batches,
-                          self.dist)
+                          self.dist, self.layout)
         self.tracker.record({"step": self.state.step, **result})
         self.tracker.print(f"eval step {self.state.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
 

@@ -1,0 +1,109 @@
+"""Sequence parallelism on CPU: per-rank peak memory and step time with P = 1 and 2 ranks per sequence.
+
+Each (length, P) trains with `deepspeed --num_gpus P --module reformer_dist train ... deepspeed.sequence_parallel_size=P`
+(ZeRO-1, fp32, micro-batch 1, benchmarks/train_step_impls.py's model: 6 LSH layers, d_model 256, 4 heads,
+d_ff 1024) on a synthetic byte corpus, and reads every rank's peak RSS and the step time from metrics.jsonl
+(the last logged step: 2 steps below 1M tokens, 1 step from 1M on). `reformer-dist plan`'s prediction is
+printed beside each measurement. A run is skipped, with the reason in the table, when the machine has less
+available memory than its predicted total plus 1 GiB.
+
+    python benchmarks/bench_sequence_parallel.py                                   # 64K, 256K, 1M x P = 1, 2
+    python benchmarks/bench_sequence_parallel.py --lengths 262144 --ranks 1,2 --tag sp_256k
+    python benchmarks/bench_sequence_parallel.py --lengths 1835008 --ranks 2 --tag sp_longest   # ~20 GiB total
+
+Writes benchmarks/results/<tag>.{md,json}. Step times on a shared machine are inflated: compare the P = 1
+and P = 2 rows of one run (the load average is recorded), and re-run on an idle machine for absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_memory_plan import run_args, sweep
+
+HERE = Path(__file__).resolve().parent
+
+
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def measure(config: str, length: int, ranks: int, data: Path, workdir: Path, threads: int) -> dict:
+    from reformer_dist.configuration import load_config
+    from reformer_dist.train.memory_plan import plan_memory
+
+    run_dir = workdir / f"sp-{length}-{ranks}"
+    files, overrides = run_args(config, length, ranks, data, run_dir)
+    steps = 2 if length < 2**20 else 1
+    overrides = [o for o in overrides if not o.startswith("train.max_steps")] + [f"train.max_steps={steps}"]
+    predicted = plan_memory(load_config(files, overrides), ranks, "cpu").peak_bytes / 2**30
+    row = {"length": length, "ranks": ranks, "predicted_gib": predicted, "load_before": os.getloadavg()[0]}
+    if available_gib() < ranks * predicted + 1:
+        return {**row, "skipped": f"{available_gib():.1f} GiB available < {ranks * predicted + 1:.1f} GiB needed"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+           str(29500 + (os.getpid() % 400)), "--module", "reformer_dist", "train",
+           *[a for f in files for a in ("--config", f)], *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    logged = [r for r in records if "memory_gib" in r]
+    if proc.returncode != 0 or not logged:
+        return {**row, "error": (proc.stderr or proc.stdout)[-600:]}
+    last = logged[-1]
+    return {**row, "steps": steps, "step_s": length / last["tokens_per_s"], "peak_gib": last["memory_gib"],
+            "wall_s": time.perf_counter() - start, "load_after": os.getloadavg()[0]}
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| tokens | P | step time | peak RSS per rank | predicted | load avg |", "|---|---|---|---|---|---|"]
+    for r in results:
+        head = f"| {r['length']:,} | {r['ranks']} |"
+        if "skipped" in r or "error" in r:
+            rows.append(f"{head} {r.get('skipped') or 'failed: ' + repr(r['error'][-100:])} | | "
+                        f"{r['predicted_gib']:.2f} GiB | {r['load_before']:.1f} |")
+            continue
+        peaks = " / ".join(f"{p:.2f}" for p in r["peak_gib"])
+        rows.append(f"{head} {r['step_s']:.1f} s | {peaks} GiB | {r['predicted_gib']:.2f} GiB | "
+                    f"{r['load_before']:.1f}-{r['load_after']:.1f} |")
+    by = {(r["length"], r["ranks"]): r for r in results if "peak_gib" in r}
+    notes = []
+    for length in sorted({r["length"] for r in results}):
+        one, two = by.get((length, 1)), by.get((length, 2))
+        if one and two:
+            notes.append(f"- {length:,} tokens: P=2 / P=1 per-rank peak {max(two['peak_gib']) / max(one['peak_gib']):.2f}x, "
+                         f"step time {two['step_s'] / one['step_s']:.2f}x")
+    return "\n".join([*rows, "", *notes])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="65536,262144,1048576")
+    parser.add_argument("--ranks", default="1,2")
+    parser.add_argument("--threads", type=int, default=1, help="threads per rank (default 1: 2 ranks on 2 cores)")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--tag", default="sequence_parallel")
+    args = parser.parse_args()
+    points = [("bench", int(length), int(ranks)) for length in args.lengths.split(",")
+              for ranks in args.ranks.split(",")]
+    results = sweep(points, measure, args.threads)
+    md = table(results)
+    print("\n" + md)
+    command = "python benchmarks/bench_sequence_parallel.py " + " ".join(sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.tag}.md").write_text(f"Command: `{command}`\n\n{md}\n")
+    (args.out / f"{args.tag}.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
