@@ -355,24 +355,39 @@ def test_diverged_run_skips_non_finite_steps_then_stops_with_the_last_good_check
 
 
 def test_samples_print_at_their_steps_and_go_to_wandb_as_a_text_table(config, workdir):
+    import torch
+
+    from reformer_dist.data.tokenizer import get_tokenizer
+    from reformer_dist.decoding import generate
+    from reformer_dist.export.loading import load_model_for_export
+    from reformer_dist.train.evaluate import SAMPLE_TEMPERATURE, SAMPLE_TOP_K
+
     run_dir = workdir / "sampled"
-    out = run_ok(single(config, run_dir, "train.sample_every=10", "train.sample_prompt=the", "train.sample_tokens=30",
+    out = run_ok(single(config, run_dir, "train.max_steps=4", "train.eval_every=2", "train.save_every=0",
+                        "train.sample_every=2", "train.sample_prompt=the", "train.sample_tokens=30",
                         "logging.wandb.mode=offline"))
     samples = {r["step"]: r["sample"] for r in metrics(run_dir) if "sample" in r}
-    assert sorted(samples) == [10, 20]
+    assert sorted(samples) == [2, 4]
     for step, text in samples.items():
         assert text.startswith("the") and len(text) > 3
         assert f"sample step {step} |\n{text}\n" in out
-    assert [r["step"] for r in metrics(run_dir) if "val_loss" in r] == [0, 10, 20]  # step 0: the untrained model
+    assert [r["step"] for r in metrics(run_dir) if "val_loss" in r] == [0, 2, 4]  # step 0: the untrained model
+
+    # the last sample is the decoding runtime's continuation by the final weights, seeded by train.seed
+    source = load_model_for_export(run_dir / "native")
+    tokenizer = get_tokenizer(source.tokenizer)
+    new = generate(source.model, torch.tensor([tokenizer.encode("the")]), 30, temperature=SAMPLE_TEMPERATURE,
+                   top_k=SAMPLE_TOP_K, seed=1234)
+    assert samples[4] == "the" + tokenizer.decode(new[0].tolist())
 
     # W&B: the `samples` table logged at each sample step holds every sample so far, as text
     files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     tables = {int(row["_step"]): row for row in history_rows(read_records(files[0])) if "samples/path" in row}
-    assert sorted(tables) == [10, 20]
-    assert tables[20]["samples/_type"] == "table-file"
-    table = json.loads(next(run_dir.glob("wandb/offline-run-*/files")).joinpath(tables[20]["samples/path"]).read_text())
+    assert sorted(tables) == [2, 4]
+    assert tables[4]["samples/_type"] == "table-file"
+    table = json.loads(next(run_dir.glob("wandb/offline-run-*/files")).joinpath(tables[4]["samples/path"]).read_text())
     assert table["columns"] == ["step", "text"]
-    assert table["data"] == [[10, samples[10]], [20, samples[20]]]
+    assert table["data"] == [[2, samples[2]], [4, samples[4]]]
 
 
 def test_stale_jit_build_lock_fails_the_launch_naming_the_file_and_the_fix(config, workdir):
