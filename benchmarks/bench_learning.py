@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from train_step_impls import SdpaBlock  # benchmarks/ (the script's directory) is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "learning.json"
@@ -149,30 +150,6 @@ def prepared_corpus(name: str, data_root: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ models
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + FF(LN(x))."""
-
-    def __init__(self, d_model: int, n_heads: int, d_head: int, d_ff: int, dropout: float, window: int | None):
-        super().__init__()
-        self.n_heads, self.d_head, self.dropout, self.window = n_heads, d_head, dropout, window
-        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * n_heads * d_head, bias=False)
-        self.out = nn.Linear(n_heads * d_head, d_model, bias=False)
-        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, length, _ = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, length, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
-        if self.window is None:
-            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # causal sliding window: key j is visible from query i when 0 <= i - j < window
-            lag = torch.arange(length)[:, None] - torch.arange(length)[None, :]
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=(lag >= 0) & (lag < self.window))
-        att = att.transpose(1, 2).reshape(b, length, -1)  # (B, L, H*Dh)
-        x = x + F.dropout(self.out(att), self.dropout, self.training)
-        return x + F.dropout(self.ff(self.ln2(x)), self.dropout, self.training)
-
-
 class PlainTransformer(nn.Module):
     """A plain pre-LN causal transformer (nanoGPT's layout: learned positions, N(0, init_std) init with the
     residual output projections scaled by 1/sqrt(2 * n_layers), untied head with bias)."""
@@ -183,7 +160,8 @@ class PlainTransformer(nn.Module):
         self.dropout = dropout
         self.emb = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(length, d_model)
-        self.blocks = nn.ModuleList([Block(d_model, n_heads, d_head, d_ff, dropout, window) for _ in range(n_layers)])
+        self.blocks = nn.ModuleList([SdpaBlock(d_model, n_heads, d_head, d_ff, dropout, window)
+                                     for _ in range(n_layers)])
         self.ln = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab)
         for name, p in self.named_parameters():
