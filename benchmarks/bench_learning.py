@@ -22,6 +22,8 @@ windows. The model size, batch, sequence length, dropout and optimiser settings 
   gpt_local     diagnostic: that transformer with each query attending only its last LOCAL_WINDOW positions
                 (a sliding window, about the reach of ours' local layers), to separate the effect of local
                 attention's inductive bias from everything else that differs
+  gpt_local_axial  diagnostic: gpt_local with ours' axial positions (the config's factorised table, at init
+                std) instead of learned absolute ones
 
 Corpora: ``stdlib`` (the Python standard library's sources, as the quickstart) and ``dna``: a DNA-like
 byte stream generated deterministically here (FASTA-style lines of A/C/G/T from a fixed order-5 Markov
@@ -59,9 +61,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from train_step_impls import SdpaBlock  # benchmarks/ (the script's directory) is on sys.path
 
+from reformer_dist.model.embeddings import AxialPositionalEmbedding
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "learning.json"
-MODELS = ("ours", "ours_full", "ours_plain", "ours_lsh", "ours_hf_init", "hf", "gpt", "gpt_local")
+MODELS = ("ours", "ours_full", "ours_plain", "ours_lsh", "ours_hf_init", "hf", "gpt", "gpt_local", "gpt_local_axial")
 GPT_SETTINGS: list[str] = []
 """The plain transformer's own overrides of the tiny config, from the sweep in the README (300 steps, seed
 0: init std 0.02 as nanoGPT, lr 1e-3): none, the tiny config's init std 0.088 / lr 2e-3 was its best."""
@@ -155,11 +159,13 @@ class PlainTransformer(nn.Module):
     residual output projections scaled by 1/sqrt(2 * n_layers), untied head with bias)."""
 
     def __init__(self, vocab: int, length: int, d_model: int, n_layers: int, n_heads: int, d_head: int,
-                 d_ff: int, dropout: float, init_std: float, window: int | None = None):
+                 d_ff: int, dropout: float, init_std: float, window: int | None = None,
+                 axial: tuple[list[int], list[int]] | None = None):
         super().__init__()
         self.dropout = dropout
         self.emb = nn.Embedding(vocab, d_model)
-        self.pos = nn.Embedding(length, d_model)
+        # learned absolute positions, or (axial = (shape, dims)) the Reformer's factorised table
+        self.pos = nn.Embedding(length, d_model) if axial is None else AxialPositionalEmbedding(*axial, std=init_std)
         self.blocks = nn.ModuleList([SdpaBlock(d_model, n_heads, d_head, d_ff, dropout, window)
                                      for _ in range(n_layers)])
         self.ln = nn.LayerNorm(d_model)
@@ -173,7 +179,9 @@ class PlainTransformer(nn.Module):
                 nn.init.zeros_(p)
 
     def loss(self, ids: Tensor, targets: Tensor) -> Tensor:
-        x = self.emb(ids) + self.pos(torch.arange(ids.shape[1]))
+        length = ids.shape[1]
+        x = self.emb(ids) + (self.pos(torch.arange(length)) if isinstance(self.pos, nn.Embedding)
+                             else self.pos(length, ids.device))
         x = F.dropout(x, self.dropout, self.training)
         for block in self.blocks:
             x = block(x)
@@ -211,9 +219,11 @@ def build(name: str, cfg) -> nn.Module:
     from reformer_dist.model import ReformerLM
 
     m = cfg.model
-    if name in ("gpt", "gpt_local"):
+    if name.startswith("gpt"):
+        window = LOCAL_WINDOW if name.startswith("gpt_local") else None
+        axial = (m.resolved_axial_shape(), m.resolved_axial_dims()) if name.endswith("axial") else None
         return PlainTransformer(m.vocab_size, cfg.train.seq_len, m.d_model, m.n_layers, m.n_heads, m.d_head,
-                                m.d_ff, m.dropout, m.init_std, LOCAL_WINDOW if name == "gpt_local" else None)
+                                m.d_ff, m.dropout, m.init_std, window, axial)
     if name == "hf":
         return hf_model(cfg)
     model = ReformerLM(m)
@@ -227,7 +237,7 @@ def build(name: str, cfg) -> nn.Module:
 def variant_overrides(name: str) -> list[str]:
     return {"ours_full": ["model.attn_layers=[full]"], "ours_plain": ["model.reversible=false"],
             "ours_lsh": ["model.attn_layers=[lsh]"], "ours_hf_init": ["model.init_std=0.02", "model.axial_norm_std=1.0"],
-            "gpt": GPT_SETTINGS, "gpt_local": GPT_SETTINGS}.get(name, [])
+            "gpt": GPT_SETTINGS, "gpt_local": GPT_SETTINGS, "gpt_local_axial": GPT_SETTINGS}.get(name, [])
 
 
 def run_config(name: str, overrides: list[str]):
