@@ -3,7 +3,7 @@
 #   1. set up .venv and install reformer-dist
 #   2. prepare a byte-level corpus from the Python standard library's own source files
 #   3. train the tiny Reformer with the DeepSpeed launcher (all local GPUs, or two CPU ranks): validation
-#      bits/byte at step 0 and every 100 steps, a generated sample every 200
+#      bits/byte at step 0 and every 100 steps, a generated sample every 250
 #   4. export it to ONNX and check the graph
 #   5. generate a sample with ONNX Runtime (the prompt, then the continuation) and print the validation
 #      bits/byte before and after training
