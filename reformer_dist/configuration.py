@@ -1,36 +1,29 @@
-"""The run configuration: typed sections merged from YAML files and ``key=value`` overrides.
+"""The training run's configuration: the sections ``reformer-dist train`` (and eval, plan, config) reads.
 
 Each concern owns its section dataclass (``model`` → :class:`ReformerConfig`, ``data`` → ``DataConfig``,
-``train``/``deepspeed``/``logging`` → the training configs, ``export``, ``serve``). This module only merges
-them — OmegaConf structured configs give type checking — and turns every failure into a
-:class:`ConfigError` that names the key::
+``train``/``deepspeed``/``logging`` → the training configs); ``config_files`` merges them from YAML files and
+``key=value`` overrides (OmegaConf structured configs give type checking) and turns every failure into a
+:class:`ConfigError` that names the key. The ``export:`` and ``serve:`` sections of the same files belong to
+their commands (``config_files.load_section``)::
 
     cfg = load_config(["configs/tiny.yaml"], ["train.max_steps=100", "model.n_layers=4"])
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.resources
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from reformer_dist.atomic_write import write_text_atomic
+from reformer_dist.config_files import merge_config_files, merge_sections
 from reformer_dist.data.config import DataConfig
 from reformer_dist.errors import ConfigError
-from reformer_dist.export.config import ExportConfig
 from reformer_dist.model.config import ReformerConfig
-from reformer_dist.serve.config import ServeConfig
 from reformer_dist.train.config import DeepSpeedConfig, LoggingConfig, TrainConfig
-
-# The repository's configs/ directory, installed as the package reformer_dist.configs (see pyproject.toml)
-CONFIG_DIR = Path(str(importlib.resources.files("reformer_dist.configs")))
 
 
 @dataclass
@@ -45,10 +38,6 @@ class JobConfig:
     """DeepSpeed engine: ZeRO stage, offload, precision."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Experiment tracking."""
-    export: ExportConfig = field(default_factory=ExportConfig)
-    """ONNX / TensorRT export defaults."""
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    """HTTP server defaults."""
 
     def validate(self) -> JobConfig:
         """Check each section, then the constraints that span sections."""
@@ -56,7 +45,6 @@ class JobConfig:
         self.train.validate()
         self.deepspeed.validate()
         self.logging.validate()
-        self.serve.validate()
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError("train.seq_len", f"{self.train.seq_len} exceeds model.max_seq_len="
                                                f"{self.model.max_seq_len} (the positional table size)")
@@ -77,64 +65,9 @@ class JobConfig:
         return self
 
 
-def _suggest(key: str, node: Any) -> str:
-    """' (did you mean 'x'?)' for an unknown dotted key, using the valid keys at its level."""
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node, DictConfig) or part not in node:
-            break
-        node = node[part]
-    if not isinstance(node, DictConfig):
-        return ""
-    close = difflib.get_close_matches(parts[-1], [str(k) for k in node], n=1, cutoff=0.6)
-    prefix = ".".join(parts[:-1])
-    return f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-
-
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
-    try:
-        return OmegaConf.merge(base, other)
-    except ConfigKeyError as e:
-        key = e.full_key or str(e.key)
-        raise ConfigError(key, f"unknown key in {source}{_suggest(key, base)}") from None
-    except ValidationError as e:
-        raise ConfigError(e.full_key or "?", f"wrong type in {source}: {e.msg.splitlines()[0]}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(getattr(e, "full_key", None) or "?", f"{source}: {e}") from None
-
-
-def resolve_config_path(name: str) -> Path:
-    """A config file path, or a bare name like 'tiny' looked up in the packaged configs/ directory."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError("--config", f"no such config file {name!r} (looked in . and {CONFIG_DIR})")
-
-
 def load_config(files: list[str] | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Merge the defaults, each YAML file in order, then ``key=value`` overrides; validate; return typed."""
-    cfg = OmegaConf.structured(JobConfig)
-    for name in files or []:
-        path = resolve_config_path(name)
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:  # YAML syntax errors come in many types
-            raise ConfigError(str(path), f"cannot parse YAML: {e}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(str(path), "must be a mapping of sections (model:, train:, ...)")
-        cfg = _merge(cfg, loaded, str(path))
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(item, "overrides are written key=value, e.g. train.max_steps=100")
-        key = item.split("=", 1)[0].strip()
-        try:
-            dotlist = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as e:
-            raise ConfigError(key, f"cannot parse override: {e}") from None
-        cfg = _merge(cfg, dotlist, f"override {item!r}")
+    cfg = merge_config_files(OmegaConf.structured(JobConfig), files, overrides)
     try:
         job: JobConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
@@ -149,7 +82,7 @@ def config_to_yaml(cfg: JobConfig) -> str:
 
 def config_from_dict(data: dict) -> JobConfig:
     """A JobConfig from a plain mapping (e.g. a saved config.yaml already parsed), validated."""
-    merged = _merge(OmegaConf.structured(JobConfig), OmegaConf.create(data), "saved config")
+    merged = merge_sections(OmegaConf.structured(JobConfig), OmegaConf.create(data), "saved config")
     return OmegaConf.to_object(merged).validate()
 
 
@@ -158,20 +91,4 @@ def save_config(cfg: JobConfig, path: str | os.PathLike) -> None:
     write_text_atomic(path, config_to_yaml(cfg))
 
 
-def field_docs(section: type) -> dict[str, str]:
-    """Field name → docstring of a section dataclass (read from the attribute docstrings in its source)."""
-    import ast
-    import inspect
-    import itertools
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(section)))
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in itertools.pairwise(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
-    return docs
-
-
-__all__ = ["JobConfig", "config_from_dict", "config_to_yaml", "field_docs", "load_config", "save_config"]
+__all__ = ["JobConfig", "config_from_dict", "config_to_yaml", "load_config", "save_config"]

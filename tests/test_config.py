@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from reformer_dist.config_files import field_docs, load_section
 from reformer_dist.configuration import (
     JobConfig,
     config_from_dict,
     config_to_yaml,
-    field_docs,
     load_config,
     save_config,
 )
 from reformer_dist.errors import ConfigError
+from reformer_dist.export.config import ExportConfig
+from reformer_dist.serve.config import ServeConfig
 from reformer_dist.train.config import WandbConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +106,8 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_every_config_field_has_a_docstring():
-    sections = [JobConfig, *(type(getattr(JobConfig(), f)) for f in JobConfig.__dataclass_fields__), WandbConfig]
+    sections = [JobConfig, *(type(getattr(JobConfig(), f)) for f in JobConfig.__dataclass_fields__), WandbConfig,
+                ExportConfig, ServeConfig]
     for section in sections:
         docs = field_docs(section)
         missing = [f for f in section.__dataclass_fields__ if not docs.get(f)]
@@ -118,3 +121,18 @@ def test_cli_prints_merged_config_and_reports_errors_without_traceback():
     bad = subprocess.run([*run[:-1], "train.max_steps=-1"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2
     assert "train.max_steps" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_each_command_reads_its_own_section_of_a_shared_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {d_model: 64}\nexport: {precision: int8}\nserve: {port: 9000}\n")
+    assert load_config([str(path)]).model.d_model == 64  # training skips export: and serve:
+    assert load_section("export", ExportConfig, [str(path)]).precision == "int8"
+    assert load_section("serve", ServeConfig, [str(path)], ["serve.max_batch_size=2"]).max_batch_size == 2
+
+    path.write_text("export: {precision: fp8}\n")
+    with pytest.raises(ConfigError, match=r"export\.precision"):
+        load_section("export", ExportConfig, [str(path)])
+    path.write_text("exprot: {precision: int8}\n")
+    with pytest.raises(ConfigError, match=r"exprot.*did you mean 'export'"):
+        load_config([str(path)])

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from reformer_dist import ReformerConfig, ReformerLM
+from reformer_dist.atomic_write import umask_mode
 from reformer_dist.cli import main
-from reformer_dist.errors import CheckpointError
+from reformer_dist.errors import CheckpointError, ConfigError
 from reformer_dist.export import lsh_onnx
 from reformer_dist.export.check import check_model
 from reformer_dist.export.loading import load_model_for_export
@@ -299,6 +300,7 @@ def test_int8_graph_keeps_lsh_in_fp32_and_stays_within_2_percent_of_fp32_loss(ex
     model, fp32_path, fp32 = exported["mixed"]
     int8_path = tmp_path / "mixed.int8.onnx"
     int8 = export_onnx(model, int8_path, precision="int8", tokenizer={"kind": "bytes", "offset": 0})
+    assert int8_path.stat().st_mode & 0o777 == umask_mode()  # readable by a serving uid, as other exports
     # the LSH layers are untouched: same nodes, same function body, fp32 rotations; the linear layers are int8
     assert [n.attribute for n in lsh_nodes(int8)] == [n.attribute for n in lsh_nodes(fp32)]
     assert [f.SerializeToString() for f in int8.functions] == [f.SerializeToString() for f in fp32.functions]
@@ -319,3 +321,22 @@ def test_int8_graph_keeps_lsh_in_fp32_and_stays_within_2_percent_of_fp32_loss(ex
             "--data", str(tmp_path / "data"), "--seq-len", "512", "--windows", "4", "--max-loss-increase", "2"]
     assert main(args) == 0
     assert "held-out loss over 2048 tokens" in capsys.readouterr().out
+
+
+def test_export_flags_override_the_config_files_export_section(tmp_path):
+    import argparse
+
+    from reformer_dist.commands import export
+
+    config = tmp_path / "run.yaml"
+    config.write_text("train: {max_steps: 3}\nexport: {precision: fp16, lsh_sort: topk}\n")
+    parser = argparse.ArgumentParser()
+    export._add_onnx(parser)
+    base = ["--checkpoint", "run", "--output", "m.onnx", "--config", str(config)]
+    cfg = export.export_config(parser.parse_args(base))
+    assert (cfg.precision, cfg.lsh_sort) == ("fp16", "topk")
+    cfg = export.export_config(parser.parse_args([*base, "--precision", "fp32", "--sort", "counting"]))
+    assert (cfg.precision, cfg.lsh_sort, cfg.flavour) == ("fp32", "counting", "portable")
+    config.write_text("export: {precision: int8, flavour: tensorrt}\n")
+    with pytest.raises(ConfigError, match=r"export\.precision"):
+        export.export_config(parser.parse_args(base))

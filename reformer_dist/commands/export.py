@@ -25,16 +25,18 @@ def _add_onnx(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="training run directory, native model directory / .safetensors, or HF Reformer directory")
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="the .onnx file to write")
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+    p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
+                   help="run config YAML (repeatable) whose export: section sets the defaults of the flags below")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help=f"weights and activations of the graph (default {d.precision})")
-    p.add_argument("--flavour", choices=FLAVOURS, default=d.flavour,
-                   help="portable: standard-op LSH body; tensorrt: + plugin attributes; ort-tensorrt: "
-                        "node in ONNX Runtime's trt.plugins domain")
-    p.add_argument("--sort", choices=LSH_SORTS, default=d.lsh_sort,
-                   help="sort of the LSH body: counting (TensorRT-parsable) or topk (fewer ops)")
+    p.add_argument("--flavour", choices=FLAVOURS, default=None,
+                   help=f"portable: standard-op LSH body; tensorrt: + plugin attributes; ort-tensorrt: "
+                        f"node in ONNX Runtime's trt.plugins domain (default {d.flavour})")
+    p.add_argument("--sort", dest="lsh_sort", choices=LSH_SORTS, default=None,
+                   help=f"sort of the LSH body: counting (TensorRT-parsable) or topk (fewer ops) (default {d.lsh_sort})")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="longest sequence the deployment accepts (default: the model's max_seq_len)")
-    p.add_argument("--opset", type=int, default=d.opset, help=f"ONNX opset version (default {d.opset})")
+    p.add_argument("--opset", type=int, default=None, help=f"ONNX opset version (default {d.opset})")
     p.add_argument("--tokenizer", default=None, metavar="SPEC",
                    help="tokenizer to record (bytes, a tokenizer.json, a .model); default: the checkpoint's")
     p.add_argument("--generation", action="store_true",
@@ -42,11 +44,24 @@ def _add_onnx(p: argparse.ArgumentParser) -> None:
                         "(used by `reformer-dist generate --model` and the Triton repository)")
 
 
+def export_config(args: argparse.Namespace):
+    """ExportConfig defaults < the export: section of --config < flags given on the command line."""
+    from dataclasses import fields, replace
+
+    from reformer_dist.config_files import load_section
+    from reformer_dist.export.config import ExportConfig
+
+    cfg = load_section("export", ExportConfig, args.config)
+    flags = {f.name: getattr(args, f.name) for f in fields(ExportConfig) if getattr(args, f.name) is not None}
+    return replace(cfg, **flags).validate()
+
+
 def _run_onnx(args: argparse.Namespace) -> int:
     from reformer_dist.export.check import check_model
     from reformer_dist.export.loading import load_model_for_export, model_name
     from reformer_dist.export.onnx_export import export_onnx, lsh_nodes
 
+    cfg = export_config(args)
     source = load_model_for_export(args.checkpoint)
     tokenizer = source.tokenizer
     if args.tokenizer is not None:
@@ -57,17 +72,17 @@ def _run_onnx(args: argparse.Namespace) -> int:
         from reformer_dist.data.tokenizer import get_tokenizer
 
         get_tokenizer(tokenizer)  # a file the deployment could not load is refused before it is embedded
-    proto = export_onnx(source.model, args.output, precision=args.precision, flavour=args.flavour, sort=args.sort,
-                        opset=args.opset, max_seq_len=args.max_seq_len, tokenizer=tokenizer, generation=args.generation,
+    proto = export_onnx(source.model, args.output, precision=cfg.precision, flavour=cfg.flavour, sort=cfg.lsh_sort,
+                        opset=cfg.opset, max_seq_len=args.max_seq_len, tokenizer=tokenizer, generation=args.generation,
                         model_name=model_name(source.path))
     report = check_model(proto, "onnxruntime")
     print(f"wrote {args.output}: {len(proto.graph.node)} nodes, {len(lsh_nodes(proto))} LshAttention, "
-          f"{args.precision}, flavour {args.flavour}, {args.sort} sort ({source.kind} checkpoint {source.path})")
+          f"{cfg.precision}, flavour {cfg.flavour}, {cfg.lsh_sort} sort ({source.kind} checkpoint {source.path})")
     if args.generation:
         from reformer_dist.export.metadata import generation_paths
 
         print("wrote " + ", ".join(str(p) for p in generation_paths(args.output).values()))
-    if args.precision == "int8":
+    if cfg.precision == "int8":
         print(f"int8: measure its quality cost with `reformer-dist export check {args.output} --target onnxruntime "
               f"--reference FP32.onnx --data DATA_DIR`")
     if not report.ok:

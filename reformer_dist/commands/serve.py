@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from reformer_dist.serve.config import ServeConfig
 
@@ -67,29 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """ServeConfig defaults < the serve: section of --config < flags given on the command line."""
-    from dataclasses import fields
+    from reformer_dist.config_files import load_section
 
-    from reformer_dist.errors import ConfigError
-
-    values = {}
-    if args.config is not None:
-        # read here rather than through reformer_dist.configuration, which imports the training configs
-        import yaml
-
-        try:
-            with open(args.config) as f:
-                section = (yaml.safe_load(f) or {}).get("serve") or {}
-        except (OSError, yaml.YAMLError, AttributeError) as e:
-            raise ConfigError(args.config, f"cannot read a run config with a serve: section ({e})") from None
-        types = {f.name: str if f.default is None else type(f.default) for f in fields(ServeConfig)}
-        for key, value in section.items():
-            if key not in types:
-                raise ConfigError(f"serve.{key}", f"unknown key in {args.config}; known: {sorted(types)}")
-            if not isinstance(value, types[key]) and not (types[key] is float and type(value) is int):
-                raise ConfigError(f"serve.{key}", f"must be {types[key].__name__}, got {value!r}")
-            values[key] = value
-    values.update({field: getattr(args, field) for field, *_ in SERVE_FLAGS if getattr(args, field) is not None})
-    return ServeConfig(**values).validate()
+    cfg = load_section("serve", ServeConfig, [args.config] if args.config else [])
+    values = {field: getattr(args, field) for field, *_ in SERVE_FLAGS if getattr(args, field) is not None}
+    return replace(cfg, **values).validate()
 
 
 def run(args: argparse.Namespace) -> int:

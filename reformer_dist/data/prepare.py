@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from reformer_dist.atomic_write import atomic_write
 from reformer_dist.data.shards import (
     FORMAT,
     MANIFEST,
@@ -209,9 +210,7 @@ def _store_tokenizer(spec: dict, output_dir: str) -> dict:
     file = TOKENIZER_FILES[spec["kind"]]
     dest = os.path.join(output_dir, file)
     if os.path.abspath(spec["path"]) != os.path.abspath(dest):
-        tmp = f"{dest}.tmp{os.getpid()}"
-        shutil.copyfile(spec["path"], tmp)
-        os.replace(tmp, dest)
+        atomic_write(dest, lambda tmp: shutil.copyfile(spec["path"], tmp))
     return {"kind": spec["kind"], "path": file, "bytes": os.path.getsize(dest), "sha256": sha256_file(dest),
             "source": os.path.abspath(spec["path"])}
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from reformer_dist.atomic_write import write_text_atomic
+from reformer_dist.atomic_write import fsync_file, write_text_atomic
 from reformer_dist.errors import DataError
 
 FORMAT = "reformer-dist-tokens"
@@ -58,14 +58,6 @@ def sha256_file(path: str, block_bytes: int = 1 << 20) -> str:
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file + os.replace, so readers see the old or the new file."""
     write_text_atomic(path, json.dumps(obj, indent=1) + "\n", fsync=True)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -148,7 +140,7 @@ class ShardWriter:
         for i, size in enumerate(self.shard_sizes):
             path = os.path.join(self.output_dir, self.name(i))
             digest = sha256_file(self.tmp_path(i))
-            _fsync(self.tmp_path(i))  # on disk before it is named, so a power cut cannot leave a hole
+            fsync_file(self.tmp_path(i))  # on disk before it is named, so a power cut cannot leave a hole
             os.replace(self.tmp_path(i), path)
             shards.append({"file": self.name(i), "n_tokens": size, "bytes": size * self.dtype.itemsize,
                            "sha256": digest})

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from reformer_dist.decoding.backend import DecodingBackend
-from reformer_dist.model.generation import Cache, decode_step, prefill
+from reformer_dist.model.generation import Cache, Decoder, prefill
 from reformer_dist.model.reformer import ReformerLM
 
 
@@ -50,6 +50,7 @@ class TorchBackend(DecodingBackend):
         if freeze:
             self.model.freeze_rotations()
         self.rotations = self.model.draw_rotations()
+        self.decoder = Decoder(self.model)  # the decode step's weights, prepared once
         cfg = model.config
         self.max_seq_len = cfg.max_seq_len
         self.vocab_size = cfg.vocab_size
@@ -80,7 +81,8 @@ class TorchBackend(DecodingBackend):
         for rows in by_length.values():
             ids = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=self.device)
             with self._threads(self.threads):
-                out, cache = prefill(self.model, ids, None, self.rotations, self.max_seq_len, self.max_cache_len)
+                out, cache = prefill(self.model, ids, None, self.rotations, self.max_seq_len, self.max_cache_len,
+                                     decoder=self.decoder)
             group = TorchState(cache, torch.full((len(rows),), ids.shape[1], dtype=torch.long, device=self.device))
             state = group if state is None else self.merge(state, group)
             logits.append(out)
@@ -94,7 +96,7 @@ class TorchBackend(DecodingBackend):
     def decode(self, state: TorchState, tokens: np.ndarray) -> np.ndarray:
         token = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.device)
         with self._threads(1):
-            logits, state.cache = decode_step(self.model, token, state.position, state.cache, inplace=True)
+            logits, state.cache = self.decoder.step(token, state.position, state.cache, inplace=True)
         state.position += 1
         return logits.float().cpu().numpy()
 

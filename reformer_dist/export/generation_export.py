@@ -20,8 +20,9 @@ rotations are not in the cache: they are frozen into both graphs (``ReformerLM.f
 same draw as the main graph and as PyTorch decoding), so a run equals PyTorch generation.
 
 Both graphs pass ``export check --target tensorrt``. The prefill's LSH layers are
-``reformer::LshAttention`` nodes carrying the body (as the main graph, with the chosen sort); its
-bucket-ring cache is laid out by counting (one-hot + fp32 CumSum, ``generation.prefill(counting=True)``)
+``reformer::LshAttention`` nodes carrying the body (as the main graph, with the chosen sort), except a last
+layer, which only hashes and builds its cache (the prompt's last token then runs the decode step's ops,
+see ``generation.prefill``); its bucket-ring cache is laid out from a bucket order found by counting (one-hot + fp32 CumSum, ``generation.prefill(counting=True)``)
 with ``sort="counting"``: TensorRT takes neither a TopK whose K is the prompt length nor an INT64 CumSum.
 ``sort="topk"`` sorts instead (fewer ops, ONNX Runtime only). The decode graph has no sort and no custom
 node (the new token joins its bucket's ring by counting). Chunk-window LSH (imported HF checkpoints) is

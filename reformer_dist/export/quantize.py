@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 
+from reformer_dist.atomic_write import atomic_write
 from reformer_dist.errors import ReformerDistError
 from reformer_dist.export.metadata import read_metadata, set_metadata
 
@@ -46,20 +45,20 @@ def quantize_int8(source: str | os.PathLike, output: str | os.PathLike) -> onnx.
     nodes = linear_matmuls(proto)
     if not nodes:
         raise ReformerDistError(f"{source}: no linear-layer MatMul to quantize")
-    output = Path(output)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
-    os.close(fd)
-    try:
+    written: list[onnx.ModelProto] = []
+
+    def write(tmp: str) -> None:
         quantize_dynamic(str(source), tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                          nodes_to_quantize=nodes, extra_options={"MatMulConstBOnly": True})
         quantized = onnx.load(tmp)
         set_metadata(quantized, {"precision": "int8", "quantized_from": read_metadata(proto).get("precision", "fp32")})
         onnx.checker.check_model(quantized, full_check=True)
         onnx.save_model(quantized, tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        written.append(quantized)
+
+    # the served artefact: complete or absent, mode 0644 under the usual umask, on disk before the rename
+    atomic_write(output, write, fsync=True)
+    quantized = written[0]
     return quantized
 
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from reformer_dist.atomic_write import umask_mode
+from reformer_dist.atomic_write import atomic_directory, umask_mode
 from reformer_dist.errors import ReformerDistError
 
 ONNX_TO_TRITON = {
@@ -171,27 +170,18 @@ def write_triton_repo(model: str | os.PathLike, output: str | os.PathLike, *, na
             batch_cap = min(max_batch_size, profile_max or max_batch_size)
         text = config_pbtxt(model_name, PLATFORMS[file.suffix], inputs, outputs, batch_cap, instances,
                             kind, queue_delay_us)
-        staging = Path(tempfile.mkdtemp(dir=out, prefix=f".{model_name}."))
-        try:
+        final = out / model_name
+        with atomic_directory(final) as staging:
             (staging / "1").mkdir()
             shutil.copy2(file, staging / "1" / f"model{file.suffix}")
             if file.suffix == ".onnx":
                 for extra in _external_data_files(file):
                     shutil.copy2(extra, staging / "1" / extra.name)
             (staging / "config.pbtxt").write_text(text)
-            # mkdtemp creates an owner-only directory and copy2 keeps the source's mode; the server often
-            # runs as another user: give the modes mkdir()/open() would (under the usual umask 755/644)
-            for p in (staging, staging / "1"):
-                p.chmod(umask_mode(0o777))
-            for p in (*staging.glob("*.pbtxt"), *(staging / "1").iterdir()):
+            # copy2 keeps the source's mode; the server often runs as another user: give the files the
+            # mode open() would (under the usual umask 644)
+            for p in (staging / "1").iterdir():
                 p.chmod(umask_mode())
-            final = out / model_name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         written.append(final)
     return written
 

@@ -15,7 +15,13 @@ from reformer_dist.errors import ConfigError
 
 ATTENTION_KINDS = ("lsh", "local", "full")
 LSH_WINDOWS = ("bucket", "chunk")
-ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+# activation name -> (torch.nn.functional function, its keyword arguments); the feed-forward applies it
+ACTIVATIONS: dict[str, tuple[str, dict[str, str]]] = {
+    "relu": ("relu", {}),
+    "gelu": ("gelu", {}),
+    "gelu_new": ("gelu", {"approximate": "tanh"}),
+    "silu": ("silu", {}),
+}
 
 
 @dataclass
@@ -42,7 +48,7 @@ class ReformerConfig:
     """Chunk length over the sorted order ('chunk') or window length per bucket ('bucket')."""
     lsh_n_hashes: int = 2
     """Hash rounds; their outputs are combined with logsumexp weights."""
-    lsh_n_buckets: Any = None
+    lsh_n_buckets: Any = None  # int | list[int] | None: OmegaConf cannot type a union with a list
     """Buckets per round: an even int, a list of even factors (factorised buckets), or null = automatic
     (a power of two close to 2*max_seq_len/lsh_chunk_len, factorised above 128, as HF does)."""
     lsh_chunks_before: int = 1

@@ -113,15 +113,22 @@ def hash_vectors(qk: Tensor, rotations: Tensor, n_buckets: list[int], key_paddin
     per round, padding positions in the extra bucket ``prod(n_buckets)``.
     """
     rotated = torch.einsum("bhld,hdnr->bhnlr", qk.detach().float(), rotations.float())
+    buckets = rotated_buckets(rotated, n_buckets)
+    if key_padding_mask is not None:
+        buckets = torch.where(key_padding_mask[:, None, None, :].bool(), buckets, math.prod(n_buckets))
+    return buckets
+
+
+def rotated_buckets(rotated: Tensor, n_buckets: list[int]) -> Tensor:
+    """Buckets (...) of rotated vectors (..., sum(n_buckets)//2): ``b_0 + f_0*b_1 + ...``, the argmax of
+    ``cat[x R, -x R]`` per bucket factor over its slice of the rotations."""
     buckets, offset, stride = None, 0, 1
-    for factor in n_buckets:  # factorised buckets: one argmax per factor over its slice of rotations
+    for factor in n_buckets:
         part = rotated[..., offset : offset + factor // 2]
         b = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
         buckets = b if buckets is None else buckets + stride * b
         offset += factor // 2
         stride *= factor
-    if key_padding_mask is not None:
-        buckets = torch.where(key_padding_mask[:, None, None, :].bool(), buckets, stride)
     return buckets
 
 
@@ -498,8 +505,12 @@ def combine_rounds(o: Tensor, row_max: Tensor, log_sum: Tensor, hf_rounding: boo
 
 def _buckets_or_hash(qk: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
                      n_buckets: list[int]) -> Tensor:
-    if buckets is not None:
-        return buckets
+    return hash_in_blocks(qk, rotations, n_buckets, key_padding_mask) if buckets is None else buckets
+
+
+def hash_in_blocks(qk: Tensor, rotations: Tensor, n_buckets: list[int], key_padding_mask: Tensor | None) -> Tensor:
+    """:func:`hash_vectors` over blocks of positions, so that the rotated tensor stays a few MiB at any length
+    (``HASH_BLOCK_ELEMENTS``)."""
     b, h, length, _ = qk.shape
     block = max(1, HASH_BLOCK_ELEMENTS // (b * h * rotations.shape[2] * rotations.shape[3]))
     parts = []

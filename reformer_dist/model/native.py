@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reformer_dist.atomic_write import atomic_write
+from reformer_dist.atomic_write import atomic_directory, atomic_write
 from reformer_dist.errors import CheckpointError, ReformerDistError, describe
 
 if TYPE_CHECKING:
@@ -47,26 +47,19 @@ def save_native(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str,
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.writing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     state = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in model.state_dict().items()}
-    # safetensors writes 0600 files; atomic_write gives the mode open() would (the directory is shared)
-    atomic_write(tmp / WEIGHTS, lambda file: save_file(state, file, metadata={"format": NATIVE_FORMAT, "version": "1"}))
-    (tmp / CONFIG).write_text(yaml.safe_dump({"model": asdict(model.config)}, sort_keys=False))
-    if tokenizer is not None:
-        spec = dict(tokenizer)
-        if "path" in spec:  # the directory must stand alone: copy the file in
-            name = TOKENIZER_FILES.get(spec["kind"], Path(spec["path"]).name)
-            shutil.copyfile(spec["path"], tmp / name)  # the contents, not the source's permission bits
-            spec["path"] = name
-        (tmp / TOKENIZER).write_text(json.dumps(spec, indent=1) + "\n")
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(path) as tmp:
+        # safetensors writes 0600 files; atomic_write gives the mode open() would (the directory is shared)
+        atomic_write(tmp / WEIGHTS, lambda file: save_file(state, file, metadata={"format": NATIVE_FORMAT,
+                                                                                 "version": "1"}))
+        (tmp / CONFIG).write_text(yaml.safe_dump({"model": asdict(model.config)}, sort_keys=False))
+        if tokenizer is not None:
+            spec = dict(tokenizer)
+            if "path" in spec:  # the directory must stand alone: copy the file in
+                name = TOKENIZER_FILES.get(spec["kind"], Path(spec["path"]).name)
+                shutil.copyfile(spec["path"], tmp / name)  # the contents, not the source's permission bits
+                spec["path"] = name
+            (tmp / TOKENIZER).write_text(json.dumps(spec, indent=1) + "\n")
     return path
 
 

@@ -11,6 +11,7 @@ reference ``chunk`` LSH window, whose sorted-order chunks see padding move their
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,9 +20,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from reformer_dist.errors import ReformerDistError
-from reformer_dist.model import hf_interop, native
 from reformer_dist.model.attention import AttentionBlock, LSHSelfAttention
-from reformer_dist.model.config import ReformerConfig
+from reformer_dist.model.config import ACTIVATIONS, ReformerConfig
 from reformer_dist.model.embeddings import Embeddings
 from reformer_dist.model.reversible import TileHook, residual_stack, reversible_stack
 from reformer_dist.model.rng import GeneratorHolder, draw_seed, positional_dropout
@@ -29,12 +29,6 @@ from reformer_dist.model.sequence_parallel import SequenceShard
 
 ROTATION_SEED = 0  # the default draw of inference rotations (see ReformerLM.draw_rotations)
 
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-}
 
 
 class FeedForwardBlock(GeneratorHolder):
@@ -49,7 +43,8 @@ class FeedForwardBlock(GeneratorHolder):
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.dense = nn.Linear(config.d_model, config.d_ff)
         self.output = nn.Linear(config.d_ff, config.d_model)
-        self.act = ACTIVATIONS[config.activation]
+        name, kwargs = ACTIVATIONS[config.activation]
+        self.act = functools.partial(getattr(F, name), **kwargs)
         self.dropout = config.dropout
         self.chunk_size = config.ff_chunk_size
 
@@ -187,13 +182,6 @@ class ReformerLM(nn.Module):
     def _chunk_loss_sum(self, y1: Tensor, y2: Tensor, targets: Tensor) -> Tensor:
         logits = self.lm_head(self.final_norm(torch.cat([y1, y2], dim=-1))).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-
-    # ------------------------------------------------------------------ checkpoints
-    # (implemented beside the model: hf_interop.py, native.py; cached decoding: generation.py)
-    from_hf = staticmethod(hf_interop.from_hf)
-    save_hf = hf_interop.save_hf
-    from_native = staticmethod(native.from_native)
-    save_native = native.save_native
 
     # ------------------------------------------------------------------ deployment: one draw of rotations
     def draw_rotations(self, seed: int = ROTATION_SEED) -> list[Tensor | None]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -67,9 +66,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_torch_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -220,17 +217,13 @@ def convert_to_universal(point: ResumePoint) -> None:
     out = point.load_dir / point.tag
     if (out / META).is_file():
         return
-    point.load_dir.mkdir(parents=True, exist_ok=True)
-    tmp = point.load_dir / f".{point.tag}.converting"
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = type("Args", (), dict(input_folder=str(point.path), output_folder=str(tmp), num_extract_workers=1,
-                                 num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                 inject_missing_state=True))()
-    with weights_only_loads():
-        ds_to_universal(args)
-    shutil.copy(point.path / META, tmp / META)  # marks the conversion complete
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_write.atomic_directory(out) as tmp:
+        args = type("Args", (), dict(input_folder=str(point.path), output_folder=str(tmp), num_extract_workers=1,
+                                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                     inject_missing_state=True))()
+        with weights_only_loads():
+            ds_to_universal(args)
+        shutil.copy(point.path / META, tmp / META)  # marks the conversion complete
 
 
 # ---------------------------------------------------------------------------------------------- RNG

@@ -81,13 +81,6 @@ def init_distributed(timeout_s: float) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, backend=backend)
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over ranks of a few scalars, in one collective (fp64 so counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def all_gather_float(value: float, device: torch.device) -> list[float]:
     """``value`` from every rank, in rank order."""
     t = torch.tensor([value], dtype=torch.float64, device=device)
