@@ -98,7 +98,7 @@ def test_two_sequence_parallel_pairs_with_zero2_train_like_one_process(config, r
 
 @pytest.mark.parametrize(("overrides", "world_size", "key"), [
     (["model.n_heads=2", "deepspeed.sequence_parallel_size=4"], 4, "model.n_heads"),
-    (["model.n_heads=3", "deepspeed.sequence_parallel_size=3"], 3, "train.seq_len"),  # 256 positions in 3 shards
+    (["model.n_heads=3", "deepspeed.sequence_parallel_size=3"], 3, "train.seq_len"),  # 512 positions in 3 shards
     (["deepspeed.sequence_parallel_size=2"], 3, "deepspeed.sequence_parallel_size"),
     (["deepspeed.sequence_parallel_size=0"], 1, "deepspeed.sequence_parallel_size"),
 ])
@@ -110,7 +110,7 @@ def test_layouts_that_cannot_split_are_refused_naming_the_key(overrides, world_s
 
 def test_config_command_prints_the_layout_beside_the_deepspeed_json():
     proc = subprocess.run([sys.executable, "-m", "reformer_dist", "config", "--config", "tiny", "--deepspeed",
-                           "--world-size", "8", "deepspeed.sequence_parallel_size=2"],
+                           "--world-size", "8", "deepspeed.sequence_parallel_size=2", "train.micro_batch_size=8"],
                           capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 0, proc.stderr
     ds = json.loads(proc.stdout)
