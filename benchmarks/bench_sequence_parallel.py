@@ -128,18 +128,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per rank (default 1: 2 ranks on 2 cores)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default="sequence_parallel")
-    parser.add_argument("--merge", type=Path, default=None,
-                        help="an earlier run's .json: its rows are kept unless this run re-measures them (with "
-                             "--lengths '' nothing is measured: the tables and plot are redrawn)")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="earlier runs' .json files: their rows are kept unless a later file or this run "
+                             "re-measures them (with --lengths '' nothing is measured: the tables and plot are redrawn)")
     args = parser.parse_args()
     points = [("bench", int(length), int(ranks)) for length in args.lengths.split(",") if length
               for ranks in args.ranks.split(",")]
-    earlier = json.loads(args.merge.read_text()) if args.merge else {"results": []}
-    commands = earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
+    commands, rows = [], {}
+    for path in args.merge:
+        earlier = json.loads(path.read_text())
+        commands += earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
+        rows.update({(r["length"], r["ranks"]): r for r in earlier["results"]})
     if points:
-        commands = [*commands, "python benchmarks/bench_sequence_parallel.py " + " ".join(sys.argv[1:])]
+        commands.append("python benchmarks/bench_sequence_parallel.py " + " ".join(sys.argv[1:]))
+    commands = list(dict.fromkeys(commands))
     fresh = {(length, ranks) for _, length, ranks in points}
-    kept = [r for r in earlier["results"] if (r["length"], r["ranks"]) not in fresh]
+    kept = [r for key, r in rows.items() if key not in fresh]
     args.out.mkdir(parents=True, exist_ok=True)
 
     def write(results: list[dict]) -> None:
