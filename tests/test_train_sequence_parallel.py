@@ -1,7 +1,7 @@
 """Sequence parallelism (DeepSpeed-Ulysses) on CPU gloo ranks through the real `deepspeed` launcher: a sharded
 model computes one process's loss and every gradient; 2 ranks sharing each sequence, and 2 x 2 ranks with
-ZeRO-2, train like one process; a sequence-parallel checkpoint resumes on one process; bad layouts are
-refused naming the key.
+ZeRO-2, train like one process; a sequence-parallel checkpoint resumes on one process and a one-process
+checkpoint on a sequence-parallel pair; bad layouts are refused naming the key.
 
 Runs reuse test_train_distributed's micro config and corpus (2 heads: one per rank of a pair), 10 steps
 with a checkpoint every 5.
@@ -80,6 +80,16 @@ def test_sequence_parallel_checkpoint_resumes_on_one_process(config, pair, refer
     run_dir = workdir / "sp2-to-1"
     out = run_ok(single(config, run_dir, *SHORT, f"train.resume={pair / 'checkpoints' / 'step_00000005'}",
                         "deepspeed.zero_stage=1"))
+    assert "(step 5)" in out
+    losses = step_records(run_dir, "loss")
+    assert sorted(losses) == list(range(6, STEPS + 1))
+    assert max_diff(losses, step_records(reference, "loss"), range(6, STEPS + 1)) <= 1e-5
+
+
+def test_one_process_checkpoint_resumes_with_two_ranks_per_sequence(config, reference, workdir):
+    run_dir = workdir / "sp1-to-2"
+    out = run_ok(launcher(2, config, run_dir, *SHORT, f"train.resume={reference / 'checkpoints' / 'step_00000005'}",
+                          "deepspeed.sequence_parallel_size=2", "deepspeed.zero_stage=1"))
     assert "(step 5)" in out
     losses = step_records(run_dir, "loss")
     assert sorted(losses) == list(range(6, STEPS + 1))
