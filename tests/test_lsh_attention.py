@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from reformer_dist.model.lsh import forward, hashing, layout
+from reformer_dist.model.lsh import forward, hashing, layout, spec
 from reformer_dist.model.lsh.spec import LshSpec
 
 lsh = torch.ops.reformer.lsh_attention
@@ -233,7 +233,7 @@ def test_bucket_window_compute_chunking_does_not_change_the_result(monkeypatch):
     rot = rotations(n_hashes=2, n_buckets=(4, 2))
     results = []
     for split in (1, 2, 4):
-        monkeypatch.setattr(layout, "BUCKET_SPLIT", split)
+        monkeypatch.setattr(spec, "BUCKET_SPLIT", split)
         out, _, _ = torch.ops.reformer.lsh_attention_with_stats(qk, v, rot, mask, None, 2, [4, 2], 8, 0, 0, "bucket",
                                                                 True, 0.0, 0)
         results.append((out, torch.autograd.grad(out.sum(), qk)[0]))

@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from reformer_dist.export.config import LSH_SORTS
-from reformer_dist.model.lsh.spec import BUCKET_SPLIT, LshSpec
+from reformer_dist.model.lsh.spec import LshSpec
 
 DOMAIN = "reformer"
 OP_TYPE = "LshAttention"
@@ -126,18 +126,6 @@ class _Body:
         return self("Range", self.const(0), stop, self.const(1))
 
 
-def window_layout(spec: LshSpec) -> tuple[int, list[int]]:
-    """(chunk length, chunk offsets relative to a query's chunk) of the sorted layout the body attends
-    over. 'chunk' windows are defined by their chunks. A 'bucket' window reaches chunk_len sorted slots
-    back (and ahead when not causal), so, as the model's op does (``lsh.layout.Window``), it runs on
-    query chunks of chunk_len / BUCKET_SPLIT: each query scores (1 + 1/BUCKET_SPLIT) * chunk_len keys
-    instead of 2x, with the same ones valid."""
-    if spec.window == "chunk":
-        return spec.chunk_len, spec.offsets()
-    split = BUCKET_SPLIT if spec.chunk_len % BUCKET_SPLIT == 0 else 1
-    return spec.chunk_len // split, list(range(-split, 1 if spec.causal else split + 1))
-
-
 def lsh_function(node: LshNode, sort: str = "counting", fp16_constants: bool = False,
                  opset: int = 18) -> onnx.FunctionProto:
     """The FunctionProto ``reformer::LshAttention`` specialised to ``node`` (its spec and inputs).
@@ -161,7 +149,7 @@ def lsh_function(node: LshNode, sort: str = "counting", fp16_constants: bool = F
     length = g("Squeeze", l1, g.const([0]))
     n_bh = g("Squeeze", g("Mul", b1, h1), g.const([0]))
     n_total = g("Mul", length, g.const(n))  # n*L sorted entries per (batch, head)
-    qc, offsets = window_layout(spec)  # chunk length of the layout (c for 'chunk' windows)
+    qc, offsets = spec.compute_chunks()  # chunk length of the layout (c for 'chunk' windows)
     n_chunks = g("Div", n_total, g.const(qc))
 
     # ---- 1. hash in fp32: rotated (B, H, n, L, R/2); one argmax per bucket factor

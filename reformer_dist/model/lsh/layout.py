@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from reformer_dist.model.lsh.spec import BUCKET_SPLIT, LshSpec, acc_dtype
+from reformer_dist.model.lsh.spec import LshSpec, acc_dtype
 
 # Score elements per block of chunks (all batch*heads together). On CPU 4 MiB of fp32 scores: enough work
 # per block that op-launch and thread-sync overheads stay small (measured: no slower than 16 MiB blocks at
@@ -107,29 +107,14 @@ class SortedLayout:
 
 class Window:
     """What a query sees, and how it is computed: ``chunk`` (the compute chunk length), ``offsets`` (the
-    chunks a query chunk sees, relative to its own), ``reach`` ('bucket': sorted slots back/ahead).
-
-    'chunk' is defined by its chunks. 'bucket' is defined by a reach of ``chunk_len`` sorted slots, so
-    without attention dropout it is computed with query chunks of ``chunk_len / BUCKET_SPLIT``: a chunk of
-    q queries needs the chunk_len slots before it plus its own, (1 + 1/BUCKET_SPLIT) * chunk_len scores per
-    query instead of 2x. With dropout it keeps the ``LshSpec.offsets`` geometry that keys the dropout mask
-    (and that the Triton kernels, ``triton_kernels``, reproduce bit for bit).
-    """
+    chunks a query chunk sees, relative to its own; ``LshSpec.compute_chunks``), ``reach`` ('bucket':
+    sorted slots back/ahead)."""
 
     def __init__(self, spec: LshSpec, dropout_p: float, length: int):
-        self.kind, self.causal, self.reach = spec.window, spec.causal, spec.chunk_len
+        self.spec, self.kind, self.causal, self.reach = spec, spec.window, spec.causal, spec.chunk_len
         # HF skips hashing when the sequence fits in one chunk: one round, the chunk sees only itself
         self.plain = spec.is_plain(length)
-        c = spec.chunk_len
-        split = BUCKET_SPLIT if spec.window == "bucket" and dropout_p == 0 and c % BUCKET_SPLIT == 0 else 1
-        self.chunk = c // split
-        if self.plain:
-            self.offsets = [0]
-        elif split == 1:
-            self.offsets = spec.offsets()
-        else:
-            self.offsets = list(range(-split, 1 if spec.causal else split + 1))
-        self.spec = spec
+        self.chunk, self.offsets = (spec.chunk_len, [0]) if self.plain else spec.compute_chunks(dropout_p)
 
     def layout(self, buckets: Tensor, key_padding_mask: Tensor | None, inner: bool, head_offset: int = 0,
                n_heads_total: int = 0) -> SortedLayout:

@@ -19,7 +19,7 @@ from torch import Tensor
 WINDOWS = ("bucket", "chunk")
 """'bucket': strictly causal per-bucket windows; 'chunk': HF/trax chunk windows (checkpoint parity)."""
 
-# 'bucket' window query chunks are chunk_len / BUCKET_SPLIT long (see ``layout.Window``).
+# 'bucket' window query chunks are chunk_len / BUCKET_SPLIT long (see ``LshSpec.compute_chunks``).
 BUCKET_SPLIT = 2
 
 
@@ -64,6 +64,20 @@ class LshSpec:
         if self.window == "bucket":
             return [-1, 0] if self.causal else [-1, 0, 1]
         return list(range(-self.chunks_before, self.chunks_after + 1))
+
+    def compute_chunks(self, dropout_p: float = 0.0) -> tuple[int, list[int]]:
+        """(query chunk length, chunk offsets) the window is computed with, by the op and the ONNX body.
+
+        'chunk' is defined by its chunks (``offsets``). 'bucket' is defined by a reach of ``chunk_len`` sorted
+        slots, so without attention dropout it is computed with query chunks of ``chunk_len / BUCKET_SPLIT``:
+        a chunk of q queries needs the chunk_len slots before it plus its own, (1 + 1/BUCKET_SPLIT) *
+        chunk_len scores per query instead of 2x, with the same ones valid. With dropout it keeps the
+        ``offsets`` geometry that keys the dropout mask (and that the Triton kernels reproduce bit for bit).
+        """
+        split = BUCKET_SPLIT if self.window == "bucket" and dropout_p == 0 and self.chunk_len % BUCKET_SPLIT == 0 else 1
+        if split == 1:
+            return self.chunk_len, self.offsets()
+        return self.chunk_len // split, list(range(-split, 1 if self.causal else split + 1))
 
     def is_plain(self, length: int) -> bool:
         """Whether the 'chunk' window runs as one plain attention (HF: ``sequence_length <= chunk_length``)."""
