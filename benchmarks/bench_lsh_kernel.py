@@ -86,49 +86,49 @@ def timed(setup: Callable[[], object], run: Callable[[object], object], repeats:
     return times
 
 
-def lsh_inputs(args: argparse.Namespace, length: int, seed: int):
-    """Fresh qk, v, rotations and output gradient, (B, H, L, D) in the benchmark dtype."""
+def lsh_inputs(args: argparse.Namespace, length: int, window: str, seed: int):
+    """Fresh qk, v, rotations and output gradient, (B, H, L, D) in the benchmark dtype, and the LshSpec."""
     from reformer_dist.model.config import ReformerConfig
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     dtype = DTYPES[args.dtype]
     shape = (args.batch, args.heads, length, args.d_head)
-    factors = ReformerConfig(max_seq_len=length, lsh_chunk_len=args.chunk_len).lsh_bucket_factors()
+    spec = ReformerConfig(max_seq_len=length, lsh_chunk_len=args.chunk_len, lsh_n_hashes=args.n_hashes,
+                          lsh_window=window).lsh_spec()
     qk = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
-    rotations = torch.randn(args.heads, args.d_head, args.n_hashes, sum(factors) // 2, device="cuda", generator=g)
+    rotations = torch.randn(args.heads, args.d_head, args.n_hashes, sum(spec.n_buckets) // 2, device="cuda", generator=g)
     grad = torch.randn(shape, device="cuda", dtype=dtype, generator=g)
-    return qk, v, rotations, grad, factors
+    return qk, v, rotations, grad, spec
 
 
 def measure_length(args: argparse.Namespace, length: int, window: str, bandwidth: float) -> dict:
-    from reformer_dist.kernels import DISABLE_ENV
-    from reformer_dist.kernels.lsh_triton import (
+    from reformer_dist.model.lsh.dispatch import DISABLE_ENV
+    from reformer_dist.model.lsh.forward import lsh_attention_reference
+    from reformer_dist.model.lsh.layout import sort_by_bucket
+    from reformer_dist.model.lsh.triton_kernels import (
         _backward_rounds,
         _forward_rounds,
         _probability_terms,
-        _Window,
         lsh_attention_backward_triton,
         lsh_attention_triton,
     )
-    from reformer_dist.model.lsh_attention import lsh_attention_reference, sort_by_bucket
 
     seeds = iter(range(10**6))
-    common = (args.chunk_len, 1, 0, window, True, 0.0, 0)  # chunk_len, before, after, window, causal, p, seed
 
     def setup():
-        return lsh_inputs(args, length, next(seeds))
+        return lsh_inputs(args, length, window, next(seeds))
 
     def run_triton(state):
-        qk, v, rotations, grad, factors = state
-        out, buckets = lsh_attention_triton(qk, v, rotations, None, None, factors, *common)
-        lsh_attention_backward_triton(grad, qk, v, out, buckets, None, *common)
+        qk, v, rotations, grad, spec = state
+        out, buckets = lsh_attention_triton(qk, v, rotations, None, None, spec)
+        lsh_attention_backward_triton(grad, qk, v, out, buckets, None, spec)
 
     def run_pytorch(state):
-        qk, v, rotations, grad, factors = state
+        qk, v, rotations, grad, spec = state
         with torch.no_grad():
-            out, buckets = lsh_attention_reference(qk, v, rotations, None, None, factors, *common)
-        torch.ops.reformer.lsh_attention_backward(grad, qk, v, out, buckets, None, *common)
+            out, buckets = lsh_attention_reference(qk, v, rotations, None, None, spec)
+        torch.ops.reformer.lsh_attention_backward(grad, qk, v, out, buckets, None, None, *spec.op_args(), 0.0, 0)
 
     row: dict = {"length": length, "window": window}
     variants = {"triton": run_triton, "pytorch": run_pytorch}
@@ -152,29 +152,29 @@ def measure_length(args: argparse.Namespace, length: int, window: str, bandwidth
         torch.cuda.empty_cache()
 
     # agreement of the two implementations on one input (sanity, printed, not asserted)
-    qk, v, rotations, _, factors = setup()
-    out_t, buckets = lsh_attention_triton(qk, v, rotations, None, None, factors, *common)
+    qk, v, rotations, _, spec = setup()
+    out_t, buckets = lsh_attention_triton(qk, v, rotations, None, None, spec)
     if "pytorch" in variants:
-        out_r, _ = lsh_attention_reference(qk, v, rotations, None, buckets, factors, *common)
+        out_r, _ = lsh_attention_reference(qk, v, rotations, None, buckets, spec)
         row["max_abs_diff"] = (out_t.float() - out_r.float()).abs().max().item()
 
     # the fused kernels alone, on pre-sorted inputs, against the bytes-moved model
     def setup_kernels():
-        qk, v, rotations, grad, factors = setup()
-        out, buckets = lsh_attention_triton(qk, v, rotations, None, None, factors, *common)
+        qk, v, rotations, grad, spec = setup()
+        out, buckets = lsh_attention_triton(qk, v, rotations, None, None, spec)
         sorted_idx, bucket_key = sort_by_bucket(buckets)
-        _, row_max, log_sum = _forward_rounds(qk, v, sorted_idx, bucket_key, None, _Window(*common), True)
-        terms = _probability_terms(row_max, log_sum, window)
+        _, row_max, log_sum = _forward_rounds(qk, v, sorted_idx, bucket_key, None, spec, 0.0, 0, True)
+        terms = _probability_terms(row_max, log_sum, spec)
         delta = (grad.float() * out.float()).sum(-1).flatten(0, 1)
-        return qk, v, grad, sorted_idx, bucket_key, (terms, delta)
+        return qk, v, grad, sorted_idx, bucket_key, spec, (terms, delta)
 
     def run_fwd_kernel(state):
-        qk, v, _, sorted_idx, bucket_key, _ = state
-        _forward_rounds(qk, v, sorted_idx, bucket_key, None, _Window(*common), stats_only=False)
+        qk, v, _, sorted_idx, bucket_key, spec, _ = state
+        _forward_rounds(qk, v, sorted_idx, bucket_key, None, spec, 0.0, 0, stats_only=False)
 
     def run_bwd_kernel(state):
-        qk, v, grad, sorted_idx, bucket_key, (terms, delta) = state
-        _backward_rounds(qk, v, grad, terms, delta, sorted_idx, bucket_key, None, _Window(*common))
+        qk, v, grad, sorted_idx, bucket_key, spec, (terms, delta) = state
+        _backward_rounds(qk, v, grad, terms, delta, sorted_idx, bucket_key, None, spec, 0.0, 0)
 
     model = kernel_bytes(args.batch * args.heads, length, args.d_head, args.n_hashes, qk.element_size(), window)
     for name, run in (("forward", run_fwd_kernel), ("backward", run_bwd_kernel)):
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_lsh_kernel: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
         return 0
-    import reformer_dist.model.lsh_attention  # noqa: F401  (registers torch.ops.reformer.*)
+    import reformer_dist.model.lsh  # noqa: F401  (registers torch.ops.reformer.*)
 
     device = torch.device("cuda")
     copy_bw, spec_bw = copy_bandwidth(device), spec_bandwidth(device)

@@ -10,9 +10,10 @@ from onnx import TensorProto, helper
 from reformer_dist.cli import main
 from reformer_dist.export import lsh_onnx
 from reformer_dist.export.check import check_model
+from reformer_dist.model.lsh import LshSpec
 
-SPEC = lsh_onnx.LshSpec(n_hashes=2, n_buckets=(8, 4), chunk_len=4, chunks_before=1, chunks_after=0, window="bucket",
-                        causal=True, has_padding_mask=True)
+SPEC = lsh_onnx.LshNode(LshSpec(n_hashes=2, n_buckets=(8, 4), chunk_len=4, chunks_before=1, chunks_after=0,
+                                 window="bucket", causal=True), has_padding_mask=True)
 
 
 def graph(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
@@ -40,7 +41,7 @@ def test_counting_sort_body_passes_and_topk_body_is_flagged_for_tensorrt():
     counting = check_model(lsh_onnx.node_model(SPEC, "counting"), "tensorrt")
     assert counting.ok, counting.format()
     # one radix counting pass (two CumSums) and one hash argmax per bucket factor
-    assert counting.ops["CumSum"] == 2 * len(SPEC.n_buckets) and counting.ops["ArgMax"] == len(SPEC.n_buckets)
+    assert counting.ops["CumSum"] == 2 * len(SPEC.spec.n_buckets) and counting.ops["ArgMax"] == len(SPEC.spec.n_buckets)
     topk = check_model(lsh_onnx.node_model(SPEC, "topk"), "tensorrt")
     assert [f.op for f in topk.errors] == ["TopK"] and "run time" in topk.errors[0].message
     assert check_model(lsh_onnx.node_model(SPEC, "topk"), "onnxruntime").ok

@@ -1,12 +1,13 @@
-"""Fused Triton LSH attention kernels against the PyTorch reference (``reformer_dist.model.lsh_attention``).
+"""Fused Triton LSH attention kernels against the PyTorch reference (``reformer_dist.model.lsh.forward``),
+and the op's dispatch between them (``reformer_dist.model.lsh.dispatch``).
 
 Forward outputs and the gradients of qk and v must match the reference's autograd on random inputs:
 both windows, causal and bidirectional, several hash rounds, padded batches (real lengths that are not a
 multiple of the chunk), a chunk that is not a power of two, a chunk split over several tiles, the
 one-chunk wrap-around, dropout, fp32 and bf16.
 
-Without a GPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, set below before the
-kernels are decorated) on small shapes; the interpreter cannot do bf16 arithmetic, so there the tiles are
+Without a GPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, set below while the
+kernels are decorated, then restored so that the rest of the suite runs the reference) on small shapes; the interpreter cannot do bf16 arithmetic, so there the tiles are
 multiplied in fp32 (the only difference from the GPU code). With a GPU the same cases run compiled on
 larger shapes (marker ``gpu``), plus fp16. A CPU test also compiles the kernels for sm_90 ahead of time,
 which the interpreter alone would not catch.
@@ -15,6 +16,7 @@ which the interpreter alone would not catch.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -23,21 +25,35 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from reformer_dist.model.lsh import dispatch
+from reformer_dist.model.lsh.backward import lsh_attention_backward_reference
+from reformer_dist.model.lsh.dispatch import DISABLE_ENV, INTERPRET_ENV, triton_available
+from reformer_dist.model.lsh.forward import lsh_attention_forward, lsh_attention_reference
+from reformer_dist.model.lsh.spec import LshSpec
+
 CUDA = torch.cuda.is_available()
-if not CUDA:  # must precede importing reformer_dist.kernels.lsh_triton; an explicit 0 (subprocess) wins
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+_outer_interpret = os.environ.get(INTERPRET_ENV)
+if not CUDA:  # Triton's and the kernels' functions are decorated for the interpreter on import; an explicit
+    os.environ.setdefault(INTERPRET_ENV, "1")  # 0 (the compile subprocess) wins
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install 'reformer-dist[test]')")
-
-from reformer_dist.kernels import DISABLE_ENV, triton_available  # noqa: E402
-from reformer_dist.kernels.lsh_triton import (  # noqa: E402
+from reformer_dist.model.lsh import triton_kernels  # noqa: E402
+from reformer_dist.model.lsh.triton_kernels import (  # noqa: E402
     _lsh_bwd_kernel,
     _lsh_fwd_kernel,
     _tiles,
     lsh_attention_backward_triton,
     lsh_attention_triton,
 )
-from reformer_dist.model.lsh_attention import lsh_attention_reference  # noqa: E402
+
+if _outer_interpret is None:  # other test files run the op's reference on CPU, as without this file
+    os.environ.pop(INTERPRET_ENV, None)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """Triton's interpreter reads TRITON_INTERPRET while it runs too: set it for each test of this file."""
+    if not CUDA:
+        monkeypatch.setenv(INTERPRET_ENV, os.environ.get(INTERPRET_ENV) or _outer_interpret or "1")
 
 
 @dataclass(frozen=True)
@@ -104,24 +120,32 @@ def _inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
     return qk, v, rotations, mask, buckets
 
 
-def _op_args(case: Case, seed: int = 1234) -> tuple:
-    return (list(case.n_buckets), case.chunk_len, case.chunks_before, case.chunks_after, case.window, case.causal,
-            case.dropout_p, seed)
+def _spec(case: Case) -> LshSpec:
+    return LshSpec(case.n_hashes, case.n_buckets, case.chunk_len, case.chunks_before, case.chunks_after, case.window,
+                   case.causal)
+
+
+SEED = 1234
+
+
+def _op_args(case: Case) -> tuple:
+    """The op's arguments after (qk, v, rotations, mask, buckets)."""
+    return (*_spec(case).op_args(), case.dropout_p, SEED)
 
 
 def _reference(case: Case, qk, v, rotations, mask, buckets, grad):
     """Reference output, buckets and autograd gradients of (out * grad).sum() w.r.t. qk and v."""
     qk = qk.detach().requires_grad_()
     v = v.detach().requires_grad_()
-    out, used = lsh_attention_reference(qk, v, rotations, mask, buckets, *_op_args(case))
+    out, used = lsh_attention_reference(qk, v, rotations, mask, buckets, _spec(case), case.dropout_p, SEED)
     (out.float() * grad.float()).sum().backward()
     return out.detach(), used, qk.grad, v.grad
 
 
 def _kernels(case: Case, qk, v, rotations, mask, buckets, grad):
-    out, used = lsh_attention_triton(qk, v, rotations, mask, buckets, *_op_args(case))
-    args = _op_args(case)
-    grad_qk, grad_v = lsh_attention_backward_triton(grad.to(out.dtype), qk, v, out, used, mask, *args[1:])
+    out, used = lsh_attention_triton(qk, v, rotations, mask, buckets, _spec(case), case.dropout_p, SEED)
+    grad_qk, grad_v = lsh_attention_backward_triton(grad.to(out.dtype), qk, v, out, used, mask, _spec(case),
+                                                    case.dropout_p, SEED)
     return out, used, grad_qk, grad_v
 
 
@@ -143,7 +167,7 @@ def _check_low_precision(case: Case, dtype: torch.dtype, device: str) -> None:
     qk, v, rotations, mask, buckets = _inputs(case, dtype, device)
     grad = torch.randn(qk.shape, generator=torch.Generator().manual_seed(7)).to(device)
     if buckets is None:  # hash once so the fp32 and low-precision runs sort identically
-        _, buckets = lsh_attention_reference(qk, v, rotations, mask, None, *_op_args(case))
+        _, buckets = lsh_attention_reference(qk, v, rotations, mask, None, _spec(case))
     exact = _reference(case, qk.float(), v.float(), rotations, mask, buckets, grad)
     ref_low = _reference(case, qk, v, rotations, mask, buckets, grad)
     got = _kernels(case, qk, v, rotations, mask, buckets, grad)
@@ -155,9 +179,8 @@ def _check_low_precision(case: Case, dtype: torch.dtype, device: str) -> None:
         assert err_kernel <= 2 * err_ref + one_rounding, (name, err_kernel, err_ref)
 
 
-# On a GPU nothing has run yet, and the op does not dispatch to the kernels: that class stays non-strict.
-UNVERIFIED_ON_GPU = pytest.mark.xfail(
-    reason="kernels never ran on a GPU and are not wired into the op yet (issue 9)", strict=False)
+# On a GPU nothing has run yet: that class stays non-strict until a GPU run.
+UNVERIFIED_ON_GPU = pytest.mark.xfail(reason="the kernels have never run compiled on a GPU (issue 9)", strict=False)
 
 
 # ----------------------------------------------------------------------------------- CPU (interpreter)
@@ -172,8 +195,97 @@ class TestInterpreter:
         _check_low_precision(CASES[name], torch.bfloat16, "cpu")
 
 
-def test_dispatch_refuses_cpu_tensors():
-    assert not triton_available(torch.zeros(2))
+# ----------------------------------------------------------------------------------- the op's dispatch
+def _counted(monkeypatch, name: str) -> list[int]:
+    """Count the calls of a kernels entry point (the op looks it up in the module at call time)."""
+    calls, original = [0], getattr(triton_kernels, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(triton_kernels, name, counted)
+    return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """(forward, backward) kernel call counters."""
+    return (_counted(monkeypatch, "lsh_attention_triton_with_stats"),
+            _counted(monkeypatch, "lsh_attention_backward_triton"))
+
+
+def _heads_inner(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) view of (B, L, H, D) memory, as the model's head split gives."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+DISPATCH_CASES = {"chunk": Case("chunk", True, 2, 8, 16, (13, 16), heads=2),
+                  "bucket": Case("bucket", True, 2, 8, 16, (11, 16), heads=2)}
+
+
+@pytest.mark.skipif(CUDA, reason="CPU dispatch through the interpreter; GPU machines run the gpu class")
+@pytest.mark.parametrize("name", list(DISPATCH_CASES))
+def test_op_runs_the_kernels_under_the_interpreter_and_equals_the_reference(name, monkeypatch, kernel_calls):
+    """With TRITON_INTERPRET=1 the op (forward with statistics, autograd backward) runs the kernels on CPU
+    tensors, in the reference's head-inner layout, and gives the reference's outputs, statistics and grads."""
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    case = DISPATCH_CASES[name]
+    qk, v, rotations, mask, _ = _inputs(case, torch.float32, "cpu")
+    qk, v = (_heads_inner(t).requires_grad_() for t in (qk, v))
+    grad = torch.randn(qk.shape, generator=torch.Generator().manual_seed(7))
+    out, used, stats = torch.ops.reformer.lsh_attention_with_stats(qk, v, rotations, mask, None, *_op_args(case))
+    grad_qk, grad_v = torch.autograd.grad(out, (qk, v), grad)
+    assert (kernel_calls[0][0], kernel_calls[1][0]) == (1, 1)
+
+    spec = _spec(case)
+    ref_out, ref_used, ref_stats = lsh_attention_forward(qk.detach(), v.detach(), rotations, mask, None, spec)
+    ref_grads = lsh_attention_backward_reference(grad, qk.detach(), v.detach(), ref_out, ref_used, mask, None, spec)
+    assert torch.equal(used, ref_used)
+    assert out.stride() == ref_out.stride() and grad_qk.stride() == ref_grads[0].stride()
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(stats, ref_stats, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(grad_qk, ref_grads[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(grad_v, ref_grads[1], atol=2e-5, rtol=2e-5)
+
+
+FALLBACKS = {  # name -> (extra env, dtype, dropout_p, (head_offset, n_heads_total), the logged reason)
+    "disabled": ({DISABLE_ENV: "1"}, torch.float32, 0.0, (0, 0), f"{DISABLE_ENV}=1"),
+    "fp64": ({}, torch.float64, 0.0, (0, 0), "torch.float64 inputs"),
+    "dropout-on-a-head-slice": ({}, torch.float32, 0.25, (2, 4), "slice of a layer's heads"),
+}
+
+
+@pytest.mark.skipif(CUDA, reason="CPU dispatch through the interpreter; GPU machines run the gpu class")
+@pytest.mark.parametrize("name", list(FALLBACKS))
+def test_op_falls_back_to_the_reference_with_the_reason_logged_once(name, monkeypatch, kernel_calls, caplog):
+    env, dtype, dropout_p, heads, reason = FALLBACKS[name]
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    dispatch._log_once.cache_clear()
+    case = dataclasses.replace(DISPATCH_CASES["chunk"], dropout_p=dropout_p)
+    qk, v, rotations, mask, _ = _inputs(case, dtype, "cpu")
+    with caplog.at_level(logging.WARNING, logger=dispatch.__name__):
+        for _ in range(2):
+            out, _ = torch.ops.reformer.lsh_attention(qk, v, rotations, mask, None, *_op_args(case), *heads)
+    assert kernel_calls[0][0] == 0
+    expected, _ = lsh_attention_reference(qk, v, rotations, mask, None, _spec(case), dropout_p, SEED, *heads)
+    assert torch.equal(out, expected)
+    logged = [r.getMessage() for r in caplog.records if r.name == dispatch.__name__]
+    assert len(logged) == 1 and reason in logged[0], logged
+
+
+def test_op_runs_the_reference_silently_on_cpu_without_the_interpreter(monkeypatch, kernel_calls, caplog):
+    monkeypatch.delenv(INTERPRET_ENV, raising=False)
+    dispatch._log_once.cache_clear()
+    case = DISPATCH_CASES["bucket"]
+    qk, v, rotations, mask, _ = _inputs(case, torch.float32, "cpu")
+    assert not triton_available(qk)
+    with caplog.at_level(logging.DEBUG, logger=dispatch.__name__):
+        out, _ = torch.ops.reformer.lsh_attention(qk, v, rotations, mask, None, *_op_args(case))
+    assert kernel_calls[0][0] == 0 and not [r for r in caplog.records if r.name == dispatch.__name__]
+    assert torch.equal(out, lsh_attention_reference(qk, v, rotations, mask, None, _spec(case))[0])
 
 
 def _compile_for_sm90() -> None:
@@ -235,13 +347,15 @@ class TestGPU:
         qk_leaf, v_leaf = qk.clone().requires_grad_(), v.clone().requires_grad_()
         out, buckets = torch.ops.reformer.lsh_attention(qk_leaf, v_leaf, rotations, mask, None, *_op_args(case))
         out.backward(grad)
-        expected, _ = lsh_attention_triton(qk, v, rotations, mask, buckets, *_op_args(case))
+        expected, _ = lsh_attention_triton(qk, v, rotations, mask, buckets, _spec(case), case.dropout_p, SEED)
         assert torch.equal(out, expected)
-        grad_qk, grad_v = lsh_attention_backward_triton(grad, qk, v, expected, buckets, mask, *_op_args(case)[1:])
+        grad_qk, grad_v = lsh_attention_backward_triton(grad, qk, v, expected, buckets, mask, _spec(case),
+                                                        case.dropout_p, SEED)
         assert torch.equal(qk_leaf.grad, grad_qk) and torch.equal(v_leaf.grad, grad_v)
         monkeypatch.setenv(DISABLE_ENV, "1")
         out, _ = torch.ops.reformer.lsh_attention(qk, v, rotations, mask, buckets, *_op_args(case))
-        assert torch.equal(out, lsh_attention_reference(qk, v, rotations, mask, buckets, *_op_args(case))[0])
+        reference = lsh_attention_reference(qk, v, rotations, mask, buckets, _spec(case), case.dropout_p, SEED)
+        assert torch.equal(out, reference[0])
 
     def test_dispatch_accepts_cuda_tensors_unless_disabled(self, monkeypatch):
         monkeypatch.delenv(DISABLE_ENV, raising=False)

@@ -6,7 +6,7 @@ then runs each LSH layer through :func:`lsh_attention_impl` instead of the stand
 >= 10.7 prefers a registered plugin over a node's local function).
 
 The implementation is JIT: a Python callback on TensorRT's stream that calls the PyTorch op
-``torch.ops.reformer.lsh_attention`` (which uses the fused Triton kernels on CUDA when available). An
+``torch.ops.reformer.lsh_attention`` (which runs the fused Triton kernels on CUDA where they apply). An
 engine using it needs this file imported in the process that runs it (``reformer_dist.export
 .tensorrt_build.TensorRTRunner`` does that). For engines without Python (trtexec, Triton server's
 TensorRT backend) build from the ``portable`` flavour: its counting-sort body parses into plain
@@ -49,14 +49,17 @@ def lsh_attention_impl(qk: trtp.Tensor, v: trtp.Tensor, rotations: trtp.Tensor, 
                        stream: int) -> None:
     import torch
 
-    import reformer_dist.model.lsh_attention  # noqa: F401  (registers torch.ops.reformer.lsh_attention)
+    from reformer_dist.model.lsh import (
+        LshSpec,  # importing the package registers torch.ops.reformer.lsh_attention
+    )
 
     def view(t: trtp.Tensor) -> torch.Tensor:  # zero-copy
         return torch.as_tensor(t, device="cuda")
 
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)), torch.no_grad():
+        spec = LshSpec(n_hashes, tuple(int(f) for f in n_buckets), chunk_len, chunks_before, chunks_after, window,
+                       bool(causal))
         out, buckets = torch.ops.reformer.lsh_attention(
-            view(qk), view(v), view(rotations), view(key_padding_mask), None, [int(f) for f in n_buckets],
-            chunk_len, chunks_before, chunks_after, window, bool(causal), 0.0, 0)
+            view(qk), view(v), view(rotations), view(key_padding_mask), None, *spec.op_args(), 0.0, 0)
         view(outputs[0]).copy_(out)
         view(outputs[1]).copy_(buckets)

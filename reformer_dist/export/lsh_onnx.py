@@ -3,7 +3,7 @@
 Export maps ``torch.ops.reformer.lsh_attention`` to ONE bare node (see :func:`translate_lsh_attention`);
 :func:`lsh_function` then builds the body that runtimes without a kernel for the node inline (ONNX
 Runtime always does; TensorRT does when no plugin is registered). The body computes exactly what
-``reformer_dist.model.lsh_attention.lsh_attention_reference`` computes:
+``reformer_dist.model.lsh.lsh_attention_reference`` computes:
 
 1. hash    ``argmax(cat[x R, -x R])`` per bucket factor in fp32, padding in the extra bucket;
 2. sort    per round by (bucket, position), either by counting (one-hot + CumSum: no TopK, so TensorRT's
@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from reformer_dist.export.config import LSH_SORTS
-from reformer_dist.model.lsh_attention import BUCKET_SPLIT
+from reformer_dist.model.lsh.spec import LshSpec
 
 DOMAIN = "reformer"
 OP_TYPE = "LshAttention"
@@ -44,32 +44,17 @@ _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
 @dataclass(frozen=True)
-class LshSpec:
-    """The static attributes of one LshAttention node (all LSH layers of a model share them)."""
+class LshNode:
+    """One LshAttention node: the model's ``LshSpec`` (its attributes) and whether it takes the padding-mask
+    input (all LSH layers of a model share both)."""
 
-    n_hashes: int
-    n_buckets: tuple[int, ...]
-    chunk_len: int
-    chunks_before: int
-    chunks_after: int
-    window: str
-    causal: bool
+    spec: LshSpec
     has_padding_mask: bool
 
-    def attributes(self) -> dict:
-        """The node's ONNX attributes (also the TensorRT plugin's fields)."""
-        return {"window": self.window, "chunk_len": self.chunk_len, "chunks_before": self.chunks_before,
-                "chunks_after": self.chunks_after, "n_hashes": self.n_hashes, "n_buckets": list(self.n_buckets),
-                "causal": int(self.causal)}
-
     @classmethod
-    def from_node(cls, node: onnx.NodeProto) -> LshSpec:
-        a = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
-        window = a["window"].decode() if isinstance(a["window"], bytes) else a["window"]
-        return cls(n_hashes=int(a["n_hashes"]), n_buckets=tuple(int(f) for f in a["n_buckets"]),
-                   chunk_len=int(a["chunk_len"]), chunks_before=int(a["chunks_before"]),
-                   chunks_after=int(a["chunks_after"]), window=window, causal=bool(a["causal"]),
-                   has_padding_mask=len(node.input) > 3 and node.input[3] != "")
+    def from_node(cls, node: onnx.NodeProto) -> LshNode:
+        attributes = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+        return cls(LshSpec.from_attributes(attributes), has_padding_mask=len(node.input) > 3 and node.input[3] != "")
 
 
 # ------------------------------------------------------------------------------- the bare node at export
@@ -90,11 +75,13 @@ def op_schema() -> onnx.defs.OpSchema:
     )
 
 
-def translate_lsh_attention(qk, v, rotations, key_padding_mask, buckets, n_buckets, chunk_len, chunks_before,
-                            chunks_after, window, causal, dropout_p, dropout_seed):
+def translate_lsh_attention(qk, v, rotations, key_padding_mask, buckets, n_hashes, n_buckets, chunk_len,
+                            chunks_before, chunks_after, window, causal, dropout_p, dropout_seed, head_offset=0,
+                            n_heads_total=0):
     """torch.onnx ``custom_translation_table`` entry for ``torch.ops.reformer.lsh_attention.default``.
 
-    Emits the bare node; inference has no dropout and hashes inside, so ``buckets``/dropout are dropped.
+    Emits the bare node, its attributes the op's ``LshSpec``; inference has no dropout, hashes inside and
+    attends over all heads, so ``buckets``, dropout and the head slice are dropped.
     """
     from onnxscript._internal.values import Op, Opset  # onnxscript is only needed at export time
 
@@ -102,9 +89,8 @@ def translate_lsh_attention(qk, v, rotations, key_padding_mask, buckets, n_bucke
         raise NotImplementedError("exporting lsh_attention with precomputed buckets (a training path)")
     node = Op(Opset(DOMAIN, 1), OP_TYPE, op_schema())
     inputs = [qk, v, rotations] + ([key_padding_mask] if key_padding_mask is not None else [])
-    return node(*inputs, window=window, chunk_len=chunk_len, chunks_before=chunks_before,
-                chunks_after=chunks_after, n_hashes=rotations.shape[2], n_buckets=list(n_buckets),
-                causal=int(causal))
+    spec = LshSpec(n_hashes, tuple(n_buckets), chunk_len, chunks_before, chunks_after, window, causal)
+    return node(*inputs, **spec.attributes())
 
 
 # ------------------------------------------------------------------------------------- the function body
@@ -140,21 +126,9 @@ class _Body:
         return self("Range", self.const(0), stop, self.const(1))
 
 
-def window_layout(spec: LshSpec) -> tuple[int, list[int]]:
-    """(chunk length, chunk offsets relative to a query's chunk) of the sorted layout the body attends
-    over. 'chunk' windows are defined by their chunks. A 'bucket' window reaches chunk_len sorted slots
-    back (and ahead when not causal), so, as the model's op does (``lsh_attention.Window``), it runs on
-    query chunks of chunk_len / BUCKET_SPLIT: each query scores (1 + 1/BUCKET_SPLIT) * chunk_len keys
-    instead of 2x, with the same ones valid."""
-    if spec.window == "chunk":
-        return spec.chunk_len, list(range(-spec.chunks_before, spec.chunks_after + 1))
-    split = BUCKET_SPLIT if spec.chunk_len % BUCKET_SPLIT == 0 else 1
-    return spec.chunk_len // split, list(range(-split, 1 if spec.causal else split + 1))
-
-
-def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = False,
+def lsh_function(node: LshNode, sort: str = "counting", fp16_constants: bool = False,
                  opset: int = 18) -> onnx.FunctionProto:
-    """The FunctionProto ``reformer::LshAttention`` specialised to ``spec``.
+    """The FunctionProto ``reformer::LshAttention`` specialised to ``node`` (its spec and inputs).
 
     ``sort``: 'counting' (TensorRT-parsable) or 'topk'. ``fp16_constants``: the reference's fp16 mask
     constants (-1e4/-1e3) instead of -1e9/-1e5 (export of an fp16 model). ``opset`` must equal the
@@ -163,9 +137,10 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
     if sort not in LSH_SORTS:
         raise ValueError(f"sort must be one of {LSH_SORTS}, got {sort!r}")
     g = _Body()
+    spec, has_padding_mask = node.spec, node.has_padding_mask
     n, c = spec.n_hashes, spec.chunk_len
-    n_real = math.prod(spec.n_buckets)
-    n_slots = n_real + 1 if spec.has_padding_mask else n_real  # the padding bucket sorts last
+    n_real = spec.n_real_buckets
+    n_slots = n_real + 1 if has_padding_mask else n_real  # the padding bucket sorts last
     masked, self_masked = (-1e4, -1e3) if fp16_constants else (-1e9, -1e5)
 
     # ---- dynamic sizes, as (1,) tensors (b1, h1, l1, d1) and scalars (for Range)
@@ -174,7 +149,7 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
     length = g("Squeeze", l1, g.const([0]))
     n_bh = g("Squeeze", g("Mul", b1, h1), g.const([0]))
     n_total = g("Mul", length, g.const(n))  # n*L sorted entries per (batch, head)
-    qc, offsets = window_layout(spec)  # chunk length of the layout (c for 'chunk' windows)
+    qc, offsets = spec.compute_chunks()  # chunk length of the layout (c for 'chunk' windows)
     n_chunks = g("Div", n_total, g.const(qc))
 
     # ---- 1. hash in fp32: rotated (B, H, n, L, R/2); one argmax per bucket factor
@@ -197,7 +172,7 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
         offset += factor // 2
         stride *= factor
     widths = list(spec.n_buckets)  # of each digit of the bucket, least significant first
-    if spec.has_padding_mask:
+    if has_padding_mask:
         real = g("Unsqueeze", "key_padding_mask", g.const([1, 2]))  # (B, 1, 1, L)
         buckets = g("Where", real, buckets, g.const(n_real))
         # padding's bucket n_real has digits (0, ..., 0, top factor): one more value in the top digit
@@ -270,7 +245,7 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
     q_shape, k_shape = g.shape(b1, h1, [-1, qc, 1]), g.shape(b1, h1, [-1, 1, width])
     if spec.window == "chunk":  # causal and padding on original positions (padding keys sit at L)
         key_pos = order
-        if spec.has_padding_mask:
+        if has_padding_mask:
             batch_base = g("Reshape", g("Mul", g.arange(g("Squeeze", b1, g.const([0]))), length),
                            g.const([-1, 1, 1]))
             real = g("Gather", g("Reshape", "key_padding_mask", g.const([-1])), g("Add", order, batch_base), axis=0)
@@ -352,15 +327,15 @@ def lsh_function(spec: LshSpec, sort: str = "counting", fp16_constants: bool = F
     out = g("ReduceSum", g("Mul", o, weights), g.const([2]), keepdims=0)
     g("CastLike", out, "v", name="out")
 
-    inputs = list(INPUTS if spec.has_padding_mask else INPUTS[:3])
+    inputs = list(INPUTS if has_padding_mask else INPUTS[:3])
     return helper.make_function(DOMAIN, OP_TYPE, inputs, list(OUTPUTS), g.nodes,
                                 [helper.make_opsetid("", opset)], attributes=list(spec.attributes()),
                                 doc_string=f"LSH attention body: {sort} sort, {spec.window} window")
 
 
-def node_model(spec: LshSpec, sort: str = "counting", opset: int = 18) -> onnx.ModelProto:
+def node_model(lsh_node: LshNode, sort: str = "counting", opset: int = 18) -> onnx.ModelProto:
     """A model of one LshAttention node with its body: op-level tests and benchmarks of the body."""
-    f32, mask = TensorProto.FLOAT, spec.has_padding_mask
+    f32, mask, spec = TensorProto.FLOAT, lsh_node.has_padding_mask, lsh_node.spec
     bhld = ["B", "H", "L", "D"]
     inputs = [helper.make_tensor_value_info("qk", f32, bhld), helper.make_tensor_value_info("v", f32, bhld),
               helper.make_tensor_value_info("rotations", f32, ["H", "D", spec.n_hashes, "R"])]
@@ -372,4 +347,4 @@ def node_model(spec: LshSpec, sort: str = "counting", opset: int = 18) -> onnx.M
                             **spec.attributes())
     graph = helper.make_graph([node], "lsh_attention", inputs, outputs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-                             functions=[lsh_function(spec, sort, opset=opset)])
+                             functions=[lsh_function(lsh_node, sort, opset=opset)])

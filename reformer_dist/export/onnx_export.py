@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from reformer_dist.atomic_write import atomic_write
 from reformer_dist.errors import ReformerDistError
 from reformer_dist.export.config import ExportConfig
-from reformer_dist.export.lsh_onnx import DOMAIN, OP_TYPE, LshSpec, lsh_function, translate_lsh_attention
+from reformer_dist.export.lsh_onnx import DOMAIN, OP_TYPE, lsh_function, translate_lsh_attention
+from reformer_dist.export.lsh_onnx import LshNode as LshSpec  # an LshNode (old name at its use below)
 from reformer_dist.export.metadata import FORMAT_VERSION, set_metadata
 from reformer_dist.model.reformer import ROTATION_SEED
 

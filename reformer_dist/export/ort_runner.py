@@ -56,8 +56,9 @@ def session_options(optimization: str = "all", threads: int = 0):
 
 def create_session(path: str | os.PathLike, providers: list[str] | None = None, optimization: str = "all",
                    optimized_model_path: str | os.PathLike | None = None, threads: int = 0,
-                   custom_ops_library: str | None = None):
-    """An ``onnxruntime.InferenceSession`` over ``path`` (arguments as :class:`OrtRunner`'s)."""
+                   custom_ops_library: str | None = None, model_bytes: bytes | None = None):
+    """An ``onnxruntime.InferenceSession`` over ``path`` (arguments as :class:`OrtRunner`'s), or over
+    ``model_bytes`` when given (a rewritten copy of the model at ``path``)."""
     import onnxruntime as ort
 
     options = session_options(optimization, threads)
@@ -68,7 +69,8 @@ def create_session(path: str | os.PathLike, providers: list[str] | None = None, 
     if custom_ops_library is not None:
         options.register_custom_ops_library(custom_ops_library)
     try:
-        return ort.InferenceSession(str(path), options, providers=select_providers(providers))
+        return ort.InferenceSession(str(path) if model_bytes is None else model_bytes, options,
+                                    providers=select_providers(providers))
     except Exception as e:  # ORT raises its own exception types for malformed models
         raise ReformerDistError(f"{path}: ONNX Runtime cannot load the model: {e}") from None
 
@@ -94,8 +96,17 @@ class OrtRunner:
         if not os.path.isfile(path):
             raise ReformerDistError(f"{path}: no such ONNX model")
         self.path = str(path)
-        self.session = create_session(path, providers, optimization, optimized_model_path, threads,
-                                      self._register_lsh_kernel() if lsh_kernel else None)
+        if lsh_kernel:
+            from reformer_dist.export.ort_kernels import kernel_model, register_lsh_kernel
+
+            try:
+                model = kernel_model(path)
+            except ValueError as e:
+                raise ReformerDistError(str(e)) from None
+            self.session = create_session(path, providers, optimization, optimized_model_path, threads,
+                                          register_lsh_kernel(), model_bytes=model)
+        else:
+            self.session = create_session(path, providers, optimization, optimized_model_path, threads)
         self.providers = self.session.get_providers()
         from reformer_dist.export.metadata import read_metadata
 
@@ -103,18 +114,6 @@ class OrtRunner:
         self.config: dict[str, Any] = json.loads(self.metadata.get("config", "{}"))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._device = output_device(self.session)
-
-    def _register_lsh_kernel(self) -> str:
-        import onnx
-
-        from reformer_dist.export.lsh_onnx import LshSpec
-        from reformer_dist.export.onnx_export import lsh_nodes
-        from reformer_dist.export.ort_kernels import register_lsh_kernel
-
-        nodes = lsh_nodes(onnx.load(self.path, load_external_data=False))
-        if not nodes:
-            raise ReformerDistError(f"{self.path}: the graph has no LshAttention node to run with the kernel")
-        return register_lsh_kernel(LshSpec.from_node(nodes[0]).n_buckets)
 
     @property
     def max_seq_len(self) -> int:

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import reformer_dist.model.lsh_attention  # noqa: F401  (registers torch.ops.reformer.lsh_attention)
 from reformer_dist.model.config import ReformerConfig
-from reformer_dist.model.lsh_attention import mask_values
+from reformer_dist.model.lsh import mask_values  # (importing the package registers the ops)
 from reformer_dist.model.rng import GeneratorHolder, draw_seed, positional_dropout
 from reformer_dist.model.sequence_parallel import SequenceShard
 
@@ -138,11 +137,7 @@ class LSHSelfAttention(nn.Module):
         self.n_heads, self.d_head = config.n_heads, config.d_head
         self.query_key = HeadProjection(config.d_model, config.n_heads, config.d_head)
         self.value = HeadProjection(config.d_model, config.n_heads, config.d_head)
-        self.n_buckets = config.lsh_bucket_factors()
-        self.n_hashes = config.lsh_n_hashes
-        self.chunk_len = config.lsh_chunk_len
-        self.chunks_before, self.chunks_after = config.lsh_chunks_before, config.lsh_chunks_after
-        self.window, self.causal = config.lsh_window, config.causal
+        self.spec = config.lsh_spec()
         self.dropout = config.attn_dropout
         self.hash_seed = config.hash_seed
         self.frozen_rotations: Tensor | None = None  # set by ReformerLM.freeze_rotations (fp32, kept as is)
@@ -153,7 +148,7 @@ class LSHSelfAttention(nn.Module):
         torch.randn(...)`` on CPU); otherwise a fresh draw from ``generator``."""
         if self.frozen_rotations is not None:
             return self.frozen_rotations.to(device)
-        shape = (self.n_heads, self.d_head, self.n_hashes, sum(self.n_buckets) // 2)
+        shape = (self.n_heads, self.d_head, self.spec.n_hashes, sum(self.spec.n_buckets) // 2)
         if self.hash_seed is not None:
             generator = torch.Generator().manual_seed(self.hash_seed)
         return torch.randn(shape, generator=generator).to(device)
@@ -167,8 +162,7 @@ class LSHSelfAttention(nn.Module):
         qk = split_heads(self.query_key(x, heads), count, shard)
         v = split_heads(self.value(x, heads), count, shard)
         first, local = head_range(self.n_heads, heads, shard)
-        args = (qk, v, draw.rotations[first : first + local], key_padding_mask, buckets, self.n_buckets,
-                self.chunk_len, self.chunks_before, self.chunks_after, self.window, self.causal,
+        args = (qk, v, draw.rotations[first : first + local], key_padding_mask, buckets, *self.spec.op_args(),
                 self.dropout if self.training else 0.0, draw.attention_seed)
         if local != self.n_heads:  # a slice of the heads: dropout counters keep the layer's head indices
             args = (*args, first, self.n_heads)

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reformer_dist.errors import ConfigError
+from reformer_dist.model.lsh.spec import WINDOWS, LshSpec
 
 ATTENTION_KINDS = ("lsh", "local", "full")
-LSH_WINDOWS = ("bucket", "chunk")
+
 # activation name -> (torch.nn.functional function, its keyword arguments); the feed-forward applies it
 ACTIVATIONS: dict[str, tuple[str, dict[str, str]]] = {
     "relu": ("relu", {}),
@@ -110,6 +111,12 @@ class ReformerConfig:
         reps = self.n_layers // max(1, len(self.attn_layers))
         return list(self.attn_layers) * reps
 
+    def lsh_spec(self) -> LshSpec:
+        """The hashing and window of this model's LSH layers, as the op, the kernels and export take them."""
+        return LshSpec(n_hashes=self.lsh_n_hashes, n_buckets=tuple(self.lsh_bucket_factors()),
+                       chunk_len=self.lsh_chunk_len, chunks_before=self.lsh_chunks_before,
+                       chunks_after=self.lsh_chunks_after, window=self.lsh_window, causal=self.causal)
+
     def lsh_bucket_factors(self) -> list[int]:
         """Buckets per hash round as a list of factors (one entry unless factorised)."""
         nb = self.lsh_n_buckets
@@ -188,8 +195,8 @@ class ReformerConfig:
         if self.n_layers % len(self.attn_layers):
             raise bad("attn_layers", f"has {len(self.attn_layers)} entries, which do not repeat evenly "
                                      f"into n_layers={self.n_layers}")
-        if self.lsh_window not in LSH_WINDOWS:
-            raise bad("lsh_window", f"must be one of {list(LSH_WINDOWS)}, got {self.lsh_window!r}")
+        if self.lsh_window not in WINDOWS:
+            raise bad("lsh_window", f"must be one of {list(WINDOWS)}, got {self.lsh_window!r}")
         if self.activation not in ACTIVATIONS:
             raise bad("activation", f"must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
         nb = self.lsh_n_buckets

@@ -52,13 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reformer_dist.model.attention import merge_heads, split_heads
-from reformer_dist.model.lsh_attention import (
-    hash_in_blocks,
-    hash_vectors,
-    mask_values,
-    normalize_keys,
-    rotated_buckets,
-)
+from reformer_dist.model.lsh.hashing import hash_in_blocks, hash_vectors, rotated_buckets
+from reformer_dist.model.lsh.layout import normalize_keys
+from reformer_dist.model.lsh.spec import mask_values
 
 if TYPE_CHECKING:
     from reformer_dist.model.reformer import ReformerLM
@@ -140,19 +136,18 @@ def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: 
     qk, v = split_heads(sa.query_key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
     if outputs:
         out, buckets = torch.ops.reformer.lsh_attention(
-            qk, v, rot, mask, None, sa.n_buckets, sa.chunk_len, sa.chunks_before, sa.chunks_after, sa.window,
-            sa.causal, 0.0, 0)
+            qk, v, rot, mask, None, *sa.spec.op_args(), 0.0, 0)
         out = merge_heads(out)
     else:  # the cache needs the buckets only (the op's: same hash, padding in bucket prod(n_buckets))
         # an exported graph's length is symbolic: no Python loop over blocks of it
         hash_fn = hash_vectors if torch.compiler.is_exporting() else hash_in_blocks
-        out, buckets = None, hash_fn(qk, rot, sa.n_buckets, mask)
+        out, buckets = None, hash_fn(qk, rot, list(sa.spec.n_buckets), mask)
     k = normalize_keys(qk)
     b, n_heads, n_hashes, length = buckets.shape
-    nb = math.prod(sa.n_buckets)
+    nb = sa.spec.n_real_buckets
     pos = torch.arange(length, device=h.device)
     real = pos[None, :] < lengths[:, None]  # (B, L)
-    if sa.window == "chunk":
+    if sa.spec.window == "chunk":
         rounds = torch.arange(n_hashes, device=h.device).view(1, 1, n_hashes, 1)
         value = buckets + rounds * (nb + hf_stride_pad.long())
         value = torch.where(real[:, None, None, :], value, n_hashes * (nb + 2))  # padding sorts last
@@ -171,8 +166,8 @@ def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: 
     # _step_lsh_bucket), the token of rank r within its bucket at ring slot r % (chunk_len + 1). Read from
     # the bucket-sorted order (a gather of whole rows, no scatter): ring slot j of a bucket holding n tokens
     # holds its rank r = j + c * floor((n - 1 - j) / c), the newest rank = j mod c (none if n <= j).
-    c = sa.chunk_len + 1
-    order, counts, starts = _bucket_order_counting(buckets, sa.n_buckets) if counting else _bucket_order_sorting(buckets, nb)
+    c = sa.spec.chunk_len + 1
+    order, counts, starts = _bucket_order_counting(buckets, list(sa.spec.n_buckets)) if counting else _bucket_order_sorting(buckets, nb)
     j = torch.arange(c, device=h.device)
     newest = counts[..., None] - 1 - j  # (B, H, n, nb, c)
     rank = j + c * torch.div(newest, c, rounding_mode="floor")
@@ -443,7 +438,7 @@ class Decoder:
             c = {name: cache[key] for name, key in layer.keys.items() if key in cache}
             if layer.kind != "lsh":
                 out, layer_cache = _step_local(layer, proj, positions, c, inplace)
-            elif layer.attention.window == "chunk":
+            elif layer.attention.spec.window == "chunk":
                 qk, v = proj.view(proj.shape[0], 2, layer.attention.n_heads, 1, layer.d_head).unbind(1)
                 out, layer_cache = _step_lsh_chunk(layer.attention, qk, v, position, c, inplace)
             else:
@@ -485,10 +480,10 @@ def _step_lsh_bucket(layer: _LayerWeights, proj: Tensor, positions: _StepPositio
     b, n_heads, position = proj.shape[0], sa.n_heads, positions.position
     qk, v = proj.view(b, 2, n_heads, 1, d).unbind(1)  # (B, H, 1, D) each
     rot = c["rot"]
-    n_hashes, width = rot.shape[2], sa.chunk_len + 1
+    n_hashes, width = sa.spec.n_hashes, sa.spec.chunk_len + 1
     # hash as hash_vectors does (fp32), the rounds' rotations side by side: (B, H, n, R/2)
     rotated = torch.matmul(qk.float(), rot.float().flatten(2)).view(b, n_heads, n_hashes, -1)
-    buckets = rotated_buckets(rotated, sa.n_buckets)  # (B, H, n)
+    buckets = rotated_buckets(rotated, list(sa.spec.n_buckets))  # (B, H, n)
     # the cache as (B*H*n*buckets) bucket rings, each a row of (c+1) slots (x D): read by row index;
     # written by scatter (an exported graph then writes straight into its bound output: in place)
     bucket = positions.lsh_rows(n_heads * n_hashes, c["count"].shape[-1]) + buckets.view(-1)  # (B*H*n,)
@@ -524,16 +519,16 @@ def _step_lsh_chunk(sa, qk: Tensor, v: Tensor, position: Tensor, c: Cache, inpla
     """HF's cached LSH step (chunk window) on fixed-capacity buffers."""
     b, n_heads, _, d = qk.shape
     capacity = c["k"].shape[2]
-    chunk, before, after = sa.chunk_len, sa.chunks_before, sa.chunks_after
-    nb = math.prod(sa.n_buckets)
+    spec = sa.spec
+    chunk, before, after, nb = spec.chunk_len, spec.chunks_before, spec.chunks_after, spec.n_real_buckets
     masked, self_masked = mask_values(qk.dtype)
     slot = torch.arange(capacity, device=qk.device)
     past = slot[None, :] < position[:, None]  # (B, C) tokens already cached
 
     # bucket value of the new token, with HF's round offsets: HF widens them by one when the cached
     # buckets reveal a padding bucket (a padded prefill), detected from their maximum
-    raw = hash_vectors(qk, c["rot"], sa.n_buckets, None)  # (B, H, n, 1)
-    n_hashes = raw.shape[2]
+    raw = hash_vectors(qk, c["rot"], list(spec.n_buckets), None)  # (B, H, n, 1)
+    n_hashes = spec.n_hashes
     cached_max = torch.where(past[:, None, None, :], c["bucket"], -1).amax(dim=(1, 2, 3))  # (B,)
     stride = nb + (cached_max > n_hashes * nb - 1).long()
     value = raw + torch.arange(n_hashes, device=qk.device).view(1, 1, -1, 1) * stride.view(-1, 1, 1, 1)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from reformer_dist.configuration import JobConfig
 from reformer_dist.errors import ConfigError
 from reformer_dist.model import ReformerConfig
-from reformer_dist.model.lsh_attention import BLOCK_SCORES
+from reformer_dist.model.lsh.layout import BLOCK_SCORES
 from reformer_dist.model.reversible import head_groups
 
 GIB = 2**30

@@ -1,6 +1,6 @@
-"""Fused Triton kernels behind ``torch.ops.reformer.lsh_attention`` on CUDA.
+"""Fused Triton kernels: the CUDA implementation of ``torch.ops.reformer.lsh_attention`` (``dispatch``).
 
-The PyTorch implementation (``reformer_dist.model.lsh_attention``) gathers the sorted queries and keys
+The PyTorch reference (``forward``, ``backward``) gathers the sorted queries and keys
 of a block of chunks into new tensors, builds the (chunks, c, window) score tensor, soft-maxes it and
 scatters the result back. Here one program instance does all of that for one block of sorted rows in
 registers: it reads the sorted index, gathers q/k/v rows straight from the (B, H, L, D) inputs,
@@ -13,12 +13,12 @@ integers); the unsort is the scattered store.
 Semantics are exactly the reference's (same window offsets, mask constants, wrap-around, dropout
 counter hash); the reference stays the fallback everywhere else and the spec in the tests:
 
-- ``lsh_attention_triton``          == ``lsh_attention_reference``  (forward of the op)
-- ``lsh_attention_backward_triton`` == the op's ``_backward``       (flash-style backward)
+- ``lsh_attention_triton``          == ``forward.lsh_attention_reference``            (forward of the op)
+- ``lsh_attention_backward_triton`` == ``backward.lsh_attention_backward_reference``  (flash-style backward)
 
 Rows of the sorted order are processed in tiles of ``BLOCK`` rows inside a chunk (``n_sub`` tiles per
 chunk, the last one masked when chunk_len is not a multiple of ``BLOCK``). A query tile visits the key
-tiles of the chunks at the window offsets (``window_offsets``); ``'bucket'`` windows skip the tiles
+tiles of the chunks at the window offsets (``LshSpec.offsets``); ``'bucket'`` windows skip the tiles
 that lie outside the band or outside the sorted order (their scores are masked constants that add
 exactly 0 next to the always-present self score).
 
@@ -37,25 +37,18 @@ bf16/fp16 arithmetic; loads, stores and everything else are the same code as on 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from reformer_dist.model.lsh_attention import (
-    _buckets_or_hash,
-    _check,
-    attended_buckets,
-    combine_rounds,
-    is_plain,
-    mask_values,
-    probability_terms,
-    sort_by_bucket,
-    window_offsets,
-)
+from reformer_dist.model.lsh.forward import combine_rounds, pad_rounds, probability_terms
+from reformer_dist.model.lsh.hashing import buckets_or_hash
+from reformer_dist.model.lsh.layout import attended_buckets, sort_by_bucket
+from reformer_dist.model.lsh.spec import LshSpec, check_inputs, mask_values
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -371,7 +364,7 @@ def _lsh_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launches
-def _interpreting() -> bool:
+def interpreting() -> bool:
     """Were the kernels decorated under TRITON_INTERPRET=1 (decided at import, like Triton does)?"""
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -400,47 +393,36 @@ def _tiles(chunk_len: int, d: int, backward: bool) -> tuple[int, int, int]:
     return block, block_d, warps
 
 
-class _Window(NamedTuple):
-    """The op's window arguments, in its order."""
-
-    chunk_len: int
-    chunks_before: int
-    chunks_after: int
-    window: str
-    causal: bool
-    dropout_p: float
-    dropout_seed: int
-
-
-def _launch_args(qk: Tensor, sorted_idx: Tensor, key_padding_mask: Tensor | None, w: _Window, backward: bool):
+def _launch_args(qk: Tensor, sorted_idx: Tensor, key_padding_mask: Tensor | None, spec: LshSpec, dropout_p: float,
+                 dropout_seed: int, backward: bool):
     """Runtime scalars, compile-time constants (with num_warps) and grid shared by both kernels."""
     b, h, length, d = qk.shape
     n_total = sorted_idx.shape[-1]
     torch._check(n_total * d < 2**31, lambda: f"n_hashes*L*D = {n_total * d} is over 2**31 (int32 indexing)")
-    offsets = window_offsets(w.window, w.chunks_before, w.chunks_after, w.causal)
-    block, block_d, num_warps = _tiles(w.chunk_len, d, backward)
-    n_sub = triton.cdiv(w.chunk_len, block)
-    n_chunks = n_total // w.chunk_len
+    offsets = spec.offsets()
+    block, block_d, num_warps = _tiles(spec.chunk_len, d, backward)
+    n_sub = triton.cdiv(spec.chunk_len, block)
+    n_chunks = n_total // spec.chunk_len
     masked, self_masked = mask_values(qk.dtype)
-    seed32 = (w.dropout_seed ^ (w.dropout_seed >> 32)) & 0xFFFFFFFF  # the reference's seed folding
-    scalars = (length, n_total, h, d, math.sqrt(d), n_chunks, seed32, float(w.dropout_p), masked, self_masked)
+    seed32 = (dropout_seed ^ (dropout_seed >> 32)) & 0xFFFFFFFF  # the reference's seed folding
+    scalars = (length, n_total, h, d, math.sqrt(d), n_chunks, seed32, float(dropout_p), masked, self_masked)
     consts = dict(
-        C=w.chunk_len, BEFORE=-offsets[0], N_OFF=len(offsets), N_SUB=n_sub,
-        BUCKET_WINDOW=w.window == "bucket", CAUSAL=w.causal, HAS_PAD=key_padding_mask is not None,
-        DROPOUT=w.dropout_p > 0, BLOCK=block, BLOCK_D=block_d, IEEE=qk.dtype == torch.float32,
-        DOT_DTYPE=tl.float32 if _interpreting() else _TL_DTYPES[qk.dtype], num_warps=num_warps,
+        C=spec.chunk_len, BEFORE=-offsets[0], N_OFF=len(offsets), N_SUB=n_sub,
+        BUCKET_WINDOW=spec.window == "bucket", CAUSAL=spec.causal, HAS_PAD=key_padding_mask is not None,
+        DROPOUT=dropout_p > 0, BLOCK=block, BLOCK_D=block_d, IEEE=qk.dtype == torch.float32,
+        DOT_DTYPE=tl.float32 if interpreting() else _TL_DTYPES[qk.dtype], num_warps=num_warps,
     )
     return scalars, consts, (n_chunks * n_sub, b * h)
 
 
 def _forward_rounds(qk: Tensor, v: Tensor, sorted_idx: Tensor, bucket_key: Tensor,
-                    key_padding_mask: Tensor | None, w: _Window,
+                    key_padding_mask: Tensor | None, spec: LshSpec, dropout_p: float, dropout_seed: int,
                     stats_only: bool) -> tuple[Tensor | None, Tensor, Tensor]:
     """Per-round outputs (B*H, n, L, D) in v's dtype (None if stats_only) and softmax stats row_max,
     log_sum (B*H, n, L) fp32 (logsumexp = row_max + log_sum), as the reference's ``attend_sorted``."""
     b, h, length, d = qk.shape
     n = sorted_idx.shape[-1] // length
-    scalars, consts, grid = _launch_args(qk, sorted_idx, key_padding_mask, w, backward=False)
+    scalars, consts, grid = _launch_args(qk, sorted_idx, key_padding_mask, spec, dropout_p, dropout_seed, backward=False)
     row_max = torch.empty(b * h, n, length, device=qk.device, dtype=torch.float32)
     log_sum = torch.empty_like(row_max)
     o = row_max if stats_only else torch.empty(b * h, n, length, d, device=qk.device, dtype=v.dtype)
@@ -453,12 +435,12 @@ def _forward_rounds(qk: Tensor, v: Tensor, sorted_idx: Tensor, bucket_key: Tenso
 
 def _backward_rounds(qk: Tensor, v: Tensor, grad_out: Tensor, terms: tuple[Tensor, Tensor, Tensor], delta: Tensor,
                      sorted_idx: Tensor, bucket_key: Tensor, key_padding_mask: Tensor | None,
-                     w: _Window) -> tuple[Tensor, Tensor]:
+                     spec: LshSpec, dropout_p: float, dropout_seed: int) -> tuple[Tensor, Tensor]:
     """Per-round gradients (B*H, n, L, D) fp32 of qk and v; ``terms`` (shift, log_norm, weight) (B*H, n*L)
     from ``_probability_terms``, delta (B*H, L) fp32."""
     b, h, length, d = qk.shape
     n = sorted_idx.shape[-1] // length
-    scalars, consts, grid = _launch_args(qk, sorted_idx, key_padding_mask, w, backward=True)
+    scalars, consts, grid = _launch_args(qk, sorted_idx, key_padding_mask, spec, dropout_p, dropout_seed, backward=True)
     dqk = torch.empty(b * h, n, length, d, device=qk.device, dtype=torch.float32)
     dv = torch.empty_like(dqk)
     pad = key_padding_mask.contiguous() if key_padding_mask is not None else sorted_idx  # dummy when unused
@@ -468,60 +450,74 @@ def _backward_rounds(qk: Tensor, v: Tensor, grad_out: Tensor, terms: tuple[Tenso
     return dqk, dv
 
 
-def _probability_terms(row_max: Tensor, log_sum: Tensor, window: str) -> tuple[Tensor, Tensor, Tensor]:
+def _probability_terms(row_max: Tensor, log_sum: Tensor, spec: LshSpec) -> tuple[Tensor, Tensor, Tensor]:
     """Per-round stats (B*H, n, L) -> the reference's ``probability_terms`` as (B*H, n*L) fp32 arrays
     (shift, log_norm, weight), indexed like the sorted entries (r*L + pos); absent terms as 0 and 1."""
     bh, n, length = row_max.shape
     stats = torch.stack([row_max, log_sum]).transpose(1, 2).reshape(2, n, bh * length)
-    shift, log_norm, weight = probability_terms(stats, hf_rounding=window == "chunk")
+    shift, log_norm, weight = probability_terms(stats, spec.hf_rounding)
     log_norm = torch.zeros_like(shift) if log_norm is None else log_norm
     weight = torch.ones_like(shift) if weight is None else weight
     return tuple(t.view(n, bh, length).transpose(0, 1).reshape(bh, n * length) for t in (shift, log_norm, weight))
 
 
-def _attention_order(buckets: Tensor, w: _Window) -> tuple[Tensor, Tensor, _Window]:
+def _attention_order(buckets: Tensor, spec: LshSpec) -> tuple[Tensor, Tensor, LshSpec]:
     """The sort the kernels walk, as the reference's ``Window.layout``: every round, or for a plain 'chunk'
     attention (the sequence fits one chunk) one unhashed round whose chunk sees only itself."""
     # (B, H, n*L) each: O(n_hashes x L) integers
-    sorted_idx, bucket_key = sort_by_bucket(attended_buckets(buckets, w.window, w.chunk_len))
-    if is_plain(w.window, buckets.shape[-1], w.chunk_len):
-        w = w._replace(chunks_before=0, chunks_after=0)
-    return sorted_idx, bucket_key, w
+    sorted_idx, bucket_key = sort_by_bucket(attended_buckets(buckets, spec))
+    if spec.is_plain(buckets.shape[-1]):
+        spec = dataclasses.replace(spec, chunks_before=0, chunks_after=0)
+    return sorted_idx, bucket_key, spec
+
+
+def lsh_attention_triton_with_stats(
+    qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
+    spec: LshSpec, dropout_p: float = 0.0, dropout_seed: int = 0, inner: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lsh_attention_triton` plus the per-round softmax statistics (2, n_hashes, B*H*L) laid out as
+    the reference's (``forward.lsh_attention_forward``), rows ordered (b, pos, h) when ``inner``."""
+    check_inputs(qk, v, rotations, buckets, spec)
+    b, h, length, d = qk.shape
+    buckets = buckets_or_hash(qk, rotations, key_padding_mask, buckets, spec)
+    sorted_idx, bucket_key, walked = _attention_order(buckets, spec)
+    o, row_max, log_sum = _forward_rounds(qk.contiguous(), v.contiguous(), sorted_idx, bucket_key,
+                                          key_padding_mask, walked, dropout_p, dropout_seed, stats_only=False)
+    row_max, log_sum = (t.transpose(0, 1) for t in (row_max, log_sum))  # (n, B*H, L)
+    out = combine_rounds(o.transpose(0, 1), row_max, log_sum, spec.hf_rounding).view(b, h, length, d)
+    rows = [t.reshape(-1, b, h, length) for t in (row_max, log_sum)]
+    if inner:
+        rows = [t.transpose(2, 3) for t in rows]
+    stats = pad_rounds(*(t.reshape(t.shape[0], -1) for t in rows), spec.n_hashes)
+    return out, buckets, stats
 
 
 def lsh_attention_triton(
     qk: Tensor, v: Tensor, rotations: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
-    n_buckets: list[int], chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool,
-    dropout_p: float = 0.0, dropout_seed: int = 0,
+    spec: LshSpec, dropout_p: float = 0.0, dropout_seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Forward of ``torch.ops.reformer.lsh_attention`` with the fused kernel; same signature and outputs
+    """Forward of ``torch.ops.reformer.lsh_attention`` with the fused kernel; same arguments and outputs
     as ``lsh_attention_reference``: (out (B, H, L, D) in v's dtype, buckets (B, H, n_hashes, L))."""
-    _check(qk, v, chunk_len, window)
-    b, h, length, d = qk.shape
-    w = _Window(chunk_len, chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
-    buckets = _buckets_or_hash(qk, rotations, key_padding_mask, buckets, n_buckets)
-    sorted_idx, bucket_key, w = _attention_order(buckets, w)
-    o, row_max, log_sum = _forward_rounds(qk.contiguous(), v.contiguous(), sorted_idx, bucket_key,
-                                          key_padding_mask, w, stats_only=False)
-    rounds_first = (t.transpose(0, 1) for t in (o, row_max, log_sum))  # (n, B*H, L[, D])
-    return combine_rounds(*rounds_first, hf_rounding=window == "chunk").view(b, h, length, d), buckets
+    out, buckets, _ = lsh_attention_triton_with_stats(qk, v, rotations, key_padding_mask, buckets, spec, dropout_p,
+                                                      dropout_seed)
+    return out, buckets
 
 
 def lsh_attention_backward_triton(
     grad_out: Tensor, qk: Tensor, v: Tensor, out: Tensor, buckets: Tensor, key_padding_mask: Tensor | None,
-    chunk_len: int, chunks_before: int, chunks_after: int, window: str, causal: bool, dropout_p: float,
-    dropout_seed: int,
+    spec: LshSpec, dropout_p: float = 0.0, dropout_seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Backward of the op, same arguments as ``torch.ops.reformer.lsh_attention_backward``.
+    """Backward of the op, as ``backward.lsh_attention_backward_reference`` (which it checks against).
 
-    Returns (grad_qk, grad_v) in the dtypes of qk and v.
+    Returns (grad_qk, grad_v) (B, H, L, D) contiguous, in the dtypes of qk and v.
     """
     b, h, length, d = qk.shape
-    w = _Window(chunk_len, chunks_before, chunks_after, window, causal, dropout_p, dropout_seed)
-    qk, v, grad_out = qk.contiguous(), v.contiguous(), grad_out.contiguous()
-    sorted_idx, bucket_key, w = _attention_order(buckets, w)
-    _, row_max, log_sum = _forward_rounds(qk, v, sorted_idx, bucket_key, key_padding_mask, w, stats_only=True)
-    terms = _probability_terms(row_max, log_sum, window)
+    qk, v, grad_out, out = qk.contiguous(), v.contiguous(), grad_out.contiguous(), out.contiguous()
+    sorted_idx, bucket_key, walked = _attention_order(buckets, spec)
+    _, row_max, log_sum = _forward_rounds(qk, v, sorted_idx, bucket_key, key_padding_mask, walked, dropout_p,
+                                          dropout_seed, stats_only=True)
+    terms = _probability_terms(row_max, log_sum, spec)
     delta = (grad_out.float() * out.float()).sum(-1).view(b * h, length)  # rowsum(dO * O)
-    dqk, dv = _backward_rounds(qk, v, grad_out, terms, delta, sorted_idx, bucket_key, key_padding_mask, w)
+    dqk, dv = _backward_rounds(qk, v, grad_out, terms, delta, sorted_idx, bucket_key, key_padding_mask, walked,
+                               dropout_p, dropout_seed)
     return dqk.sum(1).view(b, h, length, d).to(qk.dtype), dv.sum(1).view(b, h, length, d).to(v.dtype)
