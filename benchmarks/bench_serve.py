@@ -55,9 +55,9 @@ def build_models(tmp: Path, backends: list[str]) -> dict[tuple[str, str], Path]:
     """(model, backend) -> the path a server opens."""
     import torch
 
+    from reformer_dist.artifacts.native import save_native
     from reformer_dist.export.onnx_export import export_onnx
     from reformer_dist.model import ReformerConfig, ReformerLM
-    from reformer_dist.model.native import save_native
 
     paths = {}
     for name, section in model_configs().items():

@@ -200,7 +200,7 @@ def zero_run(config: Path, workdir: Path):
 # --------------------------------------------------------------------------------------------- tests
 def native_weights(run_dir: Path) -> dict:
     """The consolidated model written at the end of training, read back by the model package alone."""
-    from reformer_dist.model.native import from_native
+    from reformer_dist.artifacts.native import from_native
 
     return from_native(run_dir / "native").state_dict()
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from reformer_dist.artifacts.tokenizer_spec import metadata_spec
 from reformer_dist.errors import ReformerDistError
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -108,7 +109,7 @@ class OrtRunner:
         import onnx
 
         from reformer_dist.export.lsh_onnx import LshSpec
-        from reformer_dist.export.onnx_export import lsh_nodes
+        from reformer_dist.export.onnx_graph import lsh_nodes
         from reformer_dist.export.ort_kernels import register_lsh_kernel
 
         nodes = lsh_nodes(onnx.load(self.path, load_external_data=False))
@@ -130,7 +131,7 @@ class OrtRunner:
 
     @property
     def tokenizer_spec(self) -> dict | None:
-        return json.loads(self.metadata["tokenizer"]) if "tokenizer" in self.metadata else None
+        return metadata_spec(self.metadata)
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """(B, L) int64 token ids [and (B, L) 1 = real mask, right padding] -> (B, L, vocab) float32."""

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from reformer_dist.artifacts.native import RUN_NATIVE_DIR
 from reformer_dist.configuration import JobConfig, config_to_yaml, save_config
 from reformer_dist.data import GlobalOrderSampler, TokenWindowDataset, load_manifest, next_batch
 from reformer_dist.errors import ConfigError, ReformerDistError
@@ -46,8 +47,6 @@ from reformer_dist.train.preemption import StopRequest
 from reformer_dist.train.sequence_parallel import initialize as initialize_sequence_parallel
 from reformer_dist.train.sequence_parallel import layout_for
 from reformer_dist.train.tracking import Tracker, peak_memory_gib, readout_line
-
-NATIVE_DIR = "native"
 
 
 @dataclass
@@ -210,7 +209,7 @@ class Trainer:
             return 0
         if self.dist.is_main:
             latest = ckpt.latest_checkpoint(self.run_dir)
-            native = consolidate(latest, self.run_dir / NATIVE_DIR)
+            native = consolidate(latest, self.run_dir / RUN_NATIVE_DIR)
             print(f"reformer-dist train: done at step {self.state.step}; consolidated model in {native}", flush=True)
         return 0
 
