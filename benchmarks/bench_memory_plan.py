@@ -9,7 +9,7 @@ Configs: `tiny` (configs/tiny.yaml: local + LSH, d_model 128, dropout 0.05) and 
     python benchmarks/bench_memory_plan.py                                  # 16K, 64K, 256K x 1, 2 ranks
     python benchmarks/bench_memory_plan.py --lengths 16384 --configs bench --ranks 1
 
-Writes benchmarks/results/memory_plan.{md,json}.
+Writes benchmarks/results/<tag>.{md,json} (default memory_plan), after every run.
 """
 
 from __future__ import annotations
@@ -97,9 +97,11 @@ def measure(config: str, length: int, ranks: int, data: Path, workdir: Path, thr
             "error_pct": 100 * (predicted.peak_bytes / 2**30 - measured) / measured}
 
 
-def sweep(points: list[tuple], measure: Callable[..., dict], threads: int) -> list[dict]:
+def sweep(points: list[tuple], measure: Callable[..., dict], threads: int,
+          write: Callable[[list[dict]], None]) -> list[dict]:
     """``measure(*point, data, workdir, threads)`` for every point (its second entry is the length), on one
-    synthetic corpus long enough for two windows of the longest; each result is printed as it comes."""
+    synthetic corpus long enough for two windows of the longest; each result is printed as it comes and the
+    results so far are written (``write``), so that a sweep stopped early keeps what it measured."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -107,6 +109,7 @@ def sweep(points: list[tuple], measure: Callable[..., dict], threads: int) -> li
         for point in points:
             results.append(measure(*point, data, workdir, threads))
             print(json.dumps(results[-1]), flush=True)
+            write(results)
     return results
 
 
@@ -129,18 +132,20 @@ def main() -> None:
     parser.add_argument("--ranks", default="1,2")
     parser.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--tag", default="memory_plan", help="file name stem of the outputs")
     args = parser.parse_args()
     points = [(config, int(length), int(ranks)) for config in args.configs.split(",")
               for length in args.lengths.split(",") for ranks in args.ranks.split(",")]
-    results = sweep(points, measure, args.threads)
-    md = table(results)
-    print("\n" + md)
-    load = os.getloadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_memory_plan.py " + " ".join(sys.argv[1:])
-    (args.out / "memory_plan.md").write_text(f"Command: `{command}` (load average at the end {load[0]:.1f}; memory "
-                                             f"peaks do not depend on load)\n\n{md}\n")
-    (args.out / "memory_plan.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(results: list[dict]) -> None:
+        load = os.getloadavg()
+        (args.out / f"{args.tag}.md").write_text(f"Command: `{command}` (load average {load[0]:.1f} after the last "
+                                                 f"run; memory peaks do not depend on load)\n\n{table(results)}\n")
+        (args.out / f"{args.tag}.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+
+    print("\n" + table(sweep(points, measure, args.threads, write)))
 
 
 if __name__ == "__main__":

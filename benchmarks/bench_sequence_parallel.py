@@ -11,13 +11,15 @@ available memory than its predicted total plus 1 GiB.
     python benchmarks/bench_sequence_parallel.py --lengths 262144 --ranks 1,2 --tag sp_256k
     python benchmarks/bench_sequence_parallel.py --lengths 1835008 --ranks 2 --tag sp_longest   # ~20 GiB total
 
-Writes benchmarks/results/<tag>.{md,json}. Step times on a shared machine are inflated: compare the P = 1
-and P = 2 rows of one run (the load average is recorded), and re-run on an idle machine for absolute times.
+Writes benchmarks/results/<tag>.{md,json,png} after every run (`--merge` keeps an earlier run's rows).
+Step times on a shared machine are inflated: compare the rows of one run (the load average is recorded),
+and re-run on an idle machine for absolute times.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench_memory_plan import run_args, sweep
+from bench_train_step import finish_plot
 
 HERE = Path(__file__).resolve().parent
 
@@ -66,7 +69,7 @@ def measure(config: str, length: int, ranks: int, data: Path, workdir: Path, thr
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| tokens | P | step time | peak RSS per rank | predicted | load avg |", "|---|---|---|---|---|---|"]
+    rows = ["| tokens | P | step time | peak RSS per rank | predicted (error) | load avg |", "|---|---|---|---|---|---|"]
     for r in results:
         head = f"| {r['length']:,} | {r['ranks']} |"
         if "skipped" in r or "error" in r:
@@ -74,16 +77,48 @@ def table(results: list[dict]) -> str:
                         f"{r['predicted_gib']:.2f} GiB | {r['load_before']:.1f} |")
             continue
         peaks = " / ".join(f"{p:.2f}" for p in r["peak_gib"])
-        rows.append(f"{head} {r['step_s']:.1f} s | {peaks} GiB | {r['predicted_gib']:.2f} GiB | "
+        error = 100 * (r["predicted_gib"] / max(r["peak_gib"]) - 1)
+        rows.append(f"{head} {r['step_s']:.1f} s | {peaks} GiB | {r['predicted_gib']:.2f} GiB ({error:+.0f}%) | "
                     f"{r['load_before']:.1f}-{r['load_after']:.1f} |")
     by = {(r["length"], r["ranks"]): r for r in results if "peak_gib" in r}
     notes = []
-    for length in sorted({r["length"] for r in results}):
+    lengths = sorted({r["length"] for r in results})
+    for length in lengths:
         one, two = by.get((length, 1)), by.get((length, 2))
         if one and two:
             notes.append(f"- {length:,} tokens: P=2 / P=1 per-rank peak {max(two['peak_gib']) / max(one['peak_gib']):.2f}x, "
                          f"step time {two['step_s'] / one['step_s']:.2f}x")
+    # growth with the length at a fixed P (linear scaling: 4x the tokens should cost ~4x the time)
+    for ranks in sorted({r["ranks"] for r in results}):
+        measured = [n for n in lengths if (n, ranks) in by]
+        pairs = list(itertools.pairwise(measured))
+        if 65536 in measured and 1048576 in measured:
+            pairs.append((65536, 1048576))
+        for a, b in pairs:
+            ra, rb = by[(a, ranks)], by[(b, ranks)]
+            notes.append(f"- P={ranks}: {b:,} / {a:,} tokens ({b // a}x): step time {rb['step_s'] / ra['step_s']:.2f}x, "
+                         f"per-rank peak {max(rb['peak_gib']) / max(ra['peak_gib']):.2f}x")
     return "\n".join([*rows, "", *notes])
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ranks in sorted({r["ranks"] for r in results}):
+        pts = sorted((r["length"], r["step_s"], max(r["peak_gib"]), r["predicted_gib"]) for r in results
+                     if r["ranks"] == ranks and "peak_gib" in r)
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        line = ax_t.plot(xs, [p[1] for p in pts], "o-", label=f"P={ranks}")[0]
+        ax_m.plot(xs, [p[2] for p in pts], "o-", color=line.get_color(), label=f"P={ranks} measured")
+        ax_m.plot(xs, [p[3] for p in pts], "x--", color=line.get_color(), label=f"P={ranks} planner")
+    finish_plot(fig, {ax_t: "step time (s)", ax_m: "peak RSS per rank (GiB)"},
+                "Sequence parallelism on CPU: P ranks per sequence, 1 thread each, fp32, ZeRO-1", path)
 
 
 def main() -> None:
@@ -93,16 +128,35 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per rank (default 1: 2 ranks on 2 cores)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default="sequence_parallel")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="earlier runs' .json files: their rows are kept unless a later file or this run "
+                             "re-measures them (with --lengths '' nothing is measured: the tables and plot are redrawn)")
     args = parser.parse_args()
-    points = [("bench", int(length), int(ranks)) for length in args.lengths.split(",")
+    points = [("bench", int(length), int(ranks)) for length in args.lengths.split(",") if length
               for ranks in args.ranks.split(",")]
-    results = sweep(points, measure, args.threads)
-    md = table(results)
-    print("\n" + md)
-    command = "python benchmarks/bench_sequence_parallel.py " + " ".join(sys.argv[1:])
+    commands, rows = [], {}
+    for path in args.merge:
+        earlier = json.loads(path.read_text())
+        commands += earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
+        rows.update({(r["length"], r["ranks"]): r for r in earlier["results"]})
+    if points:
+        commands.append("python benchmarks/bench_sequence_parallel.py " + " ".join(sys.argv[1:]))
+    commands = list(dict.fromkeys(commands))
+    fresh = {(length, ranks) for _, length, ranks in points}
+    kept = [r for key, r in rows.items() if key not in fresh]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.tag}.md").write_text(f"Command: `{command}`\n\n{md}\n")
-    (args.out / f"{args.tag}.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+
+    def write(results: list[dict]) -> None:
+        results = sorted([*kept, *results], key=lambda r: (r["length"], -r["ranks"]))
+        listed = "\n".join(f"- `{c}`" for c in commands)
+        (args.out / f"{args.tag}.md").write_text(f"Commands (later ones re-measure the rows they cover):\n{listed}\n\n"
+                                                 f"{table(results)}\n")
+        (args.out / f"{args.tag}.json").write_text(json.dumps({"commands": commands, "results": results}, indent=1))
+        plot(results, args.out / f"{args.tag}.png")
+
+    results = sweep(points, measure, args.threads, write) if points else []
+    write(results)
+    print((args.out / f"{args.tag}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -5,17 +5,20 @@ Each (implementation, length) runs in a fresh process: build the model (seeded),
 settings (as the issue's anchor figures were taken) unless ``--thp`` puts every implementation's large
 host allocations on transparent huge pages (torch's ``THP_MEM_ALLOC_ENABLE``, what ``reformer-dist train``
 sets). The parent records the median step time, the child's peak RSS, minor page faults and CPU time
-(``wait4``'s rusage), prints a markdown table with the ratios to HF, and writes the table (.md), the raw
+(``wait4``'s rusage) and each step's CPU time, prints a markdown table with the ratios to HF, and writes the table (.md), the raw
 numbers (.json) and a log-log plot (.png) to ``--out``.
 
     pip install -e ".[bench]"                                   # HF 4.57.6, reformer-pytorch, matplotlib
     python benchmarks/bench_train_step.py                       # 1K..64K all four, then ours at 256K, 1M
     python benchmarks/bench_train_step.py --lengths 1024,4096 --impls ours,hf --ours-lengths ''
+    python benchmarks/bench_train_step.py --impls ours --lengths 16384,65536 --ours-lengths 1048576 --threads 1 \
+        --thp --tag train_step_scaling        # linear scaling of ours in one process (CPU-time ratios)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -42,14 +45,15 @@ def child(impl: str, length: int, steps: int, threads: int, warmup: int) -> None
     torch.manual_seed(0)
     _, step = BUILDERS[impl](length)
     ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(1))
-    times = []
+    times, cpu_times = [], []
     for i in range(steps + warmup):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(ids).backward()
         if i >= warmup:  # warm-up steps pay for lazy imports and first allocations
             times.append(time.perf_counter() - start)
-        print(json.dumps({"partial": True, "times": times}), flush=True)
-    print(json.dumps({"times": times}), flush=True)
+            cpu_times.append(time.process_time() - cpu_start)
+        print(json.dumps({"partial": True, "times": times, "cpu_times": cpu_times}), flush=True)
+    print(json.dumps({"times": times, "cpu_times": cpu_times}), flush=True)
 
 
 def measure(impl: str, length: int, steps: int, threads: int, warmup: int, timeout: float,
@@ -73,8 +77,10 @@ def measure(impl: str, length: int, steps: int, threads: int, warmup: int, timeo
         lines = [json.loads(line) for line in out.read().splitlines() if line.startswith("{")]
         error = (err.read().strip().splitlines() or ["?"])[-1][:120]
     times = lines[-1]["times"] if lines else []
+    cpu_times = lines[-1].get("cpu_times", []) if lines else []
     status = "ok" if code == 0 else ("timeout" if code == -signal.SIGKILL else f"error: {error}")
     return {"impl": impl, "length": length, "times": times, "median_s": statistics.median(times) if times else None,
+            "cpu_median_s": statistics.median(cpu_times) if cpu_times else None,
             "peak_rss_gib": usage.ru_maxrss / 2**20, "minor_faults": usage.ru_minflt,
             "cpu_s": usage.ru_utime + usage.ru_stime, "load": os.getloadavg()[0], "thp": thp, "status": status}
 
@@ -83,7 +89,8 @@ def fmt_cell(r: dict) -> str:
     if r["median_s"] is None:
         return f"{r['status']} (peak {r['peak_rss_gib']:.2f} GiB)"
     note = "" if r["status"] == "ok" else f" ({r['status']}, n={len(r['times'])})"
-    return f"{r['median_s']:.3g} s / {r['peak_rss_gib']:.2f} GiB{note}"
+    cpu = f" (CPU {r['cpu_median_s']:.3g} s)" if r.get("cpu_median_s") else ""
+    return f"{r['median_s']:.3g} s{cpu} / {r['peak_rss_gib']:.2f} GiB{note}"
 
 
 def table(results: list[dict]) -> str:
@@ -107,7 +114,27 @@ def table(results: list[dict]) -> str:
                 cells.append("-")
         if any(c != "-" for c in cells):
             rows.append(f"| {impl} / hf (time / mem) | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    return "\n".join([*rows, "", *growth(results)])
+
+
+def growth(results: list[dict]) -> list[str]:
+    """How each implementation's step grows with the length: ratios of consecutive measured lengths (and of
+    1M to 64K), in wall time, in CPU time (the process's own: robust to other jobs on a shared machine
+    when the model runs on one thread) and in peak memory."""
+    lines = []
+    for impl in IMPLS:
+        got = {r["length"]: r for r in results if r["impl"] == impl and r["median_s"]}
+        lengths = sorted(got)
+        pairs = list(itertools.pairwise(lengths))
+        if 65536 in got and 1048576 in got:
+            pairs.append((65536, 1048576))
+        for a, b in pairs:
+            ra, rb = got[a], got[b]
+            cpu = (f", CPU time {rb['cpu_median_s'] / ra['cpu_median_s']:.2f}x"
+                   if ra.get("cpu_median_s") and rb.get("cpu_median_s") else "")
+            lines.append(f"- {impl} {b:,} / {a:,} tokens ({b / a:g}x): wall time {rb['median_s'] / ra['median_s']:.2f}x"
+                         f"{cpu}, peak RSS {rb['peak_rss_gib'] / ra['peak_rss_gib']:.2f}x")
+    return lines
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -124,14 +151,20 @@ def plot(results: list[dict], path: Path) -> None:
             xs = [p[0] for p in pts]
             ax_t.plot(xs, [p[1] for p in pts], "o-", label=impl)
             ax_m.plot(xs, [p[2] for p in pts], "o-", label=impl)
-    for ax, label in ((ax_t, "median step time (s)"), (ax_m, "peak RSS (GiB)")):
+    finish_plot(fig, {ax_t: "median step time (s)", ax_m: "peak RSS (GiB)"},
+                "Training step (fwd+bwd), batch 1, fp32, 2 CPU threads", path)
+
+
+def finish_plot(fig, labels: dict, title: str, path: Path) -> None:
+    """Log-log axes against the sequence length, with their y labels; title; saved to ``path``."""
+    for ax, label in labels.items():
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle("Training step (fwd+bwd), batch 1, fp32, 2 CPU threads")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -69,20 +69,32 @@ def build_lucidrains(length: int) -> tuple[nn.Module, Step]:
     return model, lambda ids: lm_loss(model(ids), ids)
 
 
-class _SdpaBlock(nn.Module):
-    def __init__(self):
+class SdpaBlock(nn.Module):
+    """Pre-LN transformer block (SDPA): x + attn(LN(x)), then x + FF(LN(x)); with ``window`` each query
+    attends only its last ``window`` positions (a causal sliding window). Also bench_learning.py's."""
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, d_ff: int, dropout: float = 0.0,
+                 window: int | None = None):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
-        self.qkv = nn.Linear(D_MODEL, 3 * HEADS * D_HEAD, bias=False)
-        self.out = nn.Linear(HEADS * D_HEAD, D_MODEL, bias=False)
-        self.ff = nn.Sequential(nn.Linear(D_MODEL, D_FF), nn.ReLU(), nn.Linear(D_FF, D_MODEL))
+        self.n_heads, self.d_head, self.dropout, self.window = n_heads, d_head, dropout, window
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * n_heads * d_head, bias=False)
+        self.out = nn.Linear(n_heads * d_head, d_model, bias=False)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
     def forward(self, x: Tensor) -> Tensor:
         b, length, _ = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, length, 3, HEADS, D_HEAD).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, length, -1)
-        x = x + self.out(att)
-        return x + self.ff(self.ln2(x))
+        q, k, v = self.qkv(self.ln1(x)).view(b, length, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        if self.window is None:
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # key j is visible from query i when 0 <= i - j < window
+            lag = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=(lag >= 0) & (lag < self.window))
+        x = x + self._drop(self.out(att.transpose(1, 2).reshape(b, length, -1)))  # (B, L, H*Dh) -> (B, L, D)
+        return x + self._drop(self.ff(self.ln2(x)))
 
 
 class SdpaLM(nn.Module):
@@ -92,7 +104,7 @@ class SdpaLM(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, D_MODEL)
         self.pos = nn.Parameter(torch.zeros(length, D_MODEL))
-        self.blocks = nn.ModuleList([_SdpaBlock() for _ in range(LAYERS)])
+        self.blocks = nn.ModuleList([SdpaBlock(D_MODEL, HEADS, D_HEAD, D_FF) for _ in range(LAYERS)])
         self.ln = nn.LayerNorm(D_MODEL)
         self.head = nn.Linear(D_MODEL, VOCAB)
 

@@ -111,6 +111,10 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def max_diff(a: dict[int, float], b: dict[int, float], steps: range) -> float:
     missing = sorted(set(steps) - (set(a) & set(b)))
     assert not missing, f"steps without a loss: {missing}"
@@ -187,7 +191,7 @@ def zero_run(config: Path, workdir: Path):
         if stage not in done:
             run_dir, port = workdir / f"zero{stage}", free_port()
             run_ok(["bash", str(REPO / "launch" / "train_single_node.sh"), str(config), f"train.output_dir={run_dir}",
-                    "train.micro_batch_size=1", f"deepspeed.zero_stage={stage}",
+                    "train.micro_batch_size=1", f"deepspeed.zero_stage={stage}", "train.sample_every=10",
                     f"deepspeed.config_file={workdir / 'zero3.json'}"],
                    env={**ENV, "NUM_GPUS": "2", "MASTER_PORT": str(port)})
             assert not segments_of([port])  # DeepSpeed's per-rank shared memory went with the ranks
@@ -207,8 +211,9 @@ def native_weights(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_ranks_match_one_process_at_zero_stage(stage, zero_run, reference, workdir):
-    run_dir = zero_run(stage)
+    run_dir = zero_run(stage)  # samples at steps 10 and 20 (the reference takes none): they change nothing
     assert max_diff(step_losses(run_dir), reference, range(1, STEPS + 1)) <= 1e-5
+    assert [r["step"] for r in metrics(run_dir) if "sample" in r] == [10, 20]
     # the consolidated fp32 weights (gathered from 2 ranks' partitions) are the single process's weights
     ours, ref = native_weights(run_dir), native_weights(workdir / "ref")
     assert max((ours[k] - ref[k]).abs().max().item() for k in ref) <= 1e-4
@@ -347,6 +352,42 @@ def test_diverged_run_skips_non_finite_steps_then_stops_with_the_last_good_check
     assert latest(run_dir) == "step_00000001"  # no checkpoint was written during the skipped steps
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if "loss" in r] == [0, 1, 2, 3]
+
+
+def test_samples_print_at_their_steps_and_go_to_wandb_as_a_text_table(config, workdir):
+    import torch
+
+    from reformer_dist.data.tokenizer import get_tokenizer
+    from reformer_dist.decoding import generate
+    from reformer_dist.export.loading import load_model_for_export
+    from reformer_dist.train.evaluate import SAMPLE_TEMPERATURE, SAMPLE_TOP_K
+
+    run_dir = workdir / "sampled"
+    out = run_ok(single(config, run_dir, "train.max_steps=4", "train.eval_every=2", "train.save_every=0",
+                        "train.sample_every=2", "train.sample_prompt=the", "train.sample_tokens=30",
+                        "logging.wandb.mode=offline"))
+    samples = {r["step"]: r["sample"] for r in metrics(run_dir) if "sample" in r}
+    assert sorted(samples) == [2, 4]
+    for step, text in samples.items():
+        assert text.startswith("the") and len(text) > 3
+        assert f"sample step {step} |\n{text}\n" in out
+    assert [r["step"] for r in metrics(run_dir) if "val_loss" in r] == [0, 2, 4]  # step 0: the untrained model
+
+    # the last sample is the decoding runtime's continuation by the final weights, seeded by train.seed
+    source = load_model_for_export(run_dir / "native")
+    tokenizer = get_tokenizer(source.tokenizer)
+    new = generate(source.model, torch.tensor([tokenizer.encode("the")]), 30, temperature=SAMPLE_TEMPERATURE,
+                   top_k=SAMPLE_TOP_K, seed=1234)
+    assert samples[4] == "the" + tokenizer.decode(new[0].tolist())
+
+    # W&B: the `samples` table logged at each sample step holds every sample so far, as text
+    files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    tables = {int(row["_step"]): row for row in history_rows(read_records(files[0])) if "samples/path" in row}
+    assert sorted(tables) == [2, 4]
+    assert tables[4]["samples/_type"] == "table-file"
+    table = json.loads(next(run_dir.glob("wandb/offline-run-*/files")).joinpath(tables[4]["samples/path"]).read_text())
+    assert table["columns"] == ["step", "text"]
+    assert table["data"] == [[2, samples[2]], [4, samples[4]]]
 
 
 def test_stale_jit_build_lock_fails_the_launch_naming_the_file_and_the_fix(config, workdir):

@@ -1,7 +1,7 @@
 """Sequence parallelism (DeepSpeed-Ulysses) on CPU gloo ranks through the real `deepspeed` launcher: a sharded
 model computes one process's loss and every gradient; 2 ranks sharing each sequence, and 2 x 2 ranks with
-ZeRO-2, train like one process; a sequence-parallel checkpoint resumes on one process; bad layouts are
-refused naming the key.
+ZeRO-2, train like one process; a sequence-parallel checkpoint resumes on one process and a one-process
+checkpoint on a sequence-parallel pair; bad layouts are refused naming the key.
 
 Runs reuse test_train_distributed's micro config and corpus (2 heads: one per rank of a pair), 10 steps
 with a checkpoint every 5.
@@ -86,6 +86,16 @@ def test_sequence_parallel_checkpoint_resumes_on_one_process(config, pair, refer
     assert max_diff(losses, step_records(reference, "loss"), range(6, STEPS + 1)) <= 1e-5
 
 
+def test_one_process_checkpoint_resumes_with_two_ranks_per_sequence(config, reference, workdir):
+    run_dir = workdir / "sp1-to-2"
+    out = run_ok(launcher(2, config, run_dir, *SHORT, f"train.resume={reference / 'checkpoints' / 'step_00000005'}",
+                          "deepspeed.sequence_parallel_size=2", "deepspeed.zero_stage=1"))
+    assert "(step 5)" in out
+    losses = step_records(run_dir, "loss")
+    assert sorted(losses) == list(range(6, STEPS + 1))
+    assert max_diff(losses, step_records(reference, "loss"), range(6, STEPS + 1)) <= 1e-5
+
+
 def test_two_sequence_parallel_pairs_with_zero2_train_like_one_process(config, reference, workdir):
     # 4 ranks = 2 data-parallel replicas x 2 ranks per sequence, micro-batch 1: the same global batch of 2.
     # Feed-forward chunks of 16 positions: ZeRO-2 reduces each gradient once, after a layer's last chunk
@@ -98,7 +108,7 @@ def test_two_sequence_parallel_pairs_with_zero2_train_like_one_process(config, r
 
 @pytest.mark.parametrize(("overrides", "world_size", "key"), [
     (["model.n_heads=2", "deepspeed.sequence_parallel_size=4"], 4, "model.n_heads"),
-    (["model.n_heads=3", "deepspeed.sequence_parallel_size=3"], 3, "train.seq_len"),  # 256 positions in 3 shards
+    (["model.n_heads=3", "deepspeed.sequence_parallel_size=3"], 3, "train.seq_len"),  # 512 positions in 3 shards
     (["deepspeed.sequence_parallel_size=2"], 3, "deepspeed.sequence_parallel_size"),
     (["deepspeed.sequence_parallel_size=0"], 1, "deepspeed.sequence_parallel_size"),
 ])
@@ -110,7 +120,7 @@ def test_layouts_that_cannot_split_are_refused_naming_the_key(overrides, world_s
 
 def test_config_command_prints_the_layout_beside_the_deepspeed_json():
     proc = subprocess.run([sys.executable, "-m", "reformer_dist", "config", "--config", "tiny", "--deepspeed",
-                           "--world-size", "8", "deepspeed.sequence_parallel_size=2"],
+                           "--world-size", "8", "deepspeed.sequence_parallel_size=2", "train.micro_batch_size=8"],
                           capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 0, proc.stderr
     ds = json.loads(proc.stdout)

@@ -89,7 +89,7 @@ def test_config_command_prints_the_generated_json(capsys):
 # ------------------------------------------------------------------------------------ clear errors
 @pytest.mark.parametrize(("overrides", "message"), [
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be 0, 1, 2 or 3"),
-    (["train.global_batch_size=3"], "train.global_batch_size: 3 != train.micro_batch_size (8)"),
+    (["train.global_batch_size=3"], "train.global_batch_size: 3 != train.micro_batch_size (4)"),
     (["data.path=/nonexistent/prepared-data"], "/nonexistent/prepared-data"),
 ])
 def test_train_reports_user_errors_in_one_line_before_starting(overrides, message, tmp_path, capsys, monkeypatch):

@@ -79,8 +79,11 @@ class ReformerConfig:
     null = automatic (two factors close to sqrt(max_seq_len))."""
     axial_pos_dims: list[int] | None = None
     """Feature width per axial factor, summing to d_model. null = automatic (d_model split evenly)."""
-    axial_norm_std: float = 1.0
-    """Init std of the axial positional weights."""
+    axial_norm_std: float | None = None
+    """Init std of the axial positional weights; null = init_std, the token embeddings' std. HF's
+    default, 1.0 beside token embeddings at 0.02, drowns the tokens in the positions at initialisation:
+    a fresh model then sits at the unigram level for ~100 steps (README, learning curves). Only fresh
+    models are affected: a checkpoint loads its own weights."""
     ff_chunk_size: int = 2048
     """Positions per feed-forward chunk (0 = unchunked): the feed-forward is position-wise, so its
     (batch, chunk, d_ff) activations exist one chunk at a time; shorter sequences run in one chunk."""
@@ -94,7 +97,10 @@ class ReformerConfig:
     activation: str = "relu"
     """Feed-forward activation: relu, gelu, gelu_new or silu."""
     init_std: float = 0.02
-    """Std of the normal initialisation of linear and embedding weights."""
+    """Std of the normal initialisation of linear and embedding weights (HF's and GPT-2's 0.02, for widths
+    near 1,000; at small widths ~1/sqrt(d_model) learns faster: configs/tiny.yaml, README learning
+    curves). The output projections of the attention and feed-forward branches, which write into the
+    residual streams, get init_std / sqrt(2 * n_layers), as in GPT-2."""
     pad_token_id: int | None = None
     """Token id treated as padding in generation/serving batches (HF enwik8: 0); null = none."""
 
@@ -121,6 +127,9 @@ class ReformerConfig:
     def lsh_n_buckets_total(self) -> int:
         """Total buckets per round (the product of the factors)."""
         return math.prod(self.lsh_bucket_factors())
+
+    def resolved_axial_norm_std(self) -> float:
+        return self.init_std if self.axial_norm_std is None else float(self.axial_norm_std)
 
     def resolved_axial_shape(self) -> list[int]:
         if self.axial_pos_shape is not None:
@@ -161,6 +170,10 @@ class ReformerConfig:
                      "ff_chunk_size"):
             if int(getattr(self, name)) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.init_std > 0:
+            raise bad("init_std", f"must be > 0, got {self.init_std}")
+        if self.axial_norm_std is not None and not self.axial_norm_std > 0:
+            raise bad("axial_norm_std", f"must be > 0 or null, got {self.axial_norm_std}")
         if self.loss_chunk_size < 1:
             raise bad("loss_chunk_size", f"must be >= 1, got {self.loss_chunk_size}")
         for name in ("dropout", "attn_dropout", "local_attn_dropout"):

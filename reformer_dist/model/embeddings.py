@@ -41,8 +41,8 @@ class Embeddings(GeneratorHolder):
         self.dropout = config.dropout
         self.word_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         nn.init.normal_(self.word_embeddings.weight, std=config.init_std)
-        self.position_embeddings = AxialPositionalEmbedding(config.resolved_axial_shape(),
-                                                            config.resolved_axial_dims(), config.axial_norm_std)
+        self.position_embeddings = AxialPositionalEmbedding(config.resolved_axial_shape(), config.resolved_axial_dims(),
+                                                            config.resolved_axial_norm_std())
 
     def forward(self, input_ids: Tensor, start: int = 0) -> Tensor:
         """(B, L) int64 at positions [start, start + L) -> (B, L, d_model)."""

@@ -172,7 +172,7 @@ def config_to_hf(cfg: ReformerConfig) -> dict[str, Any]:
         "model_type": "reformer",
         "attention_head_size": cfg.d_head,
         "attn_layers": kinds,
-        "axial_norm_std": cfg.axial_norm_std,
+        "axial_norm_std": cfg.resolved_axial_norm_std(),
         "axial_pos_embds": True,
         "axial_pos_embds_dim": cfg.resolved_axial_dims(),
         "axial_pos_shape": cfg.resolved_axial_shape(),

@@ -95,6 +95,12 @@ class ReformerLM(nn.Module):
                 nn.init.normal_(module.weight, std=config.init_std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        # GPT-2's scaled init: 2 * n_layers branch outputs add into the residual streams; starting them at
+        # init_std / sqrt(2 * n_layers) keeps the streams near the embeddings' scale whatever the depth
+        # (fresh models only: a checkpoint loads its own weights)
+        for layer in self.layers:
+            for branch_output in (layer.attention.output, layer.feed_forward.output):
+                nn.init.normal_(branch_output.weight, std=config.init_std / math.sqrt(2 * config.n_layers))
 
     # ------------------------------------------------------------------ sequence parallelism
     def shard_sequence(self, shard: SequenceShard | None) -> None:

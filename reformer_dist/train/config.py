@@ -41,6 +41,16 @@ class TrainConfig:
     """Evaluate every N steps (0 = only at the end)."""
     eval_batches: int = 8
     """Validation micro-batches per evaluation."""
+    sample_every: int = 0
+    """Every N steps (and at the last step) rank 0 continues ``sample_prompt`` with the decoding runtime
+    (``reformer_dist.decoding.generate``: cached, top-k 40, temperature 0.8, seeded by ``seed``), prints
+    the prompt and the continuation, appends them to metrics.jsonl and logs them to W&B's ``samples`` text
+    table; 0 = never (sampling pauses training, and under ZeRO-3 gathers the whole model on rank 0: keep it
+    off for large runs)."""
+    sample_prompt: str = "\n"
+    """Text the samples continue (printed with them)."""
+    sample_tokens: int = 200
+    """Tokens generated per sample."""
     save_every: int = 100
     """Checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 3
@@ -60,9 +70,13 @@ class TrainConfig:
         for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "warmup_steps"):
+        for name in ("eval_every", "save_every", "warmup_steps", "sample_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.sample_tokens < 1:
+            raise ConfigError("train.sample_tokens", f"must be >= 1, got {self.sample_tokens}")
+        if self.sample_every and not self.sample_prompt:
+            raise ConfigError("train.sample_prompt", "must not be empty when train.sample_every is set")
         if self.keep_last < 1:
             raise ConfigError("train.keep_last", f"must be >= 1, got {self.keep_last}")
         if not self.lr > 0:

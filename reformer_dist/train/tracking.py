@@ -64,6 +64,7 @@ class Tracker:
         self.active, self.max_steps = active, cfg.train.max_steps
         self.run_dir = run_dir
         self._wandb = self._progress = self._task = None
+        self._samples: list[list[Any]] = []  # (step, text) rows of the W&B samples table
         if not active:
             return
         # open for the whole run (closed in close()); a resumed run appends, readers keep the last per step
@@ -119,6 +120,20 @@ class Tracker:
                              and isinstance(v, (int, float)) and math.isfinite(v)} |
                             {f"memory_gib/rank{i}": m for i, m in enumerate(record.get("memory_gib", []))},
                             step=record["step"])
+
+    def sample(self, step: int, text: str) -> None:
+        """Print a generated sample (prompt included) and append it to metrics.jsonl and W&B, where the
+        ``samples`` table holds every sample of the run so far, one row per step."""
+        if not self.active:
+            return
+        self.print(f"sample step {step} |\n{text}\n" + "-" * 40)
+        self._jsonl.write(json.dumps({"step": step, "sample": text, "time": time.time()}) + "\n")
+        self._jsonl.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._samples.append([step, text])
+            self._wandb.log({"samples": wandb.Table(columns=["step", "text"], data=list(self._samples))}, step=step)
 
     def advance(self, step: int) -> None:
         if self._progress is not None:

@@ -41,7 +41,7 @@ from reformer_dist.train.distributed import (
     shutdown,
 )
 from reformer_dist.train.engine import build_model, initialize_engine
-from reformer_dist.train.evaluate import evaluate
+from reformer_dist.train.evaluate import evaluate, generate_sample
 from reformer_dist.train.flops import peak_flops, token_flops
 from reformer_dist.train.preemption import StopRequest
 from reformer_dist.train.sequence_parallel import initialize as initialize_sequence_parallel
@@ -219,6 +219,8 @@ class Trainer:
         losses: list[float] = []  # applied steps' losses since the last readout
         steps, clock, excluded = 0, time.perf_counter(), 0.0  # evaluation and checkpoints are excluded
         last_eval = -1
+        if self.val_ds is not None and t.eval_every and self.state.step == 0:
+            self._evaluate()  # the untrained model's figure, the baseline the run improves on
         while self.state.step < t.max_steps:
             lr = self.engine.get_lr()[0]
             loss, applied, reason = self.train_step(stop)
@@ -248,6 +250,8 @@ class Trainer:
             if self.val_ds is not None and (final or (t.eval_every and self.state.step % t.eval_every == 0)):
                 self._evaluate()
                 last_eval = self.state.step
+            if t.sample_every and (final or self.state.step % t.sample_every == 0):
+                self._sample()
             # no scheduled checkpoint inside a run of skipped steps: keep-last-K must not rotate out the
             # checkpoints from before the trouble (a stop request still saves: the weights are unchanged)
             due = final or (t.save_every and self.state.step % t.save_every == 0)
@@ -289,3 +293,10 @@ class Trainer:
                           self.dist, self.layout)
         self.tracker.record({"step": self.state.step, **result})
         self.tracker.print(f"eval step {self.state.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+
+    def _sample(self) -> None:
+        t = self.cfg.train
+        text = generate_sample(self.engine, self.train_ds.tokenizer_spec, t.sample_prompt, t.sample_tokens, t.seed,
+                               self.dist)
+        if text is not None:
+            self.tracker.sample(self.state.step, t.sample_prompt + text)
