@@ -208,7 +208,7 @@ def hf_model(cfg) -> nn.Module:
     from transformers import ReformerConfig as HFConfig
     from transformers import ReformerModelWithLMHead
 
-    from reformer_dist.model.hf_interop import config_to_hf
+    from reformer_dist.model.hf_mapping import config_to_hf
 
     shape = dataclasses.replace(cfg.model, lsh_window="chunk", ff_chunk_size=0)
     return HFReformer(ReformerModelWithLMHead(HFConfig(**config_to_hf(shape))))
