@@ -24,8 +24,8 @@ CLI: the quickstart's `tiny` config (random weights) saved and exported with ``-
 ``reformer-dist generate`` commands run ``--cli-runs`` times each, alternating, with the printed tokens/s
 (``--max-new-tokens 200``, greedy) compared by their medians.
 
-Writes benchmarks/results/bench_generate.md with the command and the load average. Targets (issues 9,
-13): cached >= 10x uncached at 8K; ours cached >= 5x HF's cached tokens/s at 4K; ``--checkpoint`` >= 0.8x
+Writes benchmarks/results/bench_generate.md with the command and the load average. Targets: cached
+>= 10x uncached at 8K; ours cached >= 5x HF's cached tokens/s at 4K; ``--checkpoint`` >= 0.8x
 ``--model`` tokens/s.
 """
 

@@ -71,8 +71,6 @@ def model_config_from_yaml(text: str, source: str) -> ReformerConfig:
 
 def from_native(path: str | os.PathLike) -> ReformerLM:
     """The ReformerLM (fp32, eval mode) of a native directory; CheckpointError names what is wrong."""
-    from reformer_dist.model.reformer import ReformerLM
-
     path = Path(path)
     if not is_native_dir(path):
         raise CheckpointError(f"{path}: not a native model directory ({WEIGHTS} + {CONFIG})")
@@ -81,10 +79,19 @@ def from_native(path: str | os.PathLike) -> ReformerLM:
     except (OSError, ValueError) as e:  # ValueError: not UTF-8
         raise CheckpointError(f"{path / CONFIG}: unreadable ({describe(e)})") from None
     config = model_config_from_yaml(text, str(path / CONFIG))
-    weights = load_safetensors(path / WEIGHTS)
+    return model_with_weights(config, load_safetensors(path / WEIGHTS), f"the weights in {path / WEIGHTS}",
+                              str(path / CONFIG))
+
+
+def model_with_weights(config: ReformerConfig, state_dict: dict[str, Any], weights_source: str,
+                       config_source: str) -> ReformerLM:
+    """The ReformerLM (eval mode) of ``config`` holding ``state_dict``, loaded strictly: weights that do not
+    fit are refused with a CheckpointError naming both sources."""
+    from reformer_dist.model.reformer import ReformerLM
+
     model = ReformerLM(config)
     try:
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path / WEIGHTS}: weights do not match {path / CONFIG}: {describe(e)}") from None
+        raise CheckpointError(f"{weights_source} do not match {config_source}: {describe(e)}") from None
     return model.eval()

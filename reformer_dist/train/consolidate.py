@@ -51,15 +51,10 @@ def write_native(state_dict: dict[str, torch.Tensor], config_yaml: str, tokenize
     """Build the ReformerLM that ``config_yaml``'s ``model:`` section describes, load ``state_dict`` into it
     (strictly: weights that do not fit are refused) and save it as a native directory. ``source`` names
     the config in errors."""
-    from reformer_dist.artifacts.native import model_config_from_yaml, save_native
-    from reformer_dist.model import ReformerLM
+    from reformer_dist.artifacts.native import model_config_from_yaml, model_with_weights, save_native
 
-    model = ReformerLM(model_config_from_yaml(config_yaml, source))
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint's weights do not match its model config ({source}): "
-                              f"{describe(e)}") from None
+    config = model_config_from_yaml(config_yaml, source)
+    model = model_with_weights(config, state_dict, "the checkpoint's weights", f"its model config ({source})")
     return save_native(model, out_dir, tokenizer)
 
 

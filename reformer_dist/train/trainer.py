@@ -1,4 +1,4 @@
-"""The training loop. Parallelism is set up elsewhere (``distributed``, ``engine``): here it is only
+"""The training loop. Parallelism is set up elsewhere (``distributed``, ``deepspeed_engine``): here it is only
 ``engine(inputs) -> loss``, ``engine.backward``, ``engine.step`` and a few scalars all-reduced per step.
 
 One optimizer step::
@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from reformer_dist.artifacts.native import RUN_NATIVE_DIR
-from reformer_dist.configuration import JobConfig, config_to_yaml, save_config
 from reformer_dist.data import GlobalOrderSampler, TokenWindowDataset, load_manifest, next_batch
 from reformer_dist.errors import ConfigError, ReformerDistError
+from reformer_dist.run_config import JobConfig, config_to_yaml, save_config
 from reformer_dist.train import checkpoint as ckpt
 from reformer_dist.train.consolidate import consolidate
 from reformer_dist.train.deepspeed_config import build_deepspeed_config
+from reformer_dist.train.deepspeed_engine import build_model, initialize_engine
 from reformer_dist.train.distributed import (
     DistInfo,
     all_gather_float,
@@ -40,7 +41,6 @@ from reformer_dist.train.distributed import (
     rank_from_env,
     shutdown,
 )
-from reformer_dist.train.engine import build_model, initialize_engine
 from reformer_dist.train.evaluate import evaluate, generate_sample
 from reformer_dist.train.flops import peak_flops, token_flops
 from reformer_dist.train.preemption import StopRequest
