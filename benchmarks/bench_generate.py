@@ -24,8 +24,8 @@ CLI: the quickstart's `tiny` config (random weights) saved and exported with ``-
 ``reformer-dist generate`` commands run ``--cli-runs`` times each, alternating, with the printed tokens/s
 (``--max-new-tokens 200``, greedy) compared by their medians.
 
-Writes benchmarks/results/bench_generate.md with the command and the load average. Targets (issues 9,
-13): cached >= 10x uncached at 8K; ours cached >= 5x HF's cached tokens/s at 4K; ``--checkpoint`` >= 0.8x
+Writes benchmarks/results/bench_generate.md with the command and the load average. Targets: cached
+>= 10x uncached at 8K; ours cached >= 5x HF's cached tokens/s at 4K; ``--checkpoint`` >= 0.8x
 ``--model`` tokens/s.
 """
 
@@ -113,11 +113,11 @@ def rate(times: list[float]) -> float:
 
 
 def generation_table(args: argparse.Namespace) -> tuple[list[str], dict]:
+    from reformer_dist.artifacts.hf_checkpoint import from_hf
     from reformer_dist.decoding.onnxruntime_backend import OrtBackend
     from reformer_dist.decoding.torch_backend import TorchBackend
     from reformer_dist.export.onnx_export import export_onnx
     from reformer_dist.model import ReformerLM
-    from reformer_dist.model.hf_interop import from_hf
 
     prompts = args.prompts
     max_len = max(16384, 128 * -(-(max(prompts) + args.new_tokens) // 128))
@@ -158,8 +158,8 @@ def generation_table(args: argparse.Namespace) -> tuple[list[str], dict]:
 
 def cli_table(args: argparse.Namespace) -> tuple[list[str], float]:
     """Medians of the tokens/s `reformer-dist generate` prints for --checkpoint and --model."""
+    from reformer_dist.artifacts.native import save_native
     from reformer_dist.model import ReformerConfig, ReformerLM
-    from reformer_dist.model.native import save_native
 
     section = {**yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"], "dropout": 0.0}
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Learning-curve benchmark: validation bits/byte against training steps, Reformer variants vs a plain transformer.
 
 Every model trains in the same hand-written loop on the same data, token budget and optimiser (AdamW,
-linear warmup then cosine, gradient clipping, weight decay on matrices — ``reformer_dist.train.engine``'s
+linear warmup then cosine, gradient clipping, weight decay on matrices — ``reformer_dist.train.deepspeed_engine``'s
 parameter groups and schedule) and is evaluated every ``--eval-every`` steps on the same validation
 windows. The model size, batch, sequence length, dropout and optimiser settings are the ``tiny`` config's
 (``configs/tiny.yaml``), so "ours" is exactly what the quickstart trains:
@@ -10,7 +10,7 @@ windows. The model size, batch, sequence length, dropout and optimiser settings 
   ours_full     ... with full attention in every layer
   ours_plain    ... non-reversible (ordinary residual stack, same parameters)
   ours_lsh      ... LSH attention in every layer
-  ours_hf_init  ... initialised as HF does (and this project did before issue 15): every weight at std
+  ours_hf_init  ... initialised as HF does (and this project once did): every weight at std
                 0.02 (HF's initializer_range) but the axial positions at 1.0 (HF's axial_norm_std)
   hf            transformers' ReformerModelWithLMHead (4.57.6) of the same shape (local/LSH mix; HF has
                 only the reference chunk LSH window) at its best settings: its own initialisation
@@ -208,7 +208,7 @@ def hf_model(cfg) -> nn.Module:
     from transformers import ReformerConfig as HFConfig
     from transformers import ReformerModelWithLMHead
 
-    from reformer_dist.model.hf_interop import config_to_hf
+    from reformer_dist.model.hf_mapping import config_to_hf
 
     shape = dataclasses.replace(cfg.model, lsh_window="chunk", ff_chunk_size=0)
     return HFReformer(ReformerModelWithLMHead(HFConfig(**config_to_hf(shape))))
@@ -242,7 +242,7 @@ def variant_overrides(name: str) -> list[str]:
 
 def run_config(name: str, overrides: list[str]):
     """The tiny config with model ``name``'s variant settings, then the command line's overrides."""
-    from reformer_dist.configuration import load_config
+    from reformer_dist.run_config import load_config
 
     return load_config(["tiny"], [*variant_overrides(name), *overrides])
 
@@ -279,7 +279,7 @@ def train_run(name: str, corpus: str, seed: int, steps: int, eval_every: int, ov
               data_root: Path, state_path: Path, log: Callable[[str], None]) -> dict:
     from reformer_dist.data import GlobalOrderSampler, TokenWindowDataset, next_batch
     from reformer_dist.model import ReformerLM
-    from reformer_dist.train.engine import lr_factor, param_groups
+    from reformer_dist.train.deepspeed_engine import lr_factor, param_groups
 
     cfg = run_config(name, overrides)
     t = cfg.train

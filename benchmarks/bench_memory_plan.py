@@ -75,7 +75,7 @@ def run_args(config: str, length: int, ranks: int, data: Path, run_dir: Path) ->
 
 
 def measure(config: str, length: int, ranks: int, data: Path, workdir: Path, threads: int) -> dict:
-    from reformer_dist.configuration import load_config
+    from reformer_dist.run_config import load_config
     from reformer_dist.train.memory_plan import plan_memory
 
     run_dir = workdir / f"{config}-{length}-{ranks}"

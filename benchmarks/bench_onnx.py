@@ -15,7 +15,7 @@ them alike), median of ``--repeats`` after one warm-up. Decode step: a random pr
 is prefilled on both backends of the decoding runtime (``reformer_dist.decoding``: ``TorchBackend``,
 ``OrtBackend`` with the cache updated in place), then ``--steps`` decode steps are timed, interleaved.
 Writes benchmarks/results/bench_onnx.md (with the command and the load average) and bench_onnx.png.
-Targets (issue 13): ORT int8 >= 1.5x ORT fp32 and >= 1.5x eager at 4K; decode step flat in the context.
+Targets: ORT int8 >= 1.5x ORT fp32 and >= 1.5x eager at 4K; decode step flat in the context.
 """
 
 from __future__ import annotations

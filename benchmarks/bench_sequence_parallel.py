@@ -41,7 +41,7 @@ def available_gib() -> float:
 
 
 def measure(config: str, length: int, ranks: int, data: Path, workdir: Path, threads: int) -> dict:
-    from reformer_dist.configuration import load_config
+    from reformer_dist.run_config import load_config
     from reformer_dist.train.memory_plan import plan_memory
 
     run_dir = workdir / f"sp-{length}-{ranks}"

@@ -10,7 +10,7 @@ and exported with ``--generation`` (onnxruntime, cached decoding through the pre
 
 - ``serving``: the `tiny` config (4 layers local + LSH, d_model 128, d_ff 512) with max_seq_len 4160;
 - ``flat``: a tiny 2-layer model (local + LSH, d_model 32, 2 heads x 16, d_ff 64) accepting 4K tokens, for
-  issue 13's acceptance: one request at a time, 32 greedy tokens after a 64-token and a 4,000-token prompt.
+  the flat-decoding target: one request at a time, 32 greedy tokens after a 64-token and a 4,000-token prompt.
 
 Each backend gets its own server process (``--threads`` model threads) on a free loopback port; clients
 stream greedy completions (so the first token's arrival is seen) and share the machine's cores with it.
@@ -55,9 +55,9 @@ def build_models(tmp: Path, backends: list[str]) -> dict[tuple[str, str], Path]:
     """(model, backend) -> the path a server opens."""
     import torch
 
+    from reformer_dist.artifacts.native import save_native
     from reformer_dist.export.onnx_export import export_onnx
     from reformer_dist.model import ReformerConfig, ReformerLM
-    from reformer_dist.model.native import save_native
 
     paths = {}
     for name, section in model_configs().items():
@@ -200,7 +200,7 @@ def write_results(args: argparse.Namespace, table: list, flat: list) -> None:
     lines = [f"Command: .venv/bin/python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}".rstrip(), "",
              f"{os.cpu_count()} cores shared by the server ({args.threads} model thread(s)) and its clients; load "
              f"average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) when it finished.", "",
-             f"Flat decoding (issue 13): a tiny 2-layer model accepting 4K tokens, one request at a time, greedy; "
+             f"Flat decoding: a tiny 2-layer model accepting 4K tokens, one request at a time, greedy; "
              f"per request = 32 tokens / the latency of a 32-token request (prefill included), decoding = 64 / "
              f"(latency of a 65-token request - latency of a 1-token one); medians of {args.flat_requests} "
              f"interleaved requests each. Target: 4K / 64 >= 0.7.", "",

@@ -2,7 +2,7 @@
 
 Each (implementation, length) runs in a fresh process: build the model (seeded), one warm-up step, then
 ``--steps`` timed forward+backward steps at batch 1, fp32, 2 threads, with glibc's default allocator
-settings (as the issue's anchor figures were taken) unless ``--thp`` puts every implementation's large
+settings (as the anchor figures were taken) unless ``--thp`` puts every implementation's large
 host allocations on transparent huge pages (torch's ``THP_MEM_ALLOC_ENABLE``, what ``reformer-dist train``
 sets). The parent records the median step time, the child's peak RSS, minor page faults and CPU time
 (``wait4``'s rusage) and each step's CPU time, prints a markdown table with the ratios to HF, and writes the table (.md), the raw

@@ -1,7 +1,7 @@
 """The four models compared by ``bench_train_step.py``, built at the same size.
 
 Each builder takes the sequence length and returns ``step(ids) -> loss`` with ``loss`` a scalar that the
-harness back-propagates. Shared size (the issue's benchmark config): byte vocabulary 256, 6 layers,
+harness back-propagates. Shared size (the benchmark config): byte vocabulary 256, 6 layers,
 d_model 256, 4 heads x 64, d_ff 1024, LSH chunk/bucket 64, 2 hashes, all-LSH, causal, reversible,
 axial positions (L/64, 64), dropout 0.
 """

@@ -60,9 +60,9 @@ def _write_tokenizer(path: Path) -> None:
 
 
 def _write_hf_dir(path: Path) -> None:
-    from reformer_dist.configuration import load_config
+    from reformer_dist.artifacts.hf_checkpoint import save_hf
     from reformer_dist.model import ReformerLM
-    from reformer_dist.model.hf_interop import save_hf
+    from reformer_dist.run_config import load_config
 
     cfg = load_config([str(path.parent / "micro.yaml")], ["model.lsh_window=chunk"]).model
     torch.manual_seed(0)

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from reformer_dist.config_files import field_docs, load_section
-from reformer_dist.configuration import (
+from reformer_dist.errors import ConfigError
+from reformer_dist.export.config import ExportConfig
+from reformer_dist.run_config import (
     JobConfig,
     config_from_dict,
     config_to_yaml,
     load_config,
     save_config,
 )
-from reformer_dist.errors import ConfigError
-from reformer_dist.export.config import ExportConfig
 from reformer_dist.serve.config import ServeConfig
 from reformer_dist.train.config import WandbConfig
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from reformer_dist import ReformerConfig, ReformerLM
+from reformer_dist.artifacts.native import save_native
 from reformer_dist.cli import main
 from reformer_dist.decoding import ContinuousBatcher, SamplingParams, generate, generate_stream
 from reformer_dist.decoding.onnxruntime_backend import OrtBackend, open_onnxruntime
@@ -18,7 +19,6 @@ from reformer_dist.errors import ConfigError, ReformerDistError
 from reformer_dist.export.check import check_model
 from reformer_dist.export.generation_export import export_generation
 from reformer_dist.export.metadata import generation_paths, read_metadata
-from reformer_dist.model.native import save_native
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0)
 

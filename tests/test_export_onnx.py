@@ -13,20 +13,15 @@ import pytest
 import torch
 
 from reformer_dist import ReformerConfig, ReformerLM
+from reformer_dist.artifacts.model_source import load_model
 from reformer_dist.atomic_write import umask_mode
 from reformer_dist.cli import main
 from reformer_dist.errors import CheckpointError, ConfigError, ReformerDistError
 from reformer_dist.export import lsh_onnx
 from reformer_dist.export.check import check_model
-from reformer_dist.export.loading import load_model_for_export
 from reformer_dist.export.metadata import read_metadata
-from reformer_dist.export.onnx_export import (
-    TRT_PLUGIN_DOMAIN,
-    apply_flavour,
-    export_onnx,
-    lsh_nodes,
-    save_model,
-)
+from reformer_dist.export.onnx_export import export_onnx
+from reformer_dist.export.onnx_graph import TRT_PLUGIN_DOMAIN, apply_flavour, lsh_nodes, save_model
 from reformer_dist.export.ort_runner import OrtRunner
 from reformer_dist.model.lsh import LshSpec, lsh_attention_reference
 
@@ -260,13 +255,13 @@ def test_cli_exports_a_zero3_training_run(zero3_run, tmp_path, capsys):
     assert main(["export", "check", str(out), "--target", "tensorrt"]) == 0
     runner = OrtRunner(out)
     assert runner.tokenizer_spec == {"kind": "bytes", "offset": 0}
-    model = load_model_for_export(zero3_run).model
+    model = load_model(zero3_run).model
     ids = np.random.default_rng(5).integers(0, 256, (2, 50))
     np.testing.assert_allclose(runner.logits(ids), torch_logits(model, ids), atol=1e-4, rtol=0)
 
 
 def test_loader_accepts_run_dir_native_dir_and_safetensors_file(zero3_run):
-    sources = [load_model_for_export(p) for p in (zero3_run, zero3_run / "native",
+    sources = [load_model(p) for p in (zero3_run, zero3_run / "native",
                                                   zero3_run / "native" / "model.safetensors")]
     assert all(s.kind == "native" and s.tokenizer == {"kind": "bytes", "offset": 0} for s in sources)
     for name, tensor in sources[0].model.state_dict().items():
@@ -274,11 +269,11 @@ def test_loader_accepts_run_dir_native_dir_and_safetensors_file(zero3_run):
 
 
 def test_hf_checkpoint_exports(tmp_path):
-    from reformer_dist.model.hf_interop import save_hf
+    from reformer_dist.artifacts.hf_checkpoint import save_hf
 
     config = dataclasses.replace(SMALL, lsh_window="chunk")  # what HF checkpoints use
     save_hf(build(config, seed=2), tmp_path / "hf")
-    source = load_model_for_export(tmp_path / "hf")
+    source = load_model(tmp_path / "hf")
     assert source.kind == "hf"
     export_onnx(source.model, tmp_path / "hf.onnx")
     ids = np.random.default_rng(6).integers(0, 40, (1, 100))
@@ -288,11 +283,11 @@ def test_hf_checkpoint_exports(tmp_path):
 
 def test_loader_errors_name_what_is_missing(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
-        load_model_for_export(tmp_path / "nope")
+        load_model(tmp_path / "nope")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "latest").write_text("step_00000001\n")
     with pytest.raises(CheckpointError, match="without a consolidated model"):
-        load_model_for_export(tmp_path / "run")
+        load_model(tmp_path / "run")
     assert main(["export", "onnx", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x.onnx")]) == 2
 
 

@@ -10,7 +10,8 @@ import torch
 
 from reformer_dist import ReformerConfig, ReformerLM
 from reformer_dist.errors import ReformerDistError
-from reformer_dist.export.onnx_export import apply_flavour, export_onnx, save_model
+from reformer_dist.export.onnx_export import export_onnx
+from reformer_dist.export.onnx_graph import apply_flavour, save_model
 from reformer_dist.export.ort_runner import OrtRunner
 from reformer_dist.export.tensorrt_build import ShapeProfile, default_shapes, parse_shapes
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from reformer_dist.artifacts.native import save_native
 from reformer_dist.cli import main
 from reformer_dist.data import get_tokenizer
 from reformer_dist.decoding import generate
 from reformer_dist.model import ReformerConfig, ReformerLM
-from reformer_dist.model.native import save_native
 
 CORPUS = ["the quick brown fox jumps over the lazy dog\n", "reformers hash queries into buckets\n"] * 40
 

@@ -12,9 +12,10 @@ transformers = pytest.importorskip("transformers", reason="transformers 4.57.6 i
 
 from test_hf_interop import random_hf_model, saved  # noqa: E402
 
+from reformer_dist.artifacts.hf_checkpoint import from_hf  # noqa: E402
+from reformer_dist.artifacts.native import from_native  # noqa: E402
+from reformer_dist.artifacts.tokenizer_spec import read_native  # noqa: E402
 from reformer_dist.cli import main  # noqa: E402
-from reformer_dist.model.hf_interop import from_hf  # noqa: E402
-from reformer_dist.model.native import from_native, native_tokenizer  # noqa: E402
 
 
 def test_convert_hf_to_native_and_back(tmp_path, capsys):
@@ -25,7 +26,7 @@ def test_convert_hf_to_native_and_back(tmp_path, capsys):
                  "--output", str(tmp_path / "native")]) == 0
     assert "tokenizer bytes" in capsys.readouterr().out
     native = from_native(tmp_path / "native")
-    assert native_tokenizer(tmp_path / "native") == {"kind": "bytes", "offset": 2}
+    assert read_native(tmp_path / "native") == {"kind": "bytes", "offset": 2}
     assert yaml.safe_load((tmp_path / "native" / "config.yaml").read_text())["model"]["lsh_window"] == "chunk"
     ids = torch.randint(0, 258, (1, 21))
     with torch.no_grad():

@@ -9,8 +9,8 @@ pytest.importorskip("transformers", reason="transformers 4.57.6 is the parity re
 
 from test_hf_interop import random_hf_model, saved
 
+from reformer_dist.artifacts.hf_checkpoint import from_hf
 from reformer_dist.decoding import generate
-from reformer_dist.model.hf_interop import from_hf
 
 
 @torch.no_grad()

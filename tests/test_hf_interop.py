@@ -14,16 +14,10 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers 4.57.6 is the parity reference")
 
+from reformer_dist.artifacts.hf_checkpoint import from_hf, save_hf  # noqa: E402
 from reformer_dist.errors import CheckpointError, ConfigError  # noqa: E402
 from reformer_dist.model import ReformerConfig, ReformerLM  # noqa: E402
-from reformer_dist.model.hf_interop import (  # noqa: E402
-    HF_FIELD_OF,
-    config_from_hf,
-    from_hf,
-    hf_auto_buckets,
-    hf_name,
-    save_hf,
-)
+from reformer_dist.model.hf_mapping import HF_FIELD_OF, config_from_hf, hf_auto_buckets, hf_name  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

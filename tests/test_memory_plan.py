@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from reformer_dist.configuration import load_config
 from reformer_dist.model import ReformerLM
+from reformer_dist.run_config import load_config
 from reformer_dist.train.memory_plan import count_parameters, longest_seq_len, plan_memory, with_seq_len
 
 

@@ -99,11 +99,11 @@ def test_training_and_export_write_files_others_can_read(micro_run):
 def test_writers_respect_the_umask(micro_run, tmp_path):
     import onnx
 
-    from reformer_dist.configuration import load_config, save_config
-    from reformer_dist.export.onnx_export import save_model
+    from reformer_dist.artifacts.hf_checkpoint import from_hf, save_hf
+    from reformer_dist.artifacts.native import save_native
+    from reformer_dist.export.onnx_graph import save_model
     from reformer_dist.export.triton_repo import write_triton_repo
-    from reformer_dist.model.hf_interop import from_hf, save_hf
-    from reformer_dist.model.native import save_native
+    from reformer_dist.run_config import load_config, save_config
 
     previous = os.umask(0o027)
     try:

@@ -26,9 +26,9 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from reformer_dist.artifacts.native import save_native
 from reformer_dist.cli import main
 from reformer_dist.model import ReformerConfig, ReformerLM
-from reformer_dist.model.native import save_native
 
 openai = pytest.importorskip("openai", reason="the openai client is part of the test extra")
 
@@ -98,9 +98,9 @@ def server(checkpoint):
 
 @functools.cache
 def reference_model(checkpoint: Path) -> ReformerLM:
-    from reformer_dist.export.loading import load_model_for_export
+    from reformer_dist.artifacts.model_source import load_model
 
-    return load_model_for_export(checkpoint).model.freeze_rotations()  # the rotations every backend uses
+    return load_model(checkpoint).model.freeze_rotations()  # the rotations every backend uses
 
 
 @contextlib.contextmanager

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reformer_dist.configuration import config_to_yaml, load_config
+from reformer_dist.artifacts.native import from_native
 from reformer_dist.errors import CheckpointError
 from reformer_dist.model import ReformerLM
-from reformer_dist.model.native import from_native
+from reformer_dist.run_config import config_to_yaml, load_config
 from reformer_dist.train import checkpoint as ckpt
 from reformer_dist.train.consolidate import write_native
 from reformer_dist.train.distributed import DistInfo

@@ -204,7 +204,7 @@ def zero_run(config: Path, workdir: Path):
 # --------------------------------------------------------------------------------------------- tests
 def native_weights(run_dir: Path) -> dict:
     """The consolidated model written at the end of training, read back by the model package alone."""
-    from reformer_dist.model.native import from_native
+    from reformer_dist.artifacts.native import from_native
 
     return from_native(run_dir / "native").state_dict()
 
@@ -357,9 +357,9 @@ def test_diverged_run_skips_non_finite_steps_then_stops_with_the_last_good_check
 def test_samples_print_at_their_steps_and_go_to_wandb_as_a_text_table(config, workdir):
     import torch
 
+    from reformer_dist.artifacts.model_source import load_model
     from reformer_dist.data.tokenizer import get_tokenizer
     from reformer_dist.decoding import generate
-    from reformer_dist.export.loading import load_model_for_export
     from reformer_dist.train.evaluate import SAMPLE_TEMPERATURE, SAMPLE_TOP_K
 
     run_dir = workdir / "sampled"
@@ -374,7 +374,7 @@ def test_samples_print_at_their_steps_and_go_to_wandb_as_a_text_table(config, wo
     assert [r["step"] for r in metrics(run_dir) if "val_loss" in r] == [0, 2, 4]  # step 0: the untrained model
 
     # the last sample is the decoding runtime's continuation by the final weights, seeded by train.seed
-    source = load_model_for_export(run_dir / "native")
+    source = load_model(run_dir / "native")
     tokenizer = get_tokenizer(source.tokenizer)
     new = generate(source.model, torch.tensor([tokenizer.encode("the")]), 30, temperature=SAMPLE_TEMPERATURE,
                    top_k=SAMPLE_TOP_K, seed=1234)

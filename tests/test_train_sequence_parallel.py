@@ -18,8 +18,8 @@ import pytest
 import test_train_distributed as distributed
 from test_train_distributed import DEEPSPEED, ENV, REPO, free_port, launcher, max_diff, run_ok, single
 
-from reformer_dist.configuration import load_config
 from reformer_dist.errors import ConfigError
+from reformer_dist.run_config import load_config
 from reformer_dist.train.deepspeed_config import build_deepspeed_config
 
 STEPS = 10

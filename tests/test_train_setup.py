@@ -14,12 +14,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from reformer_dist.cli import main
-from reformer_dist.configuration import load_config
 from reformer_dist.errors import ConfigError
 from reformer_dist.model import ReformerConfig, ReformerLM
+from reformer_dist.run_config import load_config
 from reformer_dist.train.deepspeed_config import build_deepspeed_config
+from reformer_dist.train.deepspeed_engine import GuardedAdamW, lr_factor
 from reformer_dist.train.distributed import rank_from_env
-from reformer_dist.train.engine import GuardedAdamW, lr_factor
 from reformer_dist.train.flops import peak_flops, token_flops
 from reformer_dist.train.preemption import StopRequest
 

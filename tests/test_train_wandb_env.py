@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from wandb_records import history_rows, read_records
 
-from reformer_dist.configuration import load_config
 from reformer_dist.errors import ConfigError
+from reformer_dist.run_config import load_config
 from reformer_dist.train.config import WandbConfig
 from reformer_dist.train.tracking import Tracker
 

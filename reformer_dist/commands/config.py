@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reformer_dist.configuration import config_to_yaml, load_config
+    from reformer_dist.run_config import config_to_yaml, load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.deepspeed:

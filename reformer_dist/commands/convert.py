@@ -25,22 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reformer_dist.artifacts import hf_checkpoint, native, tokenizer_spec
+    from reformer_dist.artifacts.model_source import load_model
     from reformer_dist.errors import ConfigError
-    from reformer_dist.export.loading import load_model_for_export
-    from reformer_dist.model import hf_interop, native
 
     if args.source_format == args.target_format:
         raise ConfigError("--to", f"input and output are both {args.source_format!r}: nothing to convert")
-    source = load_model_for_export(args.input)
+    source = load_model(args.input)
     if source.kind != args.source_format:
         raise ConfigError("--from", f"{args.input} is a {source.kind} model, not {args.source_format}")
     model, tokenizer = source.model, source.tokenizer
     if source.kind == "hf" and tokenizer is None:
-        tokenizer = hf_interop.hf_tokenizer_spec(source.path, model.config.vocab_size)
+        tokenizer = tokenizer_spec.read_hf(source.path, model.config.vocab_size)
     if args.target_format == "native":
         native.save_native(model, args.output, tokenizer)
     else:
-        hf_interop.save_hf(model, args.output, tokenizer)
+        hf_checkpoint.save_hf(model, args.output, tokenizer)
     cfg = model.config
     kinds = "/".join(sorted(set(cfg.layer_kinds())))
     print(f"converted {source.kind} {source.path} -> {args.target_format} {args.output}: {cfg.n_layers} layers "

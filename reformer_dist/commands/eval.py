@@ -32,13 +32,13 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from reformer_dist.configuration import load_config
     from reformer_dist.data import TokenWindowDataset
     from reformer_dist.errors import CheckpointError, describe
+    from reformer_dist.run_config import load_config
     from reformer_dist.train.checkpoint import CONFIG_FILE, read_meta, read_saved_config, resolve_checkpoint
     from reformer_dist.train.consolidate import fp32_state_dict
+    from reformer_dist.train.deepspeed_engine import TrainingReformerLM
     from reformer_dist.train.distributed import DistInfo
-    from reformer_dist.train.engine import TrainingReformerLM
     from reformer_dist.train.evaluate import evaluate
 
     checkpoint = resolve_checkpoint(Path(args.checkpoint))

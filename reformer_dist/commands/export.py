@@ -57,12 +57,13 @@ def export_config(args: argparse.Namespace):
 
 
 def _run_onnx(args: argparse.Namespace) -> int:
+    from reformer_dist.artifacts.model_source import load_model, model_name
     from reformer_dist.export.check import check_model
-    from reformer_dist.export.loading import load_model_for_export, model_name
-    from reformer_dist.export.onnx_export import export_onnx, lsh_nodes
+    from reformer_dist.export.onnx_export import export_onnx
+    from reformer_dist.export.onnx_graph import lsh_nodes
 
     cfg = export_config(args)
-    source = load_model_for_export(args.checkpoint)
+    source = load_model(args.checkpoint)
     tokenizer = source.tokenizer
     if args.tokenizer is not None:
         from reformer_dist.data.tokenizer import parse_tokenizer_arg

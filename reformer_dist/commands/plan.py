@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reformer_dist.configuration import load_config
     from reformer_dist.errors import ConfigError
+    from reformer_dist.run_config import load_config
     from reformer_dist.train.memory_plan import longest_seq_len, plan_memory, with_seq_len
     from reformer_dist.train.sequence_parallel import layout_for
 

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     # of per 4 KiB. torch reads the switch at its first allocation, so it is set before torch is imported;
     # THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    from reformer_dist.configuration import load_config
+    from reformer_dist.run_config import load_config
     from reformer_dist.train.trainer import train
 
     return train(load_config(args.config, args.overrides))

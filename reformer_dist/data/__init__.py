@@ -12,7 +12,7 @@ verification), ``prepare``, ``dataset``, ``sampler``.
 
 from reformer_dist.data.dataset import TokenWindowDataset, next_batch
 from reformer_dist.data.prepare import prepare_corpus
-from reformer_dist.data.sampler import GlobalOrderSampler
+from reformer_dist.data.sample_order import GlobalOrderSampler
 from reformer_dist.data.shards import load_manifest
 from reformer_dist.data.tokenizer import Tokenizer, get_tokenizer, parse_tokenizer_arg
 

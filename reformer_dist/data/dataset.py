@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reformer_dist.data.sampler import GlobalOrderSampler
+from reformer_dist.data.sample_order import GlobalOrderSampler
 from reformer_dist.data.shards import load_manifest
 from reformer_dist.errors import DataError
 

@@ -11,13 +11,12 @@ same backend, tokenizer and model name in both. The model name is the run or mod
 
 from __future__ import annotations
 
-import base64
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from reformer_dist.artifacts.model_source import load_model, model_name
+from reformer_dist.artifacts.tokenizer_spec import tokenizer_from_metadata
 from reformer_dist.data.tokenizer import Tokenizer, get_tokenizer
 from reformer_dist.decoding.backend import DecodingBackend
 from reformer_dist.errors import ReformerDistError
@@ -66,18 +65,15 @@ def open_model(path: str | os.PathLike, backend: str | None = None, device: str 
         raise ReformerDistError(f"unknown backend {kind!r}; choose from {list(BACKENDS)}")
     if not os.path.exists(path):
         raise ReformerDistError(f"{path}: no such file or directory")
-    from reformer_dist.export.loading import model_name
-
     name = model_name(path)
     if kind == "torch":
         import torch
 
         from reformer_dist.decoding.torch_backend import TorchBackend
-        from reformer_dist.export.loading import load_model_for_export
 
         if threads:
             torch.set_num_threads(threads)
-        source = load_model_for_export(path)
+        source = load_model(path)
         loaded: DecodingBackend = TorchBackend(source.model, device, max_cache_len=max_cache_len)
     else:
         if kind == "onnxruntime":
@@ -98,7 +94,7 @@ def open_model(path: str | os.PathLike, backend: str | None = None, device: str 
     elif kind == "torch":
         chosen = get_tokenizer(source.tokenizer) if source.tokenizer is not None else None
     else:
-        chosen = embedded_tokenizer(loaded.metadata)
+        chosen = tokenizer_from_metadata(loaded.metadata)
     return LoadedModel(loaded, _checked(chosen, loaded, path), name)
 
 
@@ -110,20 +106,3 @@ def _checked(chosen: Tokenizer | None, backend: DecodingBackend, path: str) -> T
         # ids past the model's vocabulary would fail inside a batch, taking other requests down with it
         raise ReformerDistError(f"the tokenizer has {chosen.vocab_size} ids but the model only {backend.vocab_size}")
     return chosen
-
-
-def embedded_tokenizer(metadata: dict[str, str]) -> Tokenizer | None:
-    """The tokenizer an exported graph records (for a file tokenizer, built from the embedded file);
-    None if the export recorded none."""
-    if "tokenizer" not in metadata:
-        return None
-    spec = json.loads(metadata["tokenizer"])
-    if "path" not in spec:
-        return get_tokenizer(spec)
-    if "tokenizer_file" not in metadata:
-        raise ReformerDistError(f"the model records a {spec.get('kind')} tokenizer but does not embed its file")
-    # The tokenizer libraries load from a path: materialise the embedded file just long enough to load it.
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / os.path.basename(spec["path"])
-        file.write_bytes(base64.b64decode(metadata["tokenizer_file"]))
-        return get_tokenizer({**spec, "path": str(file)})

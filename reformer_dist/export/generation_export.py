@@ -32,7 +32,6 @@ rules, which are Python branches.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -42,14 +41,8 @@ from torch import Tensor, nn
 
 from reformer_dist.errors import ReformerDistError
 from reformer_dist.export.lsh_onnx import translate_lsh_attention
-from reformer_dist.export.metadata import FORMAT_VERSION, generation_paths, set_metadata
-from reformer_dist.export.onnx_export import (
-    attach_lsh_function,
-    deployment_copy,
-    package_version,
-    save_model,
-    tokenizer_metadata,
-)
+from reformer_dist.export.metadata import generation_paths, set_metadata
+from reformer_dist.export.onnx_graph import attach_lsh_function, deployment_copy, graph_metadata, save_model
 from reformer_dist.model.reformer import ROTATION_SEED
 
 
@@ -147,21 +140,9 @@ def export_generation(model: nn.Module, model_path: str | os.PathLike, *, precis
     for name, program in (("prefill", prefill_program), ("decode", decode_program)):
         proto = program.model_proto
         attach_lsh_function(proto, sort=sort, fp16_constants=precision == "fp16")
-        set_metadata(proto, {
-            "format_version": FORMAT_VERSION,
-            "graph": name,
-            "config": json.dumps(dataclasses.asdict(cfg)),
-            "precision": precision,
-            "max_seq_len": str(max_len),
-            "pad_multiple": str(multiple),
-            "vocab_size": str(cfg.vocab_size),
-            "cache_names": json.dumps(names),
-            "lsh_sort": sort,
-            "rotation_seed": str(rotation_seed),
-            "version": package_version(),
-            **({"model_name": model_name} if model_name else {}),
-            **tokenizer_metadata(tokenizer),
-        })
+        set_metadata(proto, graph_metadata(cfg, precision=precision, sort=sort, max_seq_len=max_len,
+                                           rotation_seed=rotation_seed, tokenizer=tokenizer, model_name=model_name,
+                                           graph=name, cache_names=json.dumps(names)))
         onnx.checker.check_model(proto, full_check=True)
         save_model(proto, paths[name])
         protos[name] = proto

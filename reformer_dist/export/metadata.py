@@ -4,7 +4,8 @@ Keys (prefix removed): format_version, version (of reformer-dist), config (JSON 
 precision, flavour, lsh_sort, max_seq_len, pad_multiple, vocab_size, model_name (the run or model
 directory it was exported from: the served model id), rotation_seed (of the frozen LSH rotations),
 tokenizer (JSON spec, file name only) and tokenizer_file (base64 of a file tokenizer, so the .onnx alone
-can tokenize); the generation graphs add graph and cache_names, an int8 graph quantized_from.
+can tokenize; both written and read by ``reformer_dist.artifacts.tokenizer_spec``); the generation graphs
+add graph and cache_names, an int8 graph quantized_from. ``export.onnx_graph.graph_metadata`` fills them.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from reformer_dist.artifacts.tokenizer_spec import metadata_spec
 from reformer_dist.errors import ReformerDistError
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -129,7 +130,7 @@ class OrtRunner:
 
     @property
     def tokenizer_spec(self) -> dict | None:
-        return json.loads(self.metadata["tokenizer"]) if "tokenizer" in self.metadata else None
+        return metadata_spec(self.metadata)
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """(B, L) int64 token ids [and (B, L) 1 = real mask, right padding] -> (B, L, vocab) float32."""

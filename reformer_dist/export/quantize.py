@@ -7,10 +7,10 @@
 ``quantize_int8`` runs ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations
 quantized per call) on the MatMuls whose weight is a 2-D constant, i.e. the model's linear layers
 (projections, feed-forward, LM head). Everything else stays fp32: the ``reformer::LshAttention`` nodes
-and their function body (the quantizer leaves functions alone; ``shared/notes/onnxruntime-int8.md``),
-the LSH rotations (per-head, so never 2-D) and the decode graph's hashing MatMul with them, attention
-scores and embeddings. ONNX Runtime fuses each quantized MatMul into ``DynamicQuantizeMatMul`` /
-``MatMulIntegerToFloat`` kernels (VNNI where the CPU has it).
+and their function body (the quantizer leaves functions alone), the LSH rotations (per-head, so never
+2-D) and the decode graph's hashing MatMul with them, attention scores and embeddings. ONNX Runtime
+fuses each quantized MatMul into ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat`` kernels (VNNI
+where the CPU has it).
 
 ``quality_cost`` measures the mean next-token loss of two graphs on the same held-out windows (a
 prepared data directory's ``val`` split): what ``reformer-dist export check --reference`` reports.

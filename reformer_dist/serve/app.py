@@ -37,7 +37,6 @@ from reformer_dist.decoding.backend import DecodingBackend, TokenScores
 from reformer_dist.decoding.sampler import SamplingParams
 from reformer_dist.serve.chat import ChatTemplate
 from reformer_dist.serve.config import ServeConfig
-from reformer_dist.serve.engine import Draining, Engine, Event, Overloaded, ScoreJob, Sequence, TokenInfo
 from reformer_dist.serve.metrics import ServerMetrics
 from reformer_dist.serve.protocol import (
     ApiError,
@@ -47,6 +46,15 @@ from reformer_dist.serve.protocol import (
     check_text,
     parse_json,
     validate,
+)
+from reformer_dist.serve.request_engine import (
+    Draining,
+    Engine,
+    Event,
+    Overloaded,
+    ScoreJob,
+    Sequence,
+    TokenInfo,
 )
 
 log = logging.getLogger("reformer_dist.serve")

@@ -1,7 +1,7 @@
 """Any ZeRO-stage checkpoint -> one fp32 ``ReformerLM`` state dict -> a native model directory.
 
-The native directory (``model.safetensors`` + ``config.yaml`` + ``tokenizer.json``) is the model package's
-format (``reformer_dist.model.native``: ``save_native`` / ``from_native``), what export and serving load
+The native directory (``model.safetensors`` + ``config.yaml`` + ``tokenizer.json``) is an artifact format
+(``reformer_dist.artifacts.native``: ``save_native`` / ``from_native``), what export and serving load
 without DeepSpeed. This module only gets the weights out of a DeepSpeed checkpoint.
 
 Weights come from DeepSpeed's fp32 master copies for ZeRO 1-3 (``zero_to_fp32``, which gathers every rank's
@@ -51,15 +51,10 @@ def write_native(state_dict: dict[str, torch.Tensor], config_yaml: str, tokenize
     """Build the ReformerLM that ``config_yaml``'s ``model:`` section describes, load ``state_dict`` into it
     (strictly: weights that do not fit are refused) and save it as a native directory. ``source`` names
     the config in errors."""
-    from reformer_dist.model import ReformerLM
-    from reformer_dist.model.native import model_config_from_yaml, save_native
+    from reformer_dist.artifacts.native import model_config_from_yaml, model_with_weights, save_native
 
-    model = ReformerLM(model_config_from_yaml(config_yaml, source))
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint's weights do not match its model config ({source}): "
-                              f"{describe(e)}") from None
+    config = model_config_from_yaml(config_yaml, source)
+    model = model_with_weights(config, state_dict, "the checkpoint's weights", f"its model config ({source})")
     return save_native(model, out_dir, tokenizer)
 
 

@@ -8,7 +8,7 @@ the typed config owns: the batch triple, the ZeRO stage and the precision are re
 (resume logic, the data sampler, the non-finite-step guard), so a silent override would desynchronise them.
 
 The learning-rate schedule is not in the JSON: DeepSpeed's ``WarmupCosineLR`` starts at lr 0 for its first
-two steps and rejects zero warmup, so the trainer passes a torch ``LambdaLR`` (see ``engine.py``); a
+two steps and rejects zero warmup, so the trainer passes a torch ``LambdaLR`` (see ``deepspeed_engine.py``); a
 ``scheduler`` block in the user's JSON replaces it.
 """
 
@@ -22,7 +22,7 @@ from reformer_dist.errors import ConfigError
 from reformer_dist.train.sequence_parallel import layout_for
 
 if TYPE_CHECKING:
-    from reformer_dist.configuration import JobConfig
+    from reformer_dist.run_config import JobConfig
     from reformer_dist.train.config import TrainConfig
 
 # DeepSpeed key path -> the typed config key that owns it (a user JSON may repeat, never change, these).

@@ -33,11 +33,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from reformer_dist.configuration import JobConfig
 from reformer_dist.errors import ConfigError
 from reformer_dist.model import ReformerConfig
 from reformer_dist.model.lsh.layout import BLOCK_SCORES
 from reformer_dist.model.reversible import head_groups
+from reformer_dist.run_config import JobConfig
 
 GIB = 2**30
 # Peak RSS of `reformer-dist train` (one rank, 2 threads) with a model of ~40K parameters on 64 tokens:

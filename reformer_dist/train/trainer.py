@@ -1,4 +1,4 @@
-"""The training loop. Parallelism is set up elsewhere (``distributed``, ``engine``): here it is only
+"""The training loop. Parallelism is set up elsewhere (``distributed``, ``deepspeed_engine``): here it is only
 ``engine(inputs) -> loss``, ``engine.backward``, ``engine.step`` and a few scalars all-reduced per step.
 
 One optimizer step::
@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 
-from reformer_dist.configuration import JobConfig, config_to_yaml, save_config
+from reformer_dist.artifacts.native import RUN_NATIVE_DIR
 from reformer_dist.data import GlobalOrderSampler, TokenWindowDataset, load_manifest, next_batch
 from reformer_dist.errors import ConfigError, ReformerDistError
+from reformer_dist.run_config import JobConfig, config_to_yaml, save_config
 from reformer_dist.train import checkpoint as ckpt
 from reformer_dist.train.consolidate import consolidate
 from reformer_dist.train.deepspeed_config import build_deepspeed_config
+from reformer_dist.train.deepspeed_engine import build_model, initialize_engine
 from reformer_dist.train.distributed import (
     DistInfo,
     all_gather_float,
@@ -39,15 +41,12 @@ from reformer_dist.train.distributed import (
     rank_from_env,
     shutdown,
 )
-from reformer_dist.train.engine import build_model, initialize_engine
 from reformer_dist.train.evaluate import evaluate, generate_sample
 from reformer_dist.train.flops import peak_flops, token_flops
 from reformer_dist.train.preemption import StopRequest
 from reformer_dist.train.sequence_parallel import initialize as initialize_sequence_parallel
 from reformer_dist.train.sequence_parallel import layout_for
 from reformer_dist.train.tracking import Tracker, peak_memory_gib, readout_line
-
-NATIVE_DIR = "native"
 
 
 @dataclass
@@ -210,7 +209,7 @@ class Trainer:
             return 0
         if self.dist.is_main:
             latest = ckpt.latest_checkpoint(self.run_dir)
-            native = consolidate(latest, self.run_dir / NATIVE_DIR)
+            native = consolidate(latest, self.run_dir / RUN_NATIVE_DIR)
             print(f"reformer-dist train: done at step {self.state.step}; consolidated model in {native}", flush=True)
         return 0
 

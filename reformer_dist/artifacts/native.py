@@ -5,21 +5,20 @@
     model.safetensors   fp32 tensors named exactly as ReformerLM.state_dict(); metadata format=reformer-dist-native
     config.yaml         a run config whose ``model:`` section is the ReformerConfig (other sections ignored)
     tokenizer.json      optional tokenizer spec ({"kind": "bytes", "offset": 2}, or a kind plus a "path"
-                        relative to the directory naming a tokenizer file copied next to it)
+                        relative to the directory naming a tokenizer file copied next to it; ``tokenizer_spec``)
 
-The same layout as ``reformer_dist.train.consolidate.write_native`` writes; this module is the model
-package's own reader/writer, so code that must not import training (export, serving) can use it.
+A training run keeps its consolidated model in ``RUN_DIR/native`` (:data:`RUN_NATIVE_DIR`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reformer_dist.artifacts import tokenizer_spec
+from reformer_dist.artifacts.files import load_safetensors
 from reformer_dist.atomic_write import atomic_directory, atomic_write
 from reformer_dist.errors import CheckpointError, ReformerDistError, describe
 
@@ -27,10 +26,9 @@ if TYPE_CHECKING:
     from reformer_dist.model.config import ReformerConfig
     from reformer_dist.model.reformer import ReformerLM
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.json"
+WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
 NATIVE_FORMAT = "reformer-dist-native"
-# copied tokenizer files keep a fixed name per kind ("tokenizer.json" is the spec itself)
-TOKENIZER_FILES = {"sentencepiece": "spiece.model", "hf_tokenizers": "hf_tokenizer.json"}
+RUN_NATIVE_DIR = "native"  # RUN_DIR/native: where training writes the consolidated model
 
 
 def is_native_dir(path: str | os.PathLike) -> bool:
@@ -54,12 +52,7 @@ def save_native(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str,
                                                                                  "version": "1"}))
         (tmp / CONFIG).write_text(yaml.safe_dump({"model": asdict(model.config)}, sort_keys=False))
         if tokenizer is not None:
-            spec = dict(tokenizer)
-            if "path" in spec:  # the directory must stand alone: copy the file in
-                name = TOKENIZER_FILES.get(spec["kind"], Path(spec["path"]).name)
-                shutil.copyfile(spec["path"], tmp / name)  # the contents, not the source's permission bits
-                spec["path"] = name
-            (tmp / TOKENIZER).write_text(json.dumps(spec, indent=1) + "\n")
+            tokenizer_spec.write_native(tokenizer, tmp)
     return path
 
 
@@ -78,10 +71,6 @@ def model_config_from_yaml(text: str, source: str) -> ReformerConfig:
 
 def from_native(path: str | os.PathLike) -> ReformerLM:
     """The ReformerLM (fp32, eval mode) of a native directory; CheckpointError names what is wrong."""
-    from safetensors.torch import load_file
-
-    from reformer_dist.model.reformer import ReformerLM
-
     path = Path(path)
     if not is_native_dir(path):
         raise CheckpointError(f"{path}: not a native model directory ({WEIGHTS} + {CONFIG})")
@@ -90,32 +79,19 @@ def from_native(path: str | os.PathLike) -> ReformerLM:
     except (OSError, ValueError) as e:  # ValueError: not UTF-8
         raise CheckpointError(f"{path / CONFIG}: unreadable ({describe(e)})") from None
     config = model_config_from_yaml(text, str(path / CONFIG))
-    try:
-        weights = load_file(str(path / WEIGHTS))
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for bad files
-        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file ({describe(e)})") from None
+    return model_with_weights(config, load_safetensors(path / WEIGHTS), f"the weights in {path / WEIGHTS}",
+                              str(path / CONFIG))
+
+
+def model_with_weights(config: ReformerConfig, state_dict: dict[str, Any], weights_source: str,
+                       config_source: str) -> ReformerLM:
+    """The ReformerLM (eval mode) of ``config`` holding ``state_dict``, loaded strictly: weights that do not
+    fit are refused with a CheckpointError naming both sources."""
+    from reformer_dist.model.reformer import ReformerLM
+
     model = ReformerLM(config)
     try:
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path / WEIGHTS}: weights do not match {path / CONFIG}: {describe(e)}") from None
+        raise CheckpointError(f"{weights_source} do not match {config_source}: {describe(e)}") from None
     return model.eval()
-
-
-def native_tokenizer(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The tokenizer spec of a native directory (file paths made absolute), or None if it has none."""
-    file = Path(path) / TOKENIZER
-    if not file.is_file():
-        return None
-    try:
-        spec = json.loads(file.read_text())
-    except ValueError as e:  # invalid JSON or not UTF-8
-        raise CheckpointError(f"{file}: not a tokenizer spec ({describe(e)})") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or not isinstance(spec.get("path", ""), str):
-        raise CheckpointError(f"{file}: not a tokenizer spec (expected an object like {{\"kind\": \"bytes\"}})")
-    if "path" in spec:
-        root = os.path.realpath(path)
-        spec["path"] = str(Path(path) / spec["path"])
-        if os.path.commonpath([root, os.path.realpath(spec["path"])]) != root:
-            raise CheckpointError(f"{file}: its tokenizer path lies outside the model directory {path}")
-    return spec

@@ -1,11 +1,9 @@
-"""Hugging Face Reformer checkpoints <-> ReformerLM: config mapping, weight mapping, load and save.
+"""Hugging Face's Reformer <-> ReformerLM: how HF's config fields and weight names map onto ours.
 
-``from_hf(dir)`` reads a local ``ReformerModelWithLMHead`` (or ``ReformerForMaskedLM``) directory —
-``config.json`` plus ``model.safetensors`` (single or sharded) or ``pytorch_model.bin`` (loaded with
-``weights_only=True``) — into a ReformerLM whose LSH layers use the reference ``chunk`` window, so its
-logits equal HF's. ``save_hf(model, dir)`` writes ``config.json`` + ``model.safetensors`` that
-``transformers.ReformerModelWithLMHead.from_pretrained`` loads and runs unchanged. Neither needs
-``transformers`` installed.
+This is knowledge of the two architectures, not of files: ``config_from_hf`` / ``config_to_hf`` translate
+a ``config.json`` dict, ``state_dict_from_hf`` / ``state_dict_to_hf`` rename and reshape tensors. An HF
+model's LSH layers become the reference ``chunk`` window, so its logits equal HF's. Reading and writing
+HF model directories (``from_hf`` / ``save_hf``) is ``reformer_dist.artifacts.hf_checkpoint``'s.
 
 Parity reference: transformers **4.57.6**. transformers 5.x still ships Reformer, but its
 ``ReformerOnlyLMHead`` no longer adds the LM-head bias to the logits (4.x ties ``decoder.bias`` to
@@ -35,17 +33,12 @@ the axial positions as ``(1, .., n_i, .., 1, d_i)``, we store ``(n_i, d_i)``.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from reformer_dist.atomic_write import atomic_write
-from reformer_dist.errors import CheckpointError, ConfigError, describe
+from reformer_dist.errors import CheckpointError, ConfigError
 from reformer_dist.model.config import ReformerConfig
 
 if TYPE_CHECKING:
@@ -72,8 +65,6 @@ HF_FIELD_OF = {
     "loss_chunk_size": "chunk_size_lm_head", "hash_seed": "hash_seed", "layer_norm_eps": "layer_norm_eps",
     "activation": "hidden_act", "init_std": "initializer_range", "pad_token_id": "pad_token_id",
 }
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -283,112 +274,3 @@ def state_dict_from_hf(model: ReformerLM, hf_state: dict[str, Tensor], source: s
         raise CheckpointError(f"{source}: weights do not match config.json (missing {missing[:5]}, "
                               f"unexpected {sorted(hf_state)[:5]})")
     return out
-
-
-def _load_safetensors(file: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(file)
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for bad files
-        raise CheckpointError(f"{file}: not a readable safetensors file ({describe(e)})") from None
-
-
-def _load_weights(path: Path) -> dict[str, Tensor]:
-    if (path / "model.safetensors").is_file():
-        return _load_safetensors(path / "model.safetensors")
-    if (path / "model.safetensors.index.json").is_file():
-        index_file = path / "model.safetensors.index.json"
-        try:
-            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-            files = [path / shard for shard in shards]
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index_file}: not a safetensors index ({describe(e)})") from None
-        root = os.path.realpath(path)
-        state: dict[str, Tensor] = {}
-        for file in files:
-            if os.path.commonpath([root, os.path.realpath(file)]) != root:
-                raise CheckpointError(f"{index_file}: shard {file.name!r} lies outside the model directory")
-            state.update(_load_safetensors(file))
-        return state
-    if (path / "pytorch_model.bin").is_file():
-        try:
-            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling refuses anything but tensors and plain containers
-            raise CheckpointError(f"{path / 'pytorch_model.bin'}: cannot be loaded safely ({describe(e)})") from None
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path / 'pytorch_model.bin'}: not a state dict")
-        return state
-    raise CheckpointError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
-
-
-# ---------------------------------------------------------------------------------------- load / save
-def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``config.json`` of an HF model directory (CheckpointError if absent or malformed)."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)")
-    try:
-        config = json.loads(file.read_text())
-    except ValueError as e:  # invalid JSON or not UTF-8
-        raise CheckpointError(f"{file}: invalid JSON ({describe(e)})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: not a model config (a JSON object)")
-    return config
-
-
-def is_hf_dir(path: str | os.PathLike) -> bool:
-    """True for a directory holding an HF ``config.json`` and weights."""
-    path = Path(path)
-    return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
-
-
-def hf_tokenizer_spec(path: str | os.PathLike, vocab_size: int) -> dict[str, Any] | None:
-    """The tokenizer of an HF model directory: its ``tokenizer.json`` or ``spiece.model`` if present;
-    otherwise raw bytes for byte-sized vocabularies (258 = google/reformer-enwik8's ``byte + 2``, 0 = pad;
-    256 = plain bytes); None if unknown."""
-    path = Path(path)
-    for file, kind in (("tokenizer.json", "hf_tokenizers"), ("spiece.model", "sentencepiece")):
-        if (path / file).is_file():
-            return {"kind": kind, "path": str(path / file)}
-    if vocab_size in (256, 258):
-        return {"kind": "bytes", "offset": vocab_size - 256}
-    return None
-
-
-def from_hf(path: str | os.PathLike) -> ReformerLM:
-    """A ReformerLM (eval mode, fp32) with the weights of the HF Reformer LM directory ``path``."""
-    from reformer_dist.model.reformer import ReformerLM
-
-    path = Path(path)
-    try:
-        cfg = config_from_hf(read_hf_config(path), str(path / "config.json"))
-    except (ValueError, TypeError, AttributeError) as e:  # a field of the wrong type
-        raise CheckpointError(f"{path / 'config.json'}: not a valid Reformer config ({describe(e)})") from None
-    model = ReformerLM(cfg)
-    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), path)
-    model.load_state_dict(state_dict_from_hf(model, _load_weights(path), str(weights)))
-    return model.eval()
-
-
-def save_hf(model: ReformerLM, path: str | os.PathLike, tokenizer: dict[str, Any] | None = None) -> None:
-    """Write ``config.json`` + ``model.safetensors`` for ``transformers``' ``from_pretrained``, plus the
-    tokenizer file (``spiece.model`` / ``tokenizer.json``) if ``tokenizer`` names one.
-
-    Each file is written atomically; the config goes last, so a directory with a config is complete.
-    """
-    from safetensors.torch import save_file
-
-    hf_config = config_to_hf(model.config)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = state_dict_to_hf(model)
-    atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    if tokenizer is not None and "path" in tokenizer:
-        name = {"sentencepiece": "spiece.model", "hf_tokenizers": "tokenizer.json"}[tokenizer["kind"]]
-        atomic_write(path / name, lambda tmp: shutil.copyfile(tokenizer["path"], tmp))
-    text = json.dumps(hf_config, indent=2, sort_keys=True) + "\n"
-    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
-
-
-__all__ = ["config_from_hf", "config_to_hf", "from_hf", "hf_auto_buckets", "hf_tokenizer_spec", "is_hf_dir", "save_hf"]

@@ -1,15 +1,14 @@
-"""Find and load the model to export, whatever kind of checkpoint the user points at.
+"""Find and load the model behind a path, whatever kind of model directory the user points at.
 
-``load_model_for_export(path)`` accepts
+``load_model(path)`` accepts
 
-- a training run directory (``RUN_DIR``): its consolidated native checkpoint ``RUN_DIR/native``,
-  written when training finishes (any ZeRO stage);
+- a training run directory (``RUN_DIR``): its consolidated native model ``RUN_DIR/native``, written when
+  training finishes (any ZeRO stage);
 - a native directory: ``model.safetensors`` + ``config.yaml`` (+ ``tokenizer.json``, the tokenizer spec);
 - a ``.safetensors`` file inside a native directory;
 - a Hugging Face Reformer directory (``config.json`` + weights).
 
-The readers are the model package's (``model.native``, ``model.hf_interop``); this module only decides
-which one a path needs, so export, serving and generation resolve paths the same way.
+Export, convert, generate and serve all load models here, so they resolve paths the same way.
 """
 
 from __future__ import annotations
@@ -19,44 +18,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reformer_dist.artifacts import native, tokenizer_spec
 from reformer_dist.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from torch import nn
-
-RUN_NATIVE_DIR = "native"
+    from reformer_dist.model.reformer import ReformerLM
 
 
 @dataclass
-class ExportSource:
-    model: nn.Module
+class ModelSource:
+    model: ReformerLM
     """The ReformerLM, fp32, eval mode."""
     tokenizer: dict | None
-    """The tokenizer spec (``reformer_dist.data.tokenizer``) the checkpoint records or implies, if any."""
+    """The tokenizer spec (``reformer_dist.data.tokenizer``) the directory records or implies, if any."""
     kind: str
     """'native' or 'hf'."""
     path: Path
     """The directory the weights came from."""
 
 
-def load_model_for_export(path: str | os.PathLike) -> ExportSource:
+def load_model(path: str | os.PathLike) -> ModelSource:
     """Load the model behind ``path`` (see module doc); CheckpointError names what is missing."""
-    from reformer_dist.model import hf_interop, native
+    # imported here: it imports torch, which the generate and serve commands must configure first
+    from reformer_dist.artifacts import hf_checkpoint
 
     path = Path(path)
     if path.is_file() and path.name == native.WEIGHTS:
         path = path.parent
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory or {native.WEIGHTS} file")
-    if native.is_native_dir(path / RUN_NATIVE_DIR):
-        path = path / RUN_NATIVE_DIR
+    if native.is_native_dir(path / native.RUN_NATIVE_DIR):
+        path = path / native.RUN_NATIVE_DIR
     if native.is_native_dir(path):
-        return ExportSource(native.from_native(path), native.native_tokenizer(path), "native", path)
-    if hf_interop.is_hf_dir(path):
-        model = hf_interop.from_hf(path)
-        return ExportSource(model, hf_interop.hf_tokenizer_spec(path, model.config.vocab_size), "hf", path)
+        return ModelSource(native.from_native(path), tokenizer_spec.read_native(path), "native", path)
+    if hf_checkpoint.is_hf_dir(path):
+        model = hf_checkpoint.from_hf(path)
+        return ModelSource(model, tokenizer_spec.read_hf(path, model.config.vocab_size), "hf", path)
     if (path / "latest").is_file():
-        raise CheckpointError(f"{path}: a training run without a consolidated model ({RUN_NATIVE_DIR}/"
+        raise CheckpointError(f"{path}: a training run without a consolidated model ({native.RUN_NATIVE_DIR}/"
                               f"{native.WEIGHTS}); it is written when training finishes")
     raise CheckpointError(f"{path}: not a run directory, a native model directory ({native.WEIGHTS} + "
                           f"{native.CONFIG}) or a Hugging Face Reformer directory (config.json + weights)")
@@ -68,6 +67,6 @@ def model_name(path: str | os.PathLike) -> str:
     path = Path(path).resolve()
     if path.is_file():
         path = path.parent
-    if path.name == RUN_NATIVE_DIR:
+    if path.name == native.RUN_NATIVE_DIR:
         path = path.parent
     return path.name

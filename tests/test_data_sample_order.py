@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from reformer_dist.data import GlobalOrderSampler
-from reformer_dist.data.sampler import permute
+from reformer_dist.data.sample_order import permute
 from reformer_dist.errors import DataError
 
 
