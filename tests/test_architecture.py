@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from reformer_dist.run_config import JobConfig
 from reformer_dist.export.config import ExportConfig
+from reformer_dist.run_config import JobConfig
 from reformer_dist.serve.config import ServeConfig
 from reformer_dist.train.config import WandbConfig
 
