@@ -96,6 +96,20 @@ def _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows, ok, offs_d, L, D, sqrt_d, H
 
 
 @triton.jit
+def _load_chunk_tile(c, j, ar, SIDX_bh, BKEY_bh, PAD_b, QK_bh, offs_d, L, D, sqrt_d, C: tl.constexpr,
+                     BLOCK: tl.constexpr, HAS_PAD: tl.constexpr, BUCKET_WINDOW: tl.constexpr,
+                     KEY_DTYPE: tl.constexpr):
+    """Tile ``j`` of sorted chunk ``c``: its slots in the chunk, which exist, its sorted rows, and
+    :func:`_load_rows` of them (the forward's key tiles and both backward phases walk chunks this way)."""
+    slot = j * BLOCK + ar
+    ok = slot < C
+    rows = c * C + slot
+    sidx, pos, key_pos, bucket, x, rk, k = _load_rows(SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows, ok, offs_d, L, D,
+                                                      sqrt_d, HAS_PAD, BUCKET_WINDOW, KEY_DTYPE)
+    return slot, ok, rows, sidx, pos, key_pos, bucket, x, rk, k
+
+
+@triton.jit
 def _masked_scores(q, k, pos_q, key_pos_k, rows_q, rows_k, bucket_q, bucket_k, k_ok, L, masked, self_masked,
                    C: tl.constexpr, BUCKET_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     """fp32 scores of a (query tile, key tile) with the reference's masks (``block_scores``).
@@ -212,11 +226,8 @@ def _lsh_fwd_kernel(
         for j in range(N_SUB):
             if _tile_needed(kc_raw, n_chunks, kc_raw * C + j * BLOCK, cq * C + sub * BLOCK, BLOCK, C,
                             BUCKET_WINDOW, CAUSAL):
-                slot_k = j * BLOCK + ar
-                k_ok = slot_k < C
-                rows_k = kc * C + slot_k
-                _s, pos_k, key_pos_k, bucket_k, _x, _rk, k = _load_rows(
-                    SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_k, k_ok, offs_d, L, D, sqrt_d, HAS_PAD,
+                slot_k, k_ok, rows_k, _s, pos_k, key_pos_k, bucket_k, _x, _rk, k = _load_chunk_tile(
+                    kc, j, ar, SIDX_bh, BKEY_bh, PAD_b, QK_bh, offs_d, L, D, sqrt_d, C, BLOCK, HAS_PAD,
                     BUCKET_WINDOW, key_dtype)
                 s, _allowed = _masked_scores(q, k.to(DOT_DTYPE), pos_q, key_pos_k, rows_q, rows_k, bucket_q,
                                              bucket_k, k_ok, L, masked, self_masked, C, BUCKET_WINDOW, CAUSAL,
@@ -295,11 +306,8 @@ def _lsh_bwd_kernel(
         for j in range(N_SUB):
             if _tile_needed(qc_raw, n_chunks, cq * C + sub * BLOCK, qc_raw * C + j * BLOCK, BLOCK, C,
                             BUCKET_WINDOW, CAUSAL):
-                slot_q = j * BLOCK + ar
-                q_ok = slot_q < C
-                rows_q = qc * C + slot_q
-                sidx_q, pos_q, _kp, bucket_q, x_q, _rk, _k = _load_rows(
-                    SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_q, q_ok, offs_d, L, D, sqrt_d, HAS_PAD,
+                _slot_q, q_ok, rows_q, sidx_q, pos_q, _kp, bucket_q, x_q, _rk, _k = _load_chunk_tile(
+                    qc, j, ar, SIDX_bh, BKEY_bh, PAD_b, QK_bh, offs_d, L, D, sqrt_d, C, BLOCK, HAS_PAD,
                     BUCKET_WINDOW, key_dtype)
                 q = x_q.to(key_dtype).to(DOT_DTYPE)
                 tile_q = q_ok[:, None] & d_ok[None, :]
@@ -342,11 +350,8 @@ def _lsh_bwd_kernel(
         for j in range(N_SUB):
             if _tile_needed(kc_raw, n_chunks, kc_raw * C + j * BLOCK, cq * C + sub * BLOCK, BLOCK, C,
                             BUCKET_WINDOW, CAUSAL):
-                slot_k = j * BLOCK + ar
-                k_ok = slot_k < C
-                rows_k = kc * C + slot_k
-                _s, pos_k, key_pos_k, bucket_k, _x, _rk, k = _load_rows(
-                    SIDX_bh, BKEY_bh, PAD_b, QK_bh, rows_k, k_ok, offs_d, L, D, sqrt_d, HAS_PAD,
+                slot_k, k_ok, rows_k, _s, pos_k, key_pos_k, bucket_k, _x, _rk, k = _load_chunk_tile(
+                    kc, j, ar, SIDX_bh, BKEY_bh, PAD_b, QK_bh, offs_d, L, D, sqrt_d, C, BLOCK, HAS_PAD,
                     BUCKET_WINDOW, key_dtype)
                 k = k.to(DOT_DTYPE)
                 vt = tl.load(V_bh + pos_k[:, None] * D + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
