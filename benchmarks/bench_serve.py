@@ -209,7 +209,7 @@ def write_results(args: argparse.Namespace, table: list, flat: list) -> None:
     for backend in dict.fromkeys(b for b, *_ in flat):
         rows = {n: (e2e, dec) for b, n, e2e, dec in flat if b == backend}
         lo, hi = rows[FLAT_PROMPTS[0]], rows[FLAT_PROMPTS[1]]
-        lines.append(f"\n{backend}: 4K / 64 = {hi[0] / lo[0]:.2f} per request, {hi[1] / lo[1]:.2f} decoding")
+        lines.append(f"\n{backend}: 4K / 64 = {hi[0] / lo[0]:.3f} per request, {hi[1] / lo[1]:.3f} decoding")
     lines += ["", f"Serving: the `tiny` config (4 layers, d_model 128) accepting 4K tokens, greedy {args.max_tokens} "
                   f"tokens per request, max batch {args.max_batch_size}, max(2 x concurrency, {args.requests}) requests "
                   f"per level.", "",
