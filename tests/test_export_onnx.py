@@ -190,6 +190,8 @@ BODY_CASES = [  # window, causal, n_hashes, factors, chunk, before, after, mask,
     ("chunk", False, 3, (4, 4), 8, 2, 1, True, (1, 2, 64, 16)),
     ("chunk", True, 1, (4,), 8, 3, 0, False, (1, 2, 8, 16)),  # look-back wider than the sequence
     ("bucket", True, 2, (64,), 64, 1, 0, False, (1, 2, 2048, 16)),  # n_hashes * L = 4096 > 3840
+    ("bucket", True, 1, (64,), 8, 1, 0, True, (2, 2, 256, 8)),  # 65 bucket values: two passes (9 x 8)
+    ("bucket", False, 1, (16,), 8, 1, 0, True, (1, 2, 64, 8)),
 ]
 
 
@@ -209,6 +211,23 @@ def test_lsh_body_equals_the_reference_op(case, sort):
     out, buckets = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     ref_out, ref_buckets = lsh_attention_reference(qk, v, rot, kpm, None, node.spec)
     np.testing.assert_array_equal(buckets, ref_buckets.numpy())
+    np.testing.assert_allclose(out, ref_out.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_lsh_body_masks_the_wrapped_window_when_every_token_shares_a_bucket(causal):
+    """Zero rotations hash every token to bucket 0: with one round, the first chunk's look-back wraps into
+    the last chunk of the same bucket, which the window must not see (a causal leak otherwise)."""
+    import onnxruntime as ort
+
+    node = lsh_onnx.LshNode(LshSpec(1, (16,), 8, 1, 0, "bucket", causal), has_padding_mask=False)
+    qk, v, _, _ = _op_inputs(node, 1, 2, 64, 8)
+    rot = torch.zeros(2, 8, 1, 8)
+    session = ort.InferenceSession(lsh_onnx.node_model(node, "counting").SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    out, buckets = session.run(None, {"qk": qk.numpy(), "v": v.numpy(), "rotations": rot.numpy()})
+    ref_out, _ = lsh_attention_reference(qk, v, rot, None, None, node.spec)
+    assert not buckets.any()
     np.testing.assert_allclose(out, ref_out.numpy(), atol=1e-5, rtol=0)
 
 
@@ -337,3 +356,31 @@ def test_export_flags_override_the_config_files_export_section(tmp_path):
     config.write_text("export: {precision: int8, flavour: tensorrt}\n")
     with pytest.raises(ConfigError, match=r"export\.precision"):
         export.export_config(parser.parse_args(base))
+
+
+def test_cpu_sessions_leave_residual_layer_norms_unfused(tmp_path):
+    """ORT's CPU SkipLayerNormalization is several times slower than Add + LayerNormalization: a CPU
+    session keeps the two nodes (see ort_runner.CPU_SLOW_FUSIONS) and computes the same values."""
+    from onnx import TensorProto, helper
+
+    from reformer_dist.export.ort_runner import create_session
+
+    d = 8
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 5, d]) for n in ("x", "skip", "y")]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "skip"], ["sum"]),
+         helper.make_node("LayerNormalization", ["sum", "w", "b"], ["y"], axis=-1, epsilon=1e-5)],
+        "residual_norm", value[:2], value[2:],
+        [helper.make_tensor("w", TensorProto.FLOAT, [d], np.linspace(0.5, 1.5, d, dtype=np.float32)),
+         helper.make_tensor("b", TensorProto.FLOAT, [d], np.linspace(-1, 1, d, dtype=np.float32))])
+    path = tmp_path / "residual_norm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), path)
+    session = create_session(path, ["CPUExecutionProvider"], optimized_model_path=tmp_path / "optimized.onnx")
+    optimized = {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert "SkipLayerNormalization" not in optimized and "LayerNormalization" in optimized
+    rng = np.random.default_rng(0)
+    x, skip = rng.standard_normal((2, 2, 5, d), dtype=np.float32)
+    y = session.run(None, {"x": x, "skip": skip})[0]
+    s = x + skip
+    expected = (s - s.mean(-1, keepdims=True)) / np.sqrt(s.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, expected * np.linspace(0.5, 1.5, d) + np.linspace(-1, 1, d), atol=1e-5)

@@ -177,7 +177,7 @@ def test_prefill_and_decode_step_trace_with_torch_export(window):
         assert torch.equal(exported(*args)[0], decode_step(model, *args)[0])
 
 
-@pytest.mark.parametrize("buckets", [4, [2, 4]], ids=["one_factor", "factorised"])
+@pytest.mark.parametrize("buckets", [4, [2, 4], 64], ids=["one_factor", "factorised", "two_counting_passes"])
 def test_counting_layout_of_the_bucket_cache_equals_the_sorted_one(buckets):
     """The exported prefill's TensorRT-legal layout (radix counting) builds the very cache sorting builds."""
     model = make_model(["lsh", "local"], lsh_chunk_len=2, lsh_n_buckets=buckets)  # short rings overflow and wrap

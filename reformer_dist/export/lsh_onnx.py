@@ -157,7 +157,7 @@ def lsh_function(node: LshNode, sort: str = "counting", fp16_constants: bool = F
     rot = g("Reshape", g("Cast", "rotations", to=TensorProto.FLOAT), g.const([0, 0, -1]))  # (H, D, n*R/2)
     rotated = g("Reshape", g("MatMul", x, rot), g.const([0, 0, 0, n, -1]))  # (B, H, L, n, R/2)
     rotated = g("Transpose", rotated, perm=[0, 1, 3, 2, 4])
-    buckets, digits, offset, stride = None, [], 0, 1
+    buckets, offset, stride = None, 0, 1
     for factor in spec.n_buckets:
         part = rotated if len(spec.n_buckets) == 1 else \
             g("Slice", rotated, g.const([offset]), g.const([offset + factor // 2]), g.const([4]))
@@ -168,27 +168,25 @@ def lsh_function(node: LshNode, sort: str = "counting", fp16_constants: bool = F
         b = g("Where", g("GreaterOrEqual", top, g("Neg", low)), g("ArgMax", part, axis=4, keepdims=0),
               g("Add", g("ArgMin", part, axis=4, keepdims=0), g.const(factor // 2)))  # (B, H, n, L)
         buckets = b if buckets is None else g("Add", buckets, g("Mul", b, g.const(stride)))
-        digits.append(b)
         offset += factor // 2
         stride *= factor
-    widths = list(spec.n_buckets)  # of each digit of the bucket, least significant first
     if has_padding_mask:
         real = g("Unsqueeze", "key_padding_mask", g.const([1, 2]))  # (B, 1, 1, L)
         buckets = g("Where", real, buckets, g.const(n_real))
-        # padding's bucket n_real has digits (0, ..., 0, top factor): one more value in the top digit
-        digits = [g("Where", real, d, g.const(widths[-1] if i == len(digits) - 1 else 0))
-                  for i, d in enumerate(digits)]
-        widths[-1] += 1
     buckets = g("Identity", buckets, name="buckets")
 
     # ---- 2. per round, sort by (bucket, position): rank = position -> slot, order = slot -> position
     positions = g.arange(length)  # (L,)
     zeros = g("Mul", buckets, g.const(0))
     if sort == "counting":
-        # least-significant-digit radix sort: one stable counting pass per bucket factor, so the one-hot
-        # counts are B*H*n*L*(factor + 1) wide, not B*H*n*L*n_buckets (16x less for [16, 32] buckets)
+        # least-significant-digit radix sort: one stable counting pass per digit of the bucket (at most
+        # COUNTING_DIGIT_MAX values), so the one-hot counts are B*H*n*L*width wide, not B*H*n*L*n_buckets
         order = g("Add", zeros, positions)  # slot -> position of the order so far (identity at first)
-        for i, (digit, width) in enumerate(zip(digits, widths)):
+        widths, stride = spec.counting_digits(has_padding_mask), 1
+        for i, width in enumerate(widths):
+            digit = g("Div", buckets, g.const(stride)) if stride > 1 else buckets
+            digit = g("Mod", digit, g.const(width)) if i < len(widths) - 1 else digit
+            stride *= width
             keys = digit if i == 0 else g("GatherElements", digit, order, axis=3)  # the digit in each slot
             onehot = g("Cast", g("Equal", g("Unsqueeze", keys, g.const([-1])), g.const(np.arange(width))),
                        to=TensorProto.FLOAT)  # (B, H, n, L, width)
@@ -266,23 +264,21 @@ def lsh_function(node: LshNode, sort: str = "counting", fp16_constants: bool = F
         slot_round = g("Mul", g("Div", g.arange(n_total), length), length)  # (n*L,): r*L of every slot
         sorted_keys = g("GatherElements", g("Reshape", round_keys, g.const([0, 0, -1])),
                         g("Add", order, slot_round), axis=2)  # (B, H, n*L)
-        raw_sidx = sorted_index(raw_chunks)  # (nc, W), not wrapped
-        q_sidx = g("Reshape", g("Add", g("Mul", g("Unsqueeze", chunk_ids, g.const([1])), g.const(qc)),
-                                g.const(np.arange(qc).reshape(1, qc))), g.const([-1, qc, 1]))
-        lag = g("Sub", q_sidx, g("Unsqueeze", raw_sidx, g.const([1])))  # (nc, qc, W)
+        # a window column's lag (query slot - key slot) does not depend on the chunk: (qc, W) constants
+        lag = np.arange(qc)[:, None] - (np.repeat(offsets, qc) * qc + np.tile(np.arange(qc), len(offsets)))
+        band = (lag >= (0 if spec.causal else -c)) & (lag <= c)
+        others = g.f32(band & (lag != 0))  # in the band, not self
+        fill = g.f32(np.where(lag == 0, self_masked, masked))  # what a masked score becomes
+        # window columns past either end of the sorted order (wrapped around above) get the key -1, which
+        # equals no query's key (keys are >= 0)
+        raw_sidx = g("Reshape", sorted_index(raw_chunks), g.const([-1]))  # (nc*W,), not wrapped
         in_range = g("And", g("GreaterOrEqual", raw_sidx, g.const(0)), g("Less", raw_sidx, n_total))
-        band = g("And", g("GreaterOrEqual", lag, g.const(0 if spec.causal else -c)),
-                 g("LessOrEqual", lag, g.const(c)))
-        band = g("And", band, g("Unsqueeze", in_range, g.const([1])))
-        q_key = g("Reshape", sorted_keys, q_shape)
-        k_key = g("Reshape", g("Gather", sorted_keys, key_sidx, axis=2), k_shape)
-        is_self = g("Equal", lag, g.const(0))  # (nc, qc, W): in the band and the query's own bucket
+        k_key = g("Where", in_range, g("Gather", sorted_keys, key_sidx, axis=2), g.const(-1))  # (B, H, nc*W)
+        q_key, k_key = g("Reshape", sorted_keys, q_shape), g("Reshape", k_key, k_shape)
         # keep = same bucket, in the band, not self; masked entries get -1e5 (self) or -1e9 (the rest).
         # By arithmetic, exact for finite scores (products with 0 or 1): ONNX Runtime's Where over the
         # (B, H, chunks, qc, W) scores took ~20x an elementwise Mul (measured)
-        others = g("Cast", g("And", band, g("Not", is_self)), to=TensorProto.FLOAT)  # small
         keep = g("Mul", g("Cast", g("Equal", q_key, k_key), to=TensorProto.FLOAT), others)
-        fill = g("Where", is_self, g.f32(self_masked), g.f32(masked))  # small
         scores = g("Add", g("Mul", scores, keep), g("Mul", g("Sub", g.f32(1.0), keep), fill))
     if spec.window == "chunk":  # the same masking for general (B, H, ...) masks
         keep = g("Cast", g("And", valid, g("Not", is_self)), to=TensorProto.FLOAT)

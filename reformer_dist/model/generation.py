@@ -167,7 +167,8 @@ def _prefill_lsh(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: 
     # the bucket-sorted order (a gather of whole rows, no scatter): ring slot j of a bucket holding n tokens
     # holds its rank r = j + c * floor((n - 1 - j) / c), the newest rank = j mod c (none if n <= j).
     c = sa.spec.chunk_len + 1
-    order, counts, starts = _bucket_order_counting(buckets, list(sa.spec.n_buckets)) if counting else _bucket_order_sorting(buckets, nb)
+    order, counts, starts = (_bucket_order_counting(buckets, sa.spec.counting_digits(padding=True), nb) if counting
+                             else _bucket_order_sorting(buckets, nb))
     j = torch.arange(c, device=h.device)
     newest = counts[..., None] - 1 - j  # (B, H, n, nb, c)
     rank = j + c * torch.div(newest, c, rounding_mode="floor")
@@ -195,32 +196,31 @@ def _bucket_order_sorting(buckets: Tensor, nb: int) -> tuple[Tensor, Tensor, Ten
     return order, counts, torch.cumsum(counts, dim=-1) - counts
 
 
-def _bucket_order_counting(buckets: Tensor, factors: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+def _bucket_order_counting(buckets: Tensor, widths: list[int], nb: int) -> tuple[Tensor, Tensor, Tensor]:
     """As :func:`_bucket_order_sorting`, by counting, because TensorRT takes neither a TopK whose K is the
     prompt length nor an INT64 CumSum: the exported prefill's layout. A least-significant-digit radix sort
-    with one stable counting pass per bucket factor (one-hot + fp32 CumSum, exact below 2**24 tokens), so
-    it costs B*H*n*L*(factor + 1) floats per pass rather than B*H*n*L*n_buckets; the tokens per bucket are
-    a sum over positions of (top digit one-hot) x (lower digits one-hot): one MatMul."""
-    nb, top_factor = math.prod(factors), factors[-1]
+    with one stable counting pass per digit of the bucket (``widths``: ``LshSpec.counting_digits``; one-hot
+    + fp32 CumSum, exact below 2**24 tokens), so a pass costs B*H*n*L*width floats rather than
+    B*H*n*L*n_buckets; the tokens per bucket are a sum over positions of (high part one-hot) x (low part
+    one-hot), both about sqrt(nb) wide: one MatMul."""
     positions = torch.arange(buckets.shape[-1], device=buckets.device).expand_as(buckets)
     order, stride = positions, 1  # order: slot -> position, sorted by the digits so far
-    for i, factor in enumerate(factors):
+    for i, width in enumerate(widths):
         digit = torch.div(buckets, stride, rounding_mode="floor")
-        last = i == len(factors) - 1
-        digit = digit if last else digit % factor  # padding (bucket nb) is the top digit's extra value
+        digit = digit if i == len(widths) - 1 else digit % width
         keys = torch.gather(digit, 3, order)
-        onehot = (keys[..., None] == torch.arange(factor + last, device=buckets.device)).float()
+        onehot = (keys[..., None] == torch.arange(width, device=buckets.device)).float()
         running = torch.cumsum(onehot, dim=3)  # (B, H, n, L, width): each value's count up to each slot
         counts = running[:, :, :, -1]
         starts = torch.cumsum(counts, dim=-1) - counts
         slot = torch.gather(running, 4, keys[..., None])[..., 0] + torch.gather(starts, 3, keys) - 1
         order = torch.zeros_like(order).scatter(3, slot.long(), order)
-        stride *= factor
-    low = nb // top_factor
-    top_hot = (torch.div(buckets, low, rounding_mode="floor")[..., None]
-               == torch.arange(top_factor + 1, device=buckets.device)).float()
+        stride *= width
+    low = math.isqrt(nb - 1) + 1  # bucket = high * low + (bucket % low); padding (nb) lands past nb - 1
+    high_hot = (torch.div(buckets, low, rounding_mode="floor")[..., None]
+                == torch.arange(nb // low + 1, device=buckets.device)).float()
     low_hot = ((buckets % low)[..., None] == torch.arange(low, device=buckets.device)).float()
-    counts = torch.matmul(top_hot.transpose(-1, -2), low_hot)[:, :, :, :top_factor].flatten(3)  # (B, H, n, nb)
+    counts = torch.matmul(high_hot.transpose(-1, -2), low_hot).flatten(3)[..., :nb]  # (B, H, n, nb)
     starts = torch.cumsum(counts, dim=-1) - counts
     return order, counts.long(), starts.long()
 

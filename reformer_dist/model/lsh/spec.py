@@ -21,6 +21,8 @@ WINDOWS = ("bucket", "chunk")
 
 # 'bucket' window query chunks are chunk_len / BUCKET_SPLIT long (see ``LshSpec.compute_chunks``).
 BUCKET_SPLIT = 2
+# The widest digit of the counting sort the exported graphs use (see ``LshSpec.counting_digits``).
+COUNTING_DIGIT_MAX = 32
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,21 @@ class LshSpec:
         if split == 1:
             return self.chunk_len, self.offsets()
         return self.chunk_len // split, list(range(-split, 1 if self.causal else split + 1))
+
+    def counting_digits(self, padding: bool) -> list[int]:
+        """Digit widths, least significant first, of the radix sort that orders buckets by counting (the
+        exported graphs' sort: TensorRT takes no TopK as long as a sequence). The bucket values, 0 ..
+        n_real_buckets - 1 plus the padding bucket when ``padding``, are written in as few digits of at most
+        ``COUNTING_DIGIT_MAX`` values as can hold them, all of one base but the top one: each counting pass
+        is a one-hot that wide, so 129 values sort in passes of 12 and 11 values, not one of 129."""
+        values = self.n_real_buckets + int(padding)
+        passes = 1
+        while COUNTING_DIGIT_MAX**passes < values:
+            passes += 1
+        base = 1
+        while base**passes < values:
+            base += 1
+        return [base] * (passes - 1) + [-(-values // base ** (passes - 1))]
 
     def is_plain(self, length: int) -> bool:
         """Whether the 'chunk' window runs as one plain attention (HF: ``sequence_length <= chunk_length``)."""
