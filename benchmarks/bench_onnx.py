@@ -11,7 +11,8 @@ default; ``--sort topk`` for the TopK body) and quantized with ``quantize_int8``
 ``export onnx --precision int8`` runs). All runtimes get ``--threads`` threads.
 
 Full sequence: the runtimes are timed in turn within each repeat (interleaved, so a busy machine slows
-them alike), median of ``--repeats`` after one warm-up. Decode step: a random prompt of each context length
+them alike; 0.1 s apart, so one runtime's spinning worker threads do not slow the next), median of
+``--repeats`` after one warm-up. Decode step: a random prompt of each context length
 is prefilled on both backends of the decoding runtime (``reformer_dist.decoding``: ``TorchBackend``,
 ``OrtBackend`` with the cache updated in place), then ``--steps`` decode steps are timed, interleaved.
 Writes benchmarks/results/bench_onnx.md (with the command and the load average) and bench_onnx.png.
@@ -45,13 +46,16 @@ from reformer_dist.export.quantize import quantize_int8
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, timed in turn within every repeat (after one warm-up each)."""
+def interleaved(fns: dict, repeats: int, pause: float = 0.0) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn within every repeat (after one warm-up each).
+    ``pause``: seconds to sleep before each timed call, so that the previous runtime's worker threads
+    (ONNX Runtime's spin after a run) have gone idle and do not compete with the next one."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(pause)
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -62,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16000])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed per context")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sort", default="counting", choices=["counting", "topk"])
@@ -93,7 +97,7 @@ def main() -> None:
             tensor = torch.from_numpy(ids)
             fns = {"eager": lambda t=tensor: eager(model, t),
                    **{name: (lambda r=r, ids=ids: r.logits(ids)) for name, r in runners.items()}}
-            full[n] = interleaved(fns, args.repeats)
+            full[n] = interleaved(fns, args.repeats, pause=0.1)
             print(f"  L={n:6d}: " + "  ".join(f"{k} {1e3 * v:8.1f} ms" for k, v in full[n].items()), flush=True)
 
         decode = {}

@@ -12,8 +12,10 @@ and exported with ``--generation`` (onnxruntime, cached decoding through the pre
 - ``flat``: a tiny 2-layer model (local + LSH, d_model 32, 2 heads x 16, d_ff 64) accepting 4K tokens, for
   the flat-decoding target: one request at a time, 32 greedy tokens after a 64-token and a 4,000-token prompt.
 
-Each backend gets its own server process (``--threads`` model threads) on a free loopback port; clients
-stream greedy completions (so the first token's arrival is seen) and share the machine's cores with it.
+Each backend gets its own server process on a free loopback port (the serving table's with ``--threads``
+model threads, leaving cores to the clients; the flat check's as a user starts it, with the runtime's
+default threads); clients stream greedy completions (so the first token's arrival is seen) and share the
+machine's cores with it.
 Reported per level: generated tokens per second of wall time, p50/p99 request latency, p50 time to the
 first token, the mean decode batch (from /metrics); for the flat check, per prompt length, tokens/s over
 the whole request and over decoding alone (after the first token), and the 4K / 64 ratios. Writes
@@ -72,11 +74,15 @@ def build_models(tmp: Path, backends: list[str]) -> dict[tuple[str, str], Path]:
     return paths
 
 
-def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, args: argparse.Namespace, threads: int | None) -> tuple[subprocess.Popen, str]:
+    """A server on ``model`` with ``threads`` model threads (None: the server's default, the runtime's choice)."""
     cmd = [sys.executable, "-m", "reformer_dist", "serve", "--model", str(model), "--port", "0",
-           "--threads", str(args.threads), "--max-batch-size", str(args.max_batch_size), "--max-tokens-cap", "512",
+           "--max-batch-size", str(args.max_batch_size), "--max-tokens-cap", "512",
            "--max-concurrency", str(max(64, 2 * max(args.concurrency))), "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = dict(os.environ)
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in proc.stdout:
         if "listening on" in line:
@@ -138,8 +144,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8, help="completions per level (at least 2x concurrency)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="model threads in the server")
-    parser.add_argument("--flat-requests", type=int, default=6, help="requests per prompt length in the flat check")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="model threads of the serving table's servers (the flat check's use the default)")
+    parser.add_argument("--flat-requests", type=int, default=10, help="requests per prompt length in the flat check")
     parser.add_argument("--plan", type=Path, default=None, help="TensorRT engine of the serving model (tensorrt)")
     parser.add_argument("--flat-plan", type=Path, default=None, help="TensorRT engine of the flat model (tensorrt)")
     args = parser.parse_args()
@@ -152,7 +159,7 @@ def main() -> None:
         if "tensorrt" in args.backends:
             models["serving", "tensorrt"], models["flat", "tensorrt"] = args.plan, args.flat_plan
         for backend in args.backends:
-            proc, url = start_server(models["flat", backend], args)
+            proc, url = start_server(models["flat", backend], args, None)  # as a user starts it
             try:
                 asyncio.run(run_level(url, TEXT[:64], 1, 1, 4))  # warm-up
                 for n in FLAT_PROMPTS:
@@ -171,7 +178,7 @@ def main() -> None:
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=120)
-            proc, url = start_server(models["serving", backend], args)
+            proc, url = start_server(models["serving", backend], args, args.threads)
             try:
                 with httpx.Client(base_url=url, timeout=900) as http:
                     asyncio.run(run_level(url, TEXT[:64], 1, 1, 4))  # warm-up
@@ -198,9 +205,10 @@ def main() -> None:
 def write_results(args: argparse.Namespace, table: list, flat: list) -> None:
     load = os.getloadavg()
     lines = [f"Command: .venv/bin/python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}".rstrip(), "",
-             f"{os.cpu_count()} cores shared by the server ({args.threads} model thread(s)) and its clients; load "
-             f"average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) when it finished.", "",
-             f"Flat decoding: a tiny 2-layer model accepting 4K tokens, one request at a time, greedy; "
+             f"{os.cpu_count()} cores shared by the server and its clients; load average {load[0]:.1f} / "
+             f"{load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) when it finished.", "",
+             f"Flat decoding: a tiny 2-layer model accepting 4K tokens, served as a user starts it (`reformer-dist "
+             f"serve --model ...`: the runtime's default threads), one request at a time, greedy; "
              f"per request = 32 tokens / the latency of a 32-token request (prefill included), decoding = 64 / "
              f"(latency of a 65-token request - latency of a 1-token one); medians of {args.flat_requests} "
              f"interleaved requests each. Target: 4K / 64 >= 0.7.", "",
@@ -210,7 +218,8 @@ def write_results(args: argparse.Namespace, table: list, flat: list) -> None:
         rows = {n: (e2e, dec) for b, n, e2e, dec in flat if b == backend}
         lo, hi = rows[FLAT_PROMPTS[0]], rows[FLAT_PROMPTS[1]]
         lines.append(f"\n{backend}: 4K / 64 = {hi[0] / lo[0]:.3f} per request, {hi[1] / lo[1]:.3f} decoding")
-    lines += ["", f"Serving: the `tiny` config (4 layers, d_model 128) accepting 4K tokens, greedy {args.max_tokens} "
+    lines += ["", f"Serving: the `tiny` config (4 layers, d_model 128) accepting 4K tokens, {args.threads} model "
+                  f"thread(s) (the other cores are left to the clients), greedy {args.max_tokens} "
                   f"tokens per request, max batch {args.max_batch_size}, max(2 x concurrency, {args.requests}) requests "
                   f"per level.", "",
               "| backend | prompt | concurrency | requests | generated tokens/s | p50 latency (ms) | p99 latency (ms) "
