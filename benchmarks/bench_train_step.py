@@ -126,7 +126,7 @@ def growth(results: list[dict]) -> list[str]:
         got = {r["length"]: r for r in results if r["impl"] == impl and r["median_s"]}
         lengths = sorted(got)
         pairs = list(itertools.pairwise(lengths))
-        if 65536 in got and 1048576 in got:
+        if 65536 in got and 1048576 in got and (65536, 1048576) not in pairs:
             pairs.append((65536, 1048576))
         for a, b in pairs:
             ra, rb = got[a], got[b]
