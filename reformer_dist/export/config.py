@@ -21,8 +21,8 @@ class ExportConfig:
     opset: int = 18
     """ONNX opset of the exported graph (the LSH body is written for the same opset)."""
     lsh_sort: str = "counting"
-    """Sort inside the LSH body: 'counting' (one-hot + CumSum; TensorRT parses it; memory
-    B*H*n_hashes*L*n_buckets fp32) or 'topk' (TopK; fewer ops, but TensorRT rejects K >= 3840)."""
+    """Sort inside the LSH body: 'counting' (radix passes of one-hot + CumSum over digits of at most 32
+    values; TensorRT parses it) or 'topk' (TopK; fewer ops, but TensorRT rejects K >= 3840)."""
 
     def validate(self, prefix: str = "export") -> ExportConfig:
         """Check every field; raise ConfigError naming the first bad one. Returns self."""

@@ -6,9 +6,10 @@ Runtime always does; TensorRT does when no plugin is registered). The body compu
 ``reformer_dist.model.lsh.lsh_attention_reference`` computes:
 
 1. hash    ``argmax(cat[x R, -x R])`` per bucket factor in fp32, padding in the extra bucket;
-2. sort    per round by (bucket, position), either by counting (one-hot + CumSum: no TopK, so TensorRT's
-           parser takes it; memory B*H*n_hashes*L*(n_buckets+1) fp32) or by TopK over the sequence (fewer
-           ops; TensorRT rejects a TopK whose K, here L, can reach 3840);
+2. sort    per round by (bucket, position), either by counting (a radix sort of one-hot + CumSum passes
+           over digits of at most 32 values, ``LshSpec.counting_digits``: no TopK, so TensorRT's parser
+           takes it) or by TopK over the sequence (fewer ops; TensorRT rejects a TopK whose K, here L, can
+           reach 3840);
 3. attend  in chunks of ``chunk_len`` over the sorted order, the key window of each chunk gathered with
            one index (wrap-around across rounds as the reference), 'chunk' or 'bucket' masks, fp32 softmax;
 4. unsort  and combine the rounds with softmax weights of their logsumexps.

@@ -83,7 +83,7 @@ class LshSpec:
 
     def counting_digits(self, padding: bool) -> list[int]:
         """Digit widths, least significant first, of the radix sort that orders buckets by counting (the
-        exported graphs' sort: TensorRT takes no TopK as long as a sequence). The bucket values, 0 ..
+        exported graphs' sort: TensorRT rejects a TopK whose K is the sequence length). The bucket values, 0 ..
         n_real_buckets - 1 plus the padding bucket when ``padding``, are written in as few digits of at most
         ``COUNTING_DIGIT_MAX`` values as can hold them, all of one base but the top one: each counting pass
         is a one-hot that wide, so 129 values sort in passes of 12 and 11 values, not one of 129."""
