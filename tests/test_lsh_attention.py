@@ -176,6 +176,21 @@ def test_output_does_not_depend_on_block_size(monkeypatch):
         torch.testing.assert_close(big, small, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("n_buckets", [[2], [64], [16, 8], [4, 4, 2]])
+def test_buckets_are_the_argmax_of_the_sign_doubled_rotations_ties_included(n_buckets):
+    g = torch.Generator().manual_seed(0)
+    rotated = torch.randn(2, 3, 400, sum(n_buckets) // 2, generator=g)
+    rotated[0, 0, :50] = 0.0  # all-zero rows: bucket 0
+    rotated[0, 1] = rotated[0, 1].round()  # ties everywhere, within and across the halves
+    rotated[1, 0] = rotated[1, 0].abs().round()
+    expected, offset, stride = 0, 0, 1
+    for factor in n_buckets:
+        part = rotated[..., offset : offset + factor // 2]
+        expected = expected + stride * torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
+        offset, stride = offset + factor // 2, stride * factor
+    assert torch.equal(hashing.rotated_buckets(rotated, n_buckets), expected)
+
+
 def test_replaying_returned_buckets_reproduces_the_output():
     qk, v = inputs(length=32)
     out, buckets = lsh(qk, v, rotations(), None, None, 2, [4], 8, 1, 0, "chunk", True, 0.0, 0)

@@ -139,19 +139,30 @@ def test_saved_activations_do_not_grow_with_depth_when_reversible():
     assert sizes[False, 9] > 2 * sizes[False, 3]  # the plain stack stores every layer's activations
 
 
-def test_head_groups_and_feed_forward_chunks_keep_gradients_exact_and_tell_the_tile_hook(monkeypatch):
+def test_head_groups_and_position_tiles_keep_gradients_exact_and_tell_the_tile_hook(monkeypatch):
     from reformer_dist.model import reversible
 
     monkeypatch.setattr(reversible, "HEAD_GROUP_ELEMENTS", 1)  # one head per group at any length
     for window in ("bucket", "chunk"):
         rev, plain = twins(window)
-        calls: list[bool] = []
-        rev.set_tile_hook(lambda params, last, calls=calls: calls.append(last))
+        names = {id(p): n for n, p in rev.named_parameters()}
+        calls: list[tuple[list[str], bool]] = []
+        rev.set_tile_hook(lambda params, last, calls=calls, names=names:
+                          calls.append(([names[id(p)] for p in params], last)))
         loss_r, g_r = grads_and_loss(rev)
         loss_p, g_p = grads_and_loss(plain)
         assert abs(loss_r - loss_p) <= 1e-6
         worst = max(((g_r[n] - g_p[n]).norm() / g_p[n].norm().clamp(min=1e-30)).item() for n in g_p)
         assert worst <= 1e-5, worst
-        # per layer: 4 feed-forward chunks (64 positions / 16), then 2 head groups; only each run's last
-        # tile is marked last
-        assert calls == [False, False, False, True, False, True] * 3
+        # every parameter but the embeddings' is told "last" exactly once: on the last of the tiles that
+        # accumulate into it (per layer 4 position tiles of 16 for the feed-forward, and per head group for
+        # the attention's output projection and for its LayerNorm + input projections; 3 loss chunks of 24
+        # for the head)
+        tiles_of: dict[str, list[bool]] = {}
+        for params, last in calls:
+            for name in params:
+                tiles_of.setdefault(name, []).append(last)
+        assert sorted(tiles_of) == sorted(n for n in names.values() if not n.startswith("embeddings."))
+        for name, marks in tiles_of.items():
+            tiles = 3 if not name.startswith("layers.") else 4 if ".feed_forward." in name else 8
+            assert marks == [False] * (tiles - 1) + [True], (name, marks)

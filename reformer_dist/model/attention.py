@@ -5,9 +5,12 @@ Each kind keeps HF's parameter meaning so checkpoints map 1:1: LSH has ``query_k
 (``AttentionBlock``) owns the layer's private generator: LSH rotations, the attention-dropout seed and
 the output dropout all come from it, so the reversible backward replays them by restoring its state.
 
-Under sequence parallelism (``shard``, see ``sequence_parallel.py``) the projections run on this rank's
-positions for all heads; ``split_heads`` exchanges them for all positions of this rank's heads, the
-attention kernel runs as in one process, and ``merge_heads`` exchanges the output back.
+Each self-attention kind splits into ``project`` (its input projections: position-wise) and ``forward`` (the
+kernel over the whole sequence, from the projected tensors), so the reversible stack can run the
+position-wise parts in tiles of positions. Under sequence parallelism (``shard``, see
+``sequence_parallel.py``) the projections run on this rank's positions for all heads; ``split_heads``
+exchanges them for all positions of this rank's heads, the attention kernel runs as in one process, and
+``merge_heads`` exchanges the output back.
 """
 
 from __future__ import annotations
@@ -153,14 +156,18 @@ class LSHSelfAttention(nn.Module):
             generator = torch.Generator().manual_seed(self.hash_seed)
         return torch.randn(shape, generator=generator).to(device)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None, draw: BranchDraw,
-                shard: SequenceShard | None = None, heads: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
-        """x (B, L, d_model) -> (B, L, count*D) and the buckets (B, count, n_hashes, L) used, for ``heads`` =
-        (first, count) (all by default). With a shard, x holds the local positions and the buckets are those
-        of this rank's count/P heads."""
+    def project(self, h: Tensor, heads: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """h (B, l, d_model) -> (qk, v), (B, l, count*D) each, for ``heads`` = (first, count) (all by default)."""
+        return self.query_key(h, heads), self.value(h, heads)
+
+    def forward(self, projected: tuple[Tensor, ...], key_padding_mask: Tensor | None, buckets: Tensor | None,
+                draw: BranchDraw, shard: SequenceShard | None = None,
+                heads: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """``project``'s (qk, v) -> (B, L, count*D) and the buckets (B, count, n_hashes, L) used, for ``heads``
+        = (first, count) (all by default). With a shard, the projections hold the local positions and the
+        buckets are those of this rank's count/P heads."""
         count = self.n_heads if heads is None else heads[1]
-        qk = split_heads(self.query_key(x, heads), count, shard)
-        v = split_heads(self.value(x, heads), count, shard)
+        qk, v = (split_heads(p, count, shard) for p in projected)
         first, local = head_range(self.n_heads, heads, shard)
         args = (qk, v, draw.rotations[first : first + local], key_padding_mask, buckets, *self.spec.op_args(),
                 self.dropout if self.training else 0.0, draw.attention_seed)
@@ -187,15 +194,20 @@ class LocalSelfAttention(nn.Module):
         self.causal = config.causal
         self.dropout = config.attn_dropout if config.local_attn_dropout is None else config.local_attn_dropout
 
-    def _project(self, x: Tensor, shard: SequenceShard | None, heads: tuple[int, int] | None):
-        count = self.n_heads if heads is None else heads[1]
-        return (split_heads(proj(x, heads), count, shard) for proj in (self.query, self.key, self.value))
+    def project(self, h: Tensor, heads: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """h (B, l, d_model) -> (q, k, v), (B, l, count*D) each, for ``heads`` (all by default)."""
+        return tuple(proj(h, heads) for proj in (self.query, self.key, self.value))
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
+    def _split(self, projected: tuple[Tensor, ...], shard: SequenceShard | None,
+               heads: tuple[int, int] | None) -> tuple[Tensor, ...]:
+        count = self.n_heads if heads is None else heads[1]
+        return tuple(split_heads(p, count, shard) for p in projected)
+
+    def forward(self, projected: tuple[Tensor, ...], key_padding_mask: Tensor | None, buckets: Tensor | None,
                 draw: BranchDraw | None, shard: SequenceShard | None = None,
                 heads: tuple[int, int] | None = None) -> tuple[Tensor, None]:
-        """x (B, L, d_model) -> (B, L, count*D) for ``heads`` (all by default); draw None = no dropout."""
-        q, k, v = self._project(x, shard, heads)
+        """``project``'s (q, k, v) -> (B, L, count*D) for ``heads`` (all by default); draw None = no dropout."""
+        q, k, v = self._split(projected, shard, heads)
         seed = None if draw is None else draw.attention_seed
         out = local_attention(q, k, v, key_padding_mask, self.chunk_len, self.chunks_before, self.chunks_after,
                               self.causal, self.dropout if seed is not None else 0.0, seed,
@@ -207,10 +219,10 @@ class FullSelfAttention(LocalSelfAttention):
     """Exact O(L^2) attention, the reference mode: SDPA; with active attention dropout it runs the same
     math as one local chunk covering the sequence, because SDPA's dropout would draw from the global RNG."""
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
+    def forward(self, projected: tuple[Tensor, ...], key_padding_mask: Tensor | None, buckets: Tensor | None,
                 draw: BranchDraw | None, shard: SequenceShard | None = None,
                 heads: tuple[int, int] | None = None) -> tuple[Tensor, None]:
-        q, k, v = self._project(x, shard, heads)
+        q, k, v = self._split(projected, shard, heads)
         length = q.shape[2]
         seed = None if draw is None else draw.attention_seed
         if seed is not None:
@@ -221,7 +233,7 @@ class FullSelfAttention(LocalSelfAttention):
         else:
             allowed = key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
             if self.causal:
-                allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+                allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return merge_heads(out, shard), None
 
@@ -232,9 +244,12 @@ ATTENTION_CLASSES = {"lsh": LSHSelfAttention, "local": LocalSelfAttention, "full
 class AttentionBlock(GeneratorHolder):
     """F of the reversible pair: ``dropout(output(attention(LayerNorm(x))))``, upcast to x's dtype.
 
-    ``forward`` computes all heads at once. The reversible stack instead calls ``draw`` once, normalises
-    once and runs ``attend`` per group of heads (each group's share of the output projection): the output
-    is the sum over the groups, and each group's attention tensors are all that exist at a time."""
+    ``forward`` runs it whole. It is three steps, each callable alone: ``project`` (the LayerNorm and the
+    input projections) and ``project_out`` (the output projection and dropout) are position-wise, ``attend``
+    needs the whole sequence. The reversible stack calls ``draw`` once and then, per group of heads, runs
+    ``project`` and ``project_out`` in tiles of positions around one ``attend`` (each group adding its
+    share of the output projection): no (B, L, d_model) temporary exists, only the group's attention
+    tensors."""
 
     def __init__(self, config: ReformerConfig, kind: str):
         super().__init__()
@@ -262,17 +277,27 @@ class AttentionBlock(GeneratorHolder):
                 shard: SequenceShard | None = None) -> tuple[Tensor, Tensor | None]:
         """x (B, L, d_model) -> (branch output (B, L, d_model), LSH buckets or None). With a shard, x holds
         this rank's positions and key_padding_mask covers the whole sequence."""
-        out, buckets = self.attend(self.layer_norm(x), key_padding_mask, buckets, shard, self.draw(x.device))
-        return out.to(x.dtype), buckets
+        draw = self.draw(x.device)
+        a, buckets = self.attend(self.project(x), key_padding_mask, buckets, shard, draw)
+        start = 0 if shard is None else shard.start(x.shape[1])
+        return self.project_out(a, draw, start).to(x.dtype), buckets
 
-    def attend(self, h: Tensor, key_padding_mask: Tensor | None, buckets: Tensor | None,
+    def project(self, x: Tensor, heads: tuple[int, int] | None = None) -> tuple[Tensor, ...]:
+        """x (B, l, d_model) -> the LayerNorm'd input's projections for ``heads`` = (first, count) (all by
+        default): (qk, v) for LSH, (q, k, v) otherwise, (B, l, count*D) each, in the compute dtype."""
+        return self.self_attention.project(self.layer_norm(x), heads)
+
+    def attend(self, projected: tuple[Tensor, ...], key_padding_mask: Tensor | None, buckets: Tensor | None,
                shard: SequenceShard | None, draw: BranchDraw,
                heads: tuple[int, int] | None = None) -> tuple[Tensor, Tensor | None]:
-        """The branch after the LayerNorm, for ``heads`` = (first, count) only (all by default): their
-        share of the output (B, L, d_model), in the compute dtype, and their buckets."""
-        a, buckets = self.self_attention(h, key_padding_mask, buckets, draw, shard, heads)
+        """The attention of ``heads`` over the whole sequence, from ``project``'s tensors (of this rank's
+        positions under a shard): (B, l, count*D) and the LSH buckets (None for other kinds)."""
+        return self.self_attention(projected, key_padding_mask, buckets, draw, shard, heads)
+
+    def project_out(self, a: Tensor, draw: BranchDraw, start: int, heads: tuple[int, int] | None = None) -> Tensor:
+        """``attend``'s output at positions [start, start + l) -> that share of the branch output
+        (B, l, d_model) in the compute dtype (output dropout addressed by position)."""
         out = self.output(a, heads)
         if draw.output_seed is not None:
-            start = 0 if shard is None else shard.start(h.shape[1])
             out = positional_dropout(out, self.dropout, draw.output_seed, start)
-        return out, buckets
+        return out

@@ -86,8 +86,9 @@ class ReformerConfig:
     a fresh model then sits at the unigram level for ~100 steps (README, learning curves). Only fresh
     models are affected: a checkpoint loads its own weights."""
     ff_chunk_size: int = 2048
-    """Positions per feed-forward chunk (0 = unchunked): the feed-forward is position-wise, so its
-    (batch, chunk, d_ff) activations exist one chunk at a time; shorter sequences run in one chunk."""
+    """Positions per tile of the position-wise work (0 = one tile): the feed-forward, and in the reversible
+    stack also the attention's LayerNorm, input and output projections, run one tile at a time, so their
+    (batch, tile, d_ff) activations and temporaries exist for one tile only; shorter sequences run in one."""
     loss_chunk_size: int = 4096
     """Positions per chunk of the LM-head + cross-entropy so (seq, vocab) logits never exist whole."""
     hash_seed: int | None = None

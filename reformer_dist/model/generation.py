@@ -117,9 +117,10 @@ def _hf_prefill_layout(model: ReformerLM, length: int) -> tuple[int, bool]:
 def _prefill_local(sa, h: Tensor, mask: Tensor | None, lengths: Tensor, capacity: int, full: bool,
                    outputs: bool = True):
     """(attention output (B, L, H*D), or None without ``outputs``; the layer's cache)."""
-    k, v = split_heads(sa.key(h), sa.n_heads), split_heads(sa.value(h), sa.n_heads)
+    projected = sa.project(h)  # (q, k, v)
+    k, v = (split_heads(p, sa.n_heads) for p in projected[1:])
     # the model's own attention (its generator is unused in eval)
-    out = sa(h, mask, None, None)[0] if outputs else None
+    out = sa(projected, mask, None, None)[0] if outputs else None
     if full:
         size = capacity
     else:

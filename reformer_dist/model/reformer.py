@@ -17,7 +17,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from reformer_dist.errors import ReformerDistError
 from reformer_dist.model.attention import AttentionBlock, LSHSelfAttention
@@ -73,6 +72,41 @@ class ReformerLayer(nn.Module):
         super().__init__()
         self.attention = AttentionBlock(config, kind)
         self.feed_forward = FeedForwardBlock(config)
+
+
+class ChunkedLossSum(torch.autograd.Function):
+    """``sum_chunks model._chunk_loss_sum(y1, y2, targets)`` over position chunks ``spans``, each chunk
+    recomputed in the backward, which writes its stream gradients into one (B, L, d_model) tensor per stream:
+    no chunk's activations outlive it, and no per-chunk gradient pieces wait to be joined (2 stream-sized
+    tensors fewer at the head's peak than autograd's split + checkpoint). The chunks' nested backwards
+    accumulate into the head's parameters; the model's tile hook hears which one is the last."""
+
+    @staticmethod
+    def forward(ctx, y1: Tensor, y2: Tensor, targets: Tensor, spans: list[tuple[int, int]],
+                model: ReformerLM) -> Tensor:
+        with torch.no_grad():
+            total = sum(model._chunk_loss_sum(y1[:, s:e], y2[:, s:e], targets[:, s:e]) for s, e in spans)
+        device = y1.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(y1, y2, targets)
+        ctx.spans, ctx.model = spans, model
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y1, y2, targets = ctx.saved_tensors
+        model, end = ctx.model, y1.shape[1]
+        grad_y1, grad_y2 = torch.empty_like(y1), torch.empty_like(y2)
+        device, enabled, dtype = ctx.autocast
+        for s, e in ctx.spans:
+            a, b = y1[:, s:e].detach().requires_grad_(), y2[:, s:e].detach().requires_grad_()
+            if model.tile_hook is not None:
+                model.tile_hook([*model.final_norm.parameters(), *model.lm_head.parameters()], e == end)
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                chunk = model._chunk_loss_sum(a, b, targets[:, s:e])
+            torch.autograd.backward(chunk, grad)
+            grad_y1[:, s:e], grad_y2[:, s:e] = a.grad, b.grad
+        return grad_y1, grad_y2, None, None, None
 
 
 class ReformerLM(nn.Module):
@@ -161,19 +195,18 @@ class ReformerLM(nn.Module):
         """Mean cross-entropy of ``logits[:, t]`` against ``targets[:, t]`` (-100 = ignore).
 
         The final LayerNorm + head + cross-entropy run over ``loss_chunk_size`` positions at a time and each
-        chunk is recomputed in the backward, so neither the (B, L, 2*d_model) normalised streams nor the
-        (B, L, vocab) logits ever exist whole, not even for autograd.
+        chunk is recomputed in the backward (``ChunkedLossSum``), so neither the (B, L, 2*d_model) normalised
+        streams nor the (B, L, vocab) logits ever exist whole, not even for autograd.
         Under :meth:`shard_sequence` the value is the whole sequence's mean (each shard's sum, summed over
         the shards, over the global count of targets); the gradient flows through this shard's positions.
         """
         y1, y2 = self.streams(input_ids, attention_mask)
-        total = y1.new_zeros((), dtype=torch.float32)
-        chunk = self.config.loss_chunk_size
-        for a, b, t in zip(y1.split(chunk, dim=1), y2.split(chunk, dim=1), targets.split(chunk, dim=1)):
-            if torch.is_grad_enabled():
-                total = total + checkpoint(self._chunk_loss_sum, a, b, t, use_reentrant=False, preserve_rng_state=False)
-            else:
-                total = total + self._chunk_loss_sum(a, b, t)
+        spans = [(s, min(s + self.config.loss_chunk_size, y1.shape[1]))
+                 for s in range(0, y1.shape[1], self.config.loss_chunk_size)]
+        if torch.is_grad_enabled():
+            total = ChunkedLossSum.apply(y1, y2, targets, spans, self)
+        else:
+            total = sum(self._chunk_loss_sum(y1[:, s:e], y2[:, s:e], targets[:, s:e]) for s, e in spans)
         count = (targets != -100).sum()
         if self.sequence_shard is not None:
             total, count = self.sequence_shard.sum(total), self.sequence_shard.sum(count)

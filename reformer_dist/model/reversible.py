@@ -13,13 +13,16 @@ The recompute must equal the forward exactly:
 - submodules are called through ``__call__`` so module hooks (DeepSpeed ZeRO-3 parameter gathering) fire.
 
 Memory is what bounds the longest sequence, so every layer works in tiles and in place:
-- G is position-wise: it runs in chunks of ``ff_chunk_size`` positions;
-- F runs in groups of heads (``head_groups``: each group's (B, L, heads, D) tensors stay under
-  ``HEAD_GROUP_ELEMENTS``), each group adding its share of the output projection (in the backward
-  each group normalises its input again, so no normalised copy outlives a group);
+- position tiles (``ff_chunk_size`` positions): G is position-wise and runs tile by tile; so do F's
+  position-wise parts, its LayerNorm + input projections and its output projection (``AttentionBlock``'s
+  ``project`` / ``project_out``), whose tiles stay in cache;
+- head groups: F's attention runs over the whole sequence for a group of heads at a time
+  (``head_groups``: each group's (B, L, heads, D) tensors stay under ``HEAD_GROUP_ELEMENTS``), its
+  projections gathered from the position tiles, each group adding its share of the output projection;
 - the two streams are two buffers updated in place, forward (X -> Y) and backward (Y -> X), and the
   backward accumulates the stream gradients into the gradient tensors it receives (``ReformerLM``'s head
-  creates them for it and reads nothing else from them), so a layer allocates only its tiles' temporaries.
+  creates them for it and reads nothing else from them).
+So a layer never allocates a (B, L, d_model) temporary: only a tile's and a head group's tensors.
 A tile's nested backward accumulates into parameters that later tiles of the same layer use again; a
 ``tile_hook(parameters, last)`` (installed with ``ReformerLM.set_tile_hook``) hears before each tile whether
 it is the last, for optimizers that reduce a gradient as soon as it is accumulated (DeepSpeed ZeRO-2/3).
@@ -75,6 +78,22 @@ def _layer_groups(layer: nn.Module, stream: Tensor, shard: SequenceShard | None)
     return head_groups(sa.n_heads, stream.shape[0] * length * sa.value.d_head, 1 if shard is None else shard.size)
 
 
+def _projections(attention: nn.Module, x: Tensor, spans: list[tuple[int, int]],
+                 heads: tuple[int, int]) -> list[Tensor]:
+    """``attention.project(x, heads)`` computed tile by tile (no grad) into whole-length tensors
+    (B, l, count*D) each: the LayerNorm and projections of one tile stay in cache."""
+    if len(spans) == 1:
+        return list(attention.project(x, heads))
+    out: list[Tensor] = []
+    for s, e in spans:
+        parts = attention.project(x[:, s:e], heads)
+        if not out:
+            out = [p.new_empty(x.shape[0], x.shape[1], p.shape[-1]) for p in parts]
+        for whole, p in zip(out, parts):
+            whole[:, s:e] = p
+    return out
+
+
 def _mark(tile_hook: TileHook | None, modules: Iterable[nn.Module], last: bool) -> None:
     if tile_hook is not None:
         tile_hook([p for m in modules for p in m.parameters()], last)
@@ -95,13 +114,14 @@ class ReversibleStack(torch.autograd.Function):
                 attention, feed_forward = layer.attention, layer.feed_forward
                 f_state = attention.generator.get_state()
                 draw = attention.draw(x1.device)
-                h = attention.layer_norm(x2)
                 buckets = []
                 for heads in _layer_groups(layer, x2, shard):
-                    f, b = attention.attend(h, key_padding_mask, None, shard, draw, heads)
-                    x1.add_(f)
+                    a, b = attention.attend(_projections(attention, x2, spans, heads), key_padding_mask, None,
+                                            shard, draw, heads)
+                    for s, e in spans:
+                        x1[:, s:e] += attention.project_out(a[:, s:e], draw, start + s, heads)
                     buckets.append(None if b is None else b.to(torch.int32))
-                del h, f
+                    del a
                 g_state = feed_forward.generator.get_state()
                 for s, e in spans:  # every chunk is a call with the same draw (masks are addressed by position)
                     feed_forward.generator.set_state(g_state)
@@ -139,27 +159,37 @@ class ReversibleStack(torch.autograd.Function):
                     y2[:, s:e] -= g.detach()
                     dy1[:, s:e] += part.grad
                 del g, part
-                # F: x1 = y1 - F(x2); dL/dx2 = dy2 + F'(x2)^T dy1, head group by head group
-                attention = layer.attention
-                x2 = y2.detach().requires_grad_()
+                # F: x1 = y1 - F(x2); dL/dx2 = dy2 + F'(x2)^T dy1, head group by head group, the
+                # position-wise parts tile by tile (y2 holds x2 now)
+                attention, end, hook = layer.attention, y1.shape[1], ctx.tile_hook
                 with _replaying(attention.generator, f_state):
                     draw = attention.draw(y1.device)
                 groups = _layer_groups(layer, y2, ctx.shard)
                 for i, (heads, replay) in enumerate(zip(groups, buckets)):
-                    # each group normalises x2 again, so the LayerNorm's output and gradient exist for one
-                    # group at a time
-                    _mark(ctx.tile_hook, [attention], last=i == len(groups) - 1)
+                    last_group = i == len(groups) - 1
+                    inputs = [t.requires_grad_() for t in _projections(attention, y2, ctx.spans, heads)]
                     with torch.enable_grad():
-                        f, _ = attention.attend(attention.layer_norm(x2), ctx.mask,
-                                               None if replay is None else replay.long(), ctx.shard, draw, heads)
-                    y1 -= f.detach()
-                    # the backward reads the branch's inputs, never its output's values: free them first
-                    f.untyped_storage().resize_(0)
-                    torch.autograd.backward(f, dy1)  # outside grad mode: parameter gradients accumulate in place
-                    del f
-                    dy2 += x2.grad
-                    x2.grad = None
-                del x2
+                        a, _ = attention.attend(inputs, ctx.mask, None if replay is None else replay.long(),
+                                                ctx.shard, draw, heads)
+                    grad_a = torch.empty_like(a)
+                    for s, e in ctx.spans:  # output projection: x1 = y1 - its share, and dL/da
+                        part = a[:, s:e].detach().requires_grad_()
+                        _mark(hook, [attention.output], last=last_group and e == end)
+                        with torch.enable_grad():
+                            f = attention.project_out(part, draw, ctx.start + s, heads)
+                        y1[:, s:e] -= f.detach()
+                        torch.autograd.backward(f, dy1[:, s:e])  # outside grad mode: accumulates in place
+                        grad_a[:, s:e] = part.grad
+                    torch.autograd.backward(a, grad_a)  # the attention itself: dL/d(projections)
+                    del a, grad_a, f, part
+                    for s, e in ctx.spans:  # LayerNorm + input projections: dL/dx2
+                        part = y2[:, s:e].detach().requires_grad_()
+                        _mark(hook, [attention.layer_norm, attention.self_attention], last=last_group and e == end)
+                        with torch.enable_grad():
+                            projected = attention.project(part, heads)
+                        torch.autograd.backward(projected, [t.grad[:, s:e] for t in inputs])
+                        dy2[:, s:e] += part.grad
+                    del inputs, projected, part
         return dy1, dy2, None, None, None, None, None
 
 

@@ -8,19 +8,18 @@ micro-batch B, a rank holds l = seq_len / P positions of each sequence:
   keep the fp32 master partition even in fp32 training (DeepSpeed flattens and copies it); ZeRO-2/3 hold
   one reduce bucket of full gradients while reducing; ZeRO-3 also gathers one layer's parameters.
 - **Activations** of the reversible stack, whose backward works in place and in tiles
-  (``reformer_dist/model/reversible.py``). In units of one stream, u = B * l * d_model * s (s = bytes per
-  activation: 4 in fp32, 2 under DeepSpeed's bf16/fp16, which casts the module), the largest moments are:
-  the backward of a head group's projections (the stream gradients the head handed over 2u, the two
-  streams 2u, the group's LayerNorm output u, one input gradient per projection and their sum: 3u for
-  LSH's two projections, 4u for local/full attention's three), a head group's attention backward (4u + u
-  + the group), the loss head (2u streams; the final LayerNorm runs per loss chunk, the streams' gradients
-  are collected chunk by chunk, then joined: 4u), and the forward (the input, the two streams, the
-  LayerNorm output and the branch output 5u + a head group). A head group's tensors cover the whole sequence for its heads
-  (``reversible.head_groups`` sizes them; under sequence parallelism each rank holds count/P heads):
-  LSH keeps qk, v, the output and per-round outputs (n_hashes) in the forward, and qk, v, the output, its
-  gradient and fp32 gradients of qk and v in the backward, plus the sort's int64 index arrays; local
-  attention its (chunk x window) score tensors. The all-to-alls of sequence parallelism copy a group's
-  tensors once more. LSH buckets (int32) are kept for every LSH layer through the step.
+  (``reformer_dist/model/reversible.py``): no layer allocates a stream-sized tensor, only a position tile's
+  and a head group's. In units of one stream, u = B * l * d_model * s (s = bytes per activation: 4 in
+  fp32, 2 under DeepSpeed's bf16/fp16, which casts the module), the largest moments are: the forward (the
+  input and the two streams 3u + a head group), a head group's attention backward (the two streams and
+  their gradients 4u + the group), the loss head (4u: its chunks write the streams' gradients in place,
+  ``ChunkedLossSum``) and a feed-forward tile's backward (4u + the tile). A head group's tensors cover the
+  whole sequence for its heads (``reversible.head_groups`` sizes them; under sequence parallelism each rank
+  holds count/P heads): LSH keeps qk, v, the output and per-round outputs (n_hashes) in the forward, and
+  qk, v, the output, its gradient and fp32 gradients of qk and v in the backward, plus the sort's int64
+  index arrays; local attention its (chunk x window) score tensors. The all-to-alls of sequence
+  parallelism copy a group's tensors once more. LSH buckets (int32) are kept for every LSH layer through
+  the step.
 - **Process**: on CPU the resident memory of a training process with a model of no size (torch,
   DeepSpeed, the communication op, Python): ``PROCESS_BYTES_CPU``, measured; on GPU the count is of
   tensors, as ``torch.cuda.max_memory_allocated`` reports it (the CUDA context comes on top).
@@ -133,8 +132,8 @@ def _attention_group(model: ReformerConfig, kind: str, batch: int, seq_len: int,
         stats = 2 * 4 * rows * n
         blocks = 8 * 4 * BLOCK_SCORES  # a block's score temporaries
         forward = 2 * g + n * g + g + index + stats + blocks + exchange
-        # saved qk, v, output, the output's gradient, fp32 gradients of qk and v
-        backward = 4 * g + 2 * batch * seq_len * local_heads * model.d_head * 4 + index + stats + blocks
+        # qk, v, the output, the output's gradient, fp32 gradients of qk and v
+        backward = 4 * g + 2 * batch * seq_len * local_heads * model.d_head * 4 + index + stats + blocks + exchange
         return forward, backward
     window = seq_len if kind == "full" else (1 + model.local_chunks_before + model.local_chunks_after) * \
         min(model.local_chunk_len, seq_len)
@@ -155,15 +154,13 @@ def activations(cfg: JobConfig, s: int) -> tuple[dict[str, int], dict[str, int]]
     groups = head_groups(model.n_heads, batch * seq_len * model.d_head, p)
     local_heads = groups[0][1] // p
     attention = {k: _attention_group(model, k, batch, seq_len, local_heads, s, p > 1) for k in set(kinds)}
-    projections = {"lsh": 2, "local": 3, "full": 3}
     ff_chunk = min(model.ff_chunk_size or seq_len // p, seq_len // p)
     ff = 6 * batch * ff_chunk * model.d_ff * 4  # a chunk's hidden activations, their gradients (fp32 bound)
     loss_chunk = 3 * batch * min(model.loss_chunk_size, seq_len // p) * model.vocab_size * 4
     moments = {
-        "forward": max(3 * u + 2 * u + attention[k][0] for k in attention),
-        "loss head": 6 * u + loss_chunk,
-        "backward: head-group attention": max(4 * u + u + attention[k][1] for k in attention),
-        "backward: projections": max((4 + 1 + projections[k] + 1) * u for k in attention),
+        "forward": max(3 * u + attention[k][0] for k in attention),
+        "loss head": 4 * u + loss_chunk,
+        "backward: head-group attention": max(4 * u + attention[k][1] for k in attention),
         "backward: feed-forward chunk": 4 * u + ff,
     }
     lsh_layers = kinds.count("lsh")

@@ -15,7 +15,7 @@ from torch import Tensor
 from reformer_dist.model.lsh.spec import LshSpec
 
 # Rotated elements per hashing block: a block of positions whose (B, H, n_hashes, positions, R/2) rotations
-# (and their (..., R) sign-doubled copy) stay a few MiB at any length and head count.
+# stay a few MiB at any length and head count.
 HASH_BLOCK_ELEMENTS = 1 << 21
 
 
@@ -35,11 +35,17 @@ def hash_vectors(qk: Tensor, rotations: Tensor, n_buckets: list[int], key_paddin
 
 def rotated_buckets(rotated: Tensor, n_buckets: list[int]) -> Tensor:
     """Buckets (...) of rotated vectors (..., sum(n_buckets)//2): ``b_0 + f_0*b_1 + ...``, the argmax of
-    ``cat[x R, -x R]`` per bucket factor over its slice of the rotations."""
+    ``cat[x R, -x R]`` per bucket factor over its slice of the rotations.
+
+    Computed from the slice's max and min without building the doubled tensor: the argmax is the first
+    maximum's index if ``max >= -min`` (the positive half comes first, so it wins ties), else the first
+    minimum's index + f/2."""
     buckets, offset, stride = None, 0, 1
     for factor in n_buckets:
         part = rotated[..., offset : offset + factor // 2]
-        b = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
+        top, top_index = part.max(dim=-1)
+        low, low_index = part.min(dim=-1)
+        b = torch.where(top >= -low, top_index, low_index + factor // 2)
         buckets = b if buckets is None else buckets + stride * b
         offset += factor // 2
         stride *= factor
