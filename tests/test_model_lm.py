@@ -47,7 +47,7 @@ def test_chunked_loss_equals_plain_cross_entropy_and_ignores_minus_100():
     targets[0, :5] = -100
     expected = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100)
     torch.testing.assert_close(model.loss(ids, targets), expected, atol=1e-6, rtol=1e-6)
-    # gradients through the checkpointed chunks equal those of the whole-logits loss
+    # gradients through the chunks recomputed in the backward equal those of the whole-logits loss
     model.zero_grad()
     model.loss(ids, targets).backward()
     chunked = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -94,6 +94,12 @@ def _projections(attention: nn.Module, x: Tensor, spans: list[tuple[int, int]],
     return out
 
 
+def _free(tensors: list[Tensor]) -> None:
+    """Release the memory of tensors whose values nothing reads again (autograd keeps their metadata)."""
+    for t in tensors:
+        t.untyped_storage().resize_(0)
+
+
 def _mark(tile_hook: TileHook | None, modules: Iterable[nn.Module], last: bool) -> None:
     if tile_hook is not None:
         tile_hook([p for m in modules for p in m.parameters()], last)
@@ -171,6 +177,9 @@ class ReversibleStack(torch.autograd.Function):
                     with torch.enable_grad():
                         a, _ = attention.attend(inputs, ctx.mask, None if replay is None else replay.long(),
                                                 ctx.shard, draw, heads)
+                    exchanged = ctx.shard is not None
+                    if exchanged:  # the exchange copied the projections and saved nothing: only their
+                        _free(inputs)  # gradients are read from here on
                     grad_a = torch.empty_like(a)
                     for s, e in ctx.spans:  # output projection: x1 = y1 - its share, and dL/da
                         part = a[:, s:e].detach().requires_grad_()
@@ -180,6 +189,8 @@ class ReversibleStack(torch.autograd.Function):
                         y1[:, s:e] -= f.detach()
                         torch.autograd.backward(f, dy1[:, s:e])  # outside grad mode: accumulates in place
                         grad_a[:, s:e] = part.grad
+                    if exchanged:  # likewise the exchanged output (without a shard it is the kernel's own)
+                        _free([a])
                     torch.autograd.backward(a, grad_a)  # the attention itself: dL/d(projections)
                     del a, grad_a, f, part
                     for s, e in ctx.spans:  # LayerNorm + input projections: dL/dx2

@@ -43,11 +43,13 @@ class SequenceShard(ABC):
 
     @abstractmethod
     def to_heads(self, x: Tensor) -> Tensor:
-        """(B, l, H, D) -> (B, L, H/P, D): all positions of this rank's heads (differentiable)."""
+        """(B, l, H, D) -> (B, L, H/P, D): all positions of this rank's heads (differentiable). The result is
+        a new tensor and the backward needs nothing of x: the reversible stack frees x once exchanged."""
 
     @abstractmethod
     def to_sequence(self, x: Tensor) -> Tensor:
-        """(B, L, H/P, D) -> (B, l, H, D): the inverse of ``to_heads`` (differentiable)."""
+        """(B, L, H/P, D) -> (B, l, H, D): the inverse of ``to_heads`` (differentiable; a new tensor, the
+        backward needs nothing of x or of the result)."""
 
     @abstractmethod
     def gather(self, x: Tensor) -> Tensor:
