@@ -12,7 +12,7 @@ numbers (.json) and a log-log plot (.png) to ``--out``.
     python benchmarks/bench_train_step.py                       # 1K..64K all four, then ours at 256K, 1M
     python benchmarks/bench_train_step.py --lengths 1024,4096 --impls ours,hf --ours-lengths ''
     python benchmarks/bench_train_step.py --impls ours --lengths 16384,65536 --ours-lengths 1048576 --threads 1 \
-        --thp --tag train_step_scaling        # linear scaling of ours in one process (CPU-time ratios)
+        --thp --tag train_step_1m        # linear scaling of ours in one process (CPU-time ratios)
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def main() -> None:
         earlier = json.loads(args.merge.read_text())
         fresh = {(r["impl"], r["length"]) for r in results}
         results = [r for r in earlier["results"] if (r["impl"], r["length"]) not in fresh] + results
-        commands = earlier["commands"] + commands
+        commands = [c for c in earlier["commands"] if c != cmd] + commands  # a re-run command moves last
     md = table(results)
     print("\n" + md)
     args.out.mkdir(parents=True, exist_ok=True)
