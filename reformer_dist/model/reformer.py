@@ -22,7 +22,14 @@ from reformer_dist.errors import ReformerDistError
 from reformer_dist.model.attention import AttentionBlock, LSHSelfAttention
 from reformer_dist.model.config import ACTIVATIONS, ReformerConfig
 from reformer_dist.model.embeddings import Embeddings
-from reformer_dist.model.reversible import TileHook, residual_stack, reversible_stack
+from reformer_dist.model.reversible import (
+    TileHook,
+    autocast_state,
+    mark_tile,
+    residual_stack,
+    reversible_stack,
+    tile_spans,
+)
 from reformer_dist.model.rng import GeneratorHolder, draw_seed, positional_dropout
 from reformer_dist.model.sequence_parallel import SequenceShard
 
@@ -86,8 +93,7 @@ class ChunkedLossSum(torch.autograd.Function):
                 model: ReformerLM) -> Tensor:
         with torch.no_grad():
             total = sum(model._chunk_loss_sum(y1[:, s:e], y2[:, s:e], targets[:, s:e]) for s, e in spans)
-        device = y1.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = autocast_state(y1.device.type)
         ctx.save_for_backward(y1, y2, targets)
         ctx.spans, ctx.model = spans, model
         return total
@@ -97,12 +103,10 @@ class ChunkedLossSum(torch.autograd.Function):
         y1, y2, targets = ctx.saved_tensors
         model, end = ctx.model, y1.shape[1]
         grad_y1, grad_y2 = torch.empty_like(y1), torch.empty_like(y2)
-        device, enabled, dtype = ctx.autocast
         for s, e in ctx.spans:
             a, b = y1[:, s:e].detach().requires_grad_(), y2[:, s:e].detach().requires_grad_()
-            if model.tile_hook is not None:
-                model.tile_hook([*model.final_norm.parameters(), *model.lm_head.parameters()], e == end)
-            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            mark_tile(model.tile_hook, [model.final_norm, model.lm_head], last=e == end)
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
                 chunk = model._chunk_loss_sum(a, b, targets[:, s:e])
             torch.autograd.backward(chunk, grad)
             grad_y1[:, s:e], grad_y2[:, s:e] = a.grad, b.grad
@@ -201,12 +205,7 @@ class ReformerLM(nn.Module):
         the shards, over the global count of targets); the gradient flows through this shard's positions.
         """
         y1, y2 = self.streams(input_ids, attention_mask)
-        spans = [(s, min(s + self.config.loss_chunk_size, y1.shape[1]))
-                 for s in range(0, y1.shape[1], self.config.loss_chunk_size)]
-        if torch.is_grad_enabled():
-            total = ChunkedLossSum.apply(y1, y2, targets, spans, self)
-        else:
-            total = sum(self._chunk_loss_sum(y1[:, s:e], y2[:, s:e], targets[:, s:e]) for s, e in spans)
+        total = ChunkedLossSum.apply(y1, y2, targets, tile_spans(y1.shape[1], self.config.loss_chunk_size), self)
         count = (targets != -100).sum()
         if self.sequence_shard is not None:
             total, count = self.sequence_shard.sum(total), self.sequence_shard.sum(count)

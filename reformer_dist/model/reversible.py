@@ -57,9 +57,17 @@ def _replaying(generator: torch.Generator, state: Tensor):
         generator.set_state(current)
 
 
-def _spans(length: int, chunk: int) -> list[tuple[int, int]]:
-    chunk = chunk if chunk > 0 else length
-    return [(s, min(s + chunk, length)) for s in range(0, length, chunk)]
+def tile_spans(length: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of consecutive position tiles of ``size`` (0 = one tile) covering ``length``."""
+    size = size if size > 0 else length
+    return [(s, min(s + size, length)) for s in range(0, length, size)]
+
+
+def autocast_state(device_type: str) -> dict:
+    """The current autocast state of ``device_type`` as ``torch.autocast`` keyword arguments, for a
+    backward that recomputes a forward to re-enter it."""
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type)}
 
 
 def head_groups(n_heads: int, elements_per_head: int, multiple: int = 1) -> list[tuple[int, int]]:
@@ -100,7 +108,9 @@ def _free(tensors: list[Tensor]) -> None:
         t.untyped_storage().resize_(0)
 
 
-def _mark(tile_hook: TileHook | None, modules: Iterable[nn.Module], last: bool) -> None:
+def mark_tile(tile_hook: TileHook | None, modules: Iterable[nn.Module], last: bool) -> None:
+    """Tell ``tile_hook`` (if any) that a tile accumulating into ``modules``' parameters comes, and whether
+    it is their last."""
     if tile_hook is not None:
         tile_hook([p for m in modules for p in m.parameters()], last)
 
@@ -113,7 +123,7 @@ class ReversibleStack(torch.autograd.Function):
                 ff_chunk_size: int, shard: SequenceShard | None, tile_hook: TileHook | None) -> tuple[Tensor, Tensor]:
         records = []
         start = 0 if shard is None else shard.start(x1.shape[1])
-        spans = _spans(x1.shape[1], ff_chunk_size)
+        spans = tile_spans(x1.shape[1], ff_chunk_size)
         with torch.no_grad():
             x1, x2 = x1.clone(), x2.clone()  # the streams' own buffers, updated in place from here on
             for layer in layers:
@@ -133,8 +143,7 @@ class ReversibleStack(torch.autograd.Function):
                     feed_forward.generator.set_state(g_state)
                     x2[:, s:e] += feed_forward(x1[:, s:e], start + s)
                 records.append((f_state, g_state, buckets))
-        device = x1.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = autocast_state(x1.device.type)
         ctx.layers, ctx.records, ctx.mask, ctx.spans = layers, records, key_padding_mask, spans
         ctx.shard, ctx.start, ctx.tile_hook = shard, start, tile_hook
         # kept as detached aliases rather than save_for_backward: the backward reconstructs the inputs in
@@ -149,8 +158,7 @@ class ReversibleStack(torch.autograd.Function):
         y1, y2 = ctx.outputs
         ctx.outputs = None
         dy1, dy2 = _accumulator(dy1, y1), _accumulator(dy2, y2)
-        device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.autocast(**ctx.autocast):
             for layer, (f_state, g_state, buckets) in zip(reversed(ctx.layers), reversed(ctx.records)):
                 # G: x2 = y2 - G(y1); dL/dy1 += G'(y1)^T dy2, chunk by chunk, in place (y2 becomes x2)
                 feed_forward = layer.feed_forward
@@ -158,7 +166,7 @@ class ReversibleStack(torch.autograd.Function):
                     # each chunk its own leaf: a slice of one leaf would give every chunk's backward a
                     # zero-filled gradient of the whole sequence to add into (quadratic in length)
                     part = y1[:, s:e].detach().requires_grad_()
-                    _mark(ctx.tile_hook, [feed_forward], last=e == y1.shape[1])
+                    mark_tile(ctx.tile_hook, [feed_forward], last=e == y1.shape[1])
                     with _replaying(feed_forward.generator, g_state), torch.enable_grad():
                         g = feed_forward(part, ctx.start + s)
                     torch.autograd.backward(g, dy2[:, s:e])
@@ -183,7 +191,7 @@ class ReversibleStack(torch.autograd.Function):
                     grad_a = torch.empty_like(a)
                     for s, e in ctx.spans:  # output projection: x1 = y1 - its share, and dL/da
                         part = a[:, s:e].detach().requires_grad_()
-                        _mark(hook, [attention.output], last=last_group and e == end)
+                        mark_tile(hook, [attention.output], last=last_group and e == end)
                         with torch.enable_grad():
                             f = attention.project_out(part, draw, ctx.start + s, heads)
                         y1[:, s:e] -= f.detach()
@@ -195,7 +203,7 @@ class ReversibleStack(torch.autograd.Function):
                     del a, grad_a, f, part
                     for s, e in ctx.spans:  # LayerNorm + input projections: dL/dx2
                         part = y2[:, s:e].detach().requires_grad_()
-                        _mark(hook, [attention.layer_norm, attention.self_attention], last=last_group and e == end)
+                        mark_tile(hook, [attention.layer_norm, attention.self_attention], last=last_group and e == end)
                         with torch.enable_grad():
                             projected = attention.project(part, heads)
                         torch.autograd.backward(projected, [t.grad[:, s:e] for t in inputs])
