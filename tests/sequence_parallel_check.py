@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from reformer_dist.model import ReformerConfig, ReformerLM, reversible
-from reformer_dist.train.distributed import init_distributed
+from reformer_dist.train.distributed import init_distributed, shutdown
 from reformer_dist.train.sequence_parallel import initialize
 
 STEPS = 3
@@ -77,7 +77,7 @@ def main() -> None:
                                                                   sharded.rng_state().values()))
         results[window] = worst
     (args.out_dir / f"rank{info.rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":
