@@ -21,19 +21,17 @@ from reformer_dist.model.lsh.layout import (
     dropout_keep,
     from_rows,
     heads_inner,
-    key_scale,
 )
 from reformer_dist.model.lsh.spec import LshSpec, acc_dtype, mask_values
 
 
-def _recompute_stats(layout: SortedLayout, q: Tensor, scale: Tensor, win: Window, self_masked: float,
-                     n_hashes: int) -> Tensor:
+def _recompute_stats(layout: SortedLayout, q: Tensor, win: Window, self_masked: float, n_hashes: int) -> Tensor:
     """The forward's softmax statistics (2, n_hashes, rows) from one scores-only pass over the blocks."""
     rows_total, n, c = q.shape[0], layout.n_hashes, layout.chunk_len
     row_max = torch.empty(n * rows_total, device=q.device, dtype=acc_dtype(q.dtype))
     log_sum = torch.empty_like(row_max)
     for block in blocks(layout, win):
-        _, scores, m, *_ = block_scores(block, q, scale, self_masked)
+        _, scores, m, *_ = block_scores(block, q, self_masked)
         rows = layout.dest[:, block.first * c : block.last * c].flatten()
         row_max.index_copy_(0, rows, m.flatten())
         log_sum.index_copy_(0, rows, scores.sub_(m).exp_().sum(-1).log_().flatten())
@@ -52,13 +50,12 @@ def lsh_attention_backward_reference(
     layout = win.layout(buckets, key_padding_mask, inner, head_offset, n_heads_total)
     q, vf = as_rows(qk, inner), as_rows(v, inner)
     rows_total, d = q.shape
-    scale = key_scale(q)
     self_masked = mask_values(qk.dtype)[1]
     acc = acc_dtype(qk.dtype)
     c, bh = win.chunk, layout.bh
 
     if stats is None:
-        stats = _recompute_stats(layout, q, scale, win, self_masked, spec.n_hashes)
+        stats = _recompute_stats(layout, q, win, self_masked, spec.n_hashes)
     shift, log_norm, weight = probability_terms(stats[:, : layout.n_hashes], spec.hf_rounding)
 
     go = as_rows(grad_out, inner)
@@ -67,7 +64,7 @@ def lsh_attention_backward_reference(
     grad_v = torch.zeros_like(grad_qk)
     # P as the forward formed it (``probability_terms``); dS = P * (dP - delta), zero on self entries
     for block in blocks(layout, win):
-        flat, scores, _, qf, kf, q_span, scale_span = block_scores(block, q, scale, self_masked)
+        flat, scores, _, qf, kf, q_span, scale_span = block_scores(block, q, self_masked)
         q_flat = block.q_rows.flatten()
         entries = layout.dest[:, block.first * c : block.last * c].flatten()  # (round, row) of each
         row_shape = (bh, block.nb, c, 1)

@@ -28,7 +28,6 @@ from reformer_dist.model.lsh.layout import (
     dropout_keep,
     from_rows,
     heads_inner,
-    key_scale,
 )
 from reformer_dist.model.lsh.spec import LshSpec, acc_dtype, check_inputs, mask_values
 
@@ -46,14 +45,13 @@ def attend_sorted(
     where it works in place.
     """
     d, rows_total = q.shape[-1], q.shape[0]
-    scale = key_scale(q)
     self_masked = mask_values(q.dtype)[1]
     acc = acc_dtype(q.dtype)
     o = torch.empty(layout.n_hashes * rows_total, d, device=q.device, dtype=v.dtype)
     row_max = torch.empty(layout.n_hashes * rows_total, device=q.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
     for block in blocks(layout, win):
-        flat, scores, m, *_ = block_scores(block, q, scale, self_masked)  # m: a shift, not differentiated
+        flat, scores, m, *_ = block_scores(block, q, self_masked)  # m: a shift, not differentiated
         in_place = not scores.requires_grad
         probs = scores.sub_(m).exp_() if in_place else torch.exp(scores - m)  # in place: flat holds them
         total = probs.sum(dim=-1, keepdim=True)
