@@ -177,8 +177,8 @@ def test_output_does_not_depend_on_block_size(monkeypatch):
 
 
 @pytest.mark.parametrize("n_buckets", [[2], [64], [16, 8], [4, 4, 2]])
-def test_max_min_buckets_are_the_argmax_of_the_sign_doubled_rotations_ties_included(n_buckets, monkeypatch):
-    monkeypatch.setattr(hashing, "DOUBLED_ARGMAX_ELEMENTS", 0)  # the max/min path at every size
+def test_large_input_buckets_are_the_argmax_of_the_sign_doubled_rotations_ties_included(n_buckets, monkeypatch):
+    monkeypatch.setattr(hashing, "DOUBLED_ARGMAX_ELEMENTS", 0)  # the amax/amin path at every size
     g = torch.Generator().manual_seed(0)
     rotated = torch.randn(2, 3, 400, sum(n_buckets) // 2, generator=g)
     rotated[0, 0, :50] = 0.0  # all-zero rows: bucket 0

@@ -18,8 +18,9 @@ from reformer_dist.model.lsh.spec import LshSpec
 # stay a few MiB at any length and head count.
 HASH_BLOCK_ELEMENTS = 1 << 21
 # Below this many rotated elements per bucket factor, buckets come from the argmax of the sign-doubled
-# rotations built whole (fewer operator calls); from here on from their max and min (fewer passes). Measured
-# on CPU: a decode step's (1, 4, 2, 32) rotations 6 vs 16 us, a prefill block of 4K positions 5.6 vs 3.5 ms.
+# rotations built whole (fewer operator calls); from here on from amax, amin and one argmax (fewer passes).
+# Measured on CPU, one thread: a decode step's (1, 4, 2, 32) rotations 11-13 vs 43 us, a prefill block of 4K
+# positions 6.7-8.0 vs 4.7-5.3 ms.
 DOUBLED_ARGMAX_ELEMENTS = 1 << 14
 
 
@@ -45,9 +46,9 @@ def rotated_buckets(rotated: Tensor, n_buckets: list[int]) -> Tensor:
     ``max >= -min`` (that half comes first, so it wins ties), and its index is the first maximum of the
     slice times that half's sign, + f/2 for the negative half. ``amax`` and ``amin`` are vectorised, and one
     indexed reduction remains where max and min with indices were two (they run element by element on CPU):
-    hashing a 1M-token head (factors 256 and 128) 2.7 -> 2.0 s. Small ones (a
-    decode step) build it: three operator calls instead of six, which is what their time is. Exported graphs
-    build it too (one ArgMax per factor, and no branch on a dynamic size)."""
+    hashing a 1M-token head (factors 256 and 128) 2.7 -> 2.0 s. Small ones (a decode step) build it: fewer
+    operator calls, which is what their time is. Exported graphs build it too (one ArgMax per factor, and no
+    branch on a dynamic size)."""
     buckets, offset, stride = None, 0, 1
     for factor in n_buckets:
         part = rotated[..., offset : offset + factor // 2]
