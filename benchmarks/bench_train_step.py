@@ -13,6 +13,8 @@ numbers (.json) and a log-log plot (.png) to ``--out``.
     python benchmarks/bench_train_step.py --lengths 1024,4096 --impls ours,hf --ours-lengths ''
     python benchmarks/bench_train_step.py --impls ours --lengths 16384,65536 --ours-lengths 1048576 --threads 1 \
         --thp --tag train_step_1m        # linear scaling of ours in one process (CPU-time ratios)
+    python benchmarks/bench_train_step.py --impls ours --lengths 16384,65536 --ours-lengths 1048576 --threads 1 \
+        --thp --keep-freed-memory --tag train_step_1m_keep_freed   # the same with glibc keeping freed memory
 """
 
 from __future__ import annotations
@@ -57,12 +59,14 @@ def child(impl: str, length: int, steps: int, threads: int, warmup: int) -> None
 
 
 def measure(impl: str, length: int, steps: int, threads: int, warmup: int, timeout: float,
-            mmap_threshold: int = 0, thp: bool = False) -> dict:
+            mmap_threshold: int = 0, thp: bool = False, keep_freed: bool = False) -> dict:
     """Run one child; return its times, peak RSS (its own ru_maxrss, via wait4) and status."""
     cmd = [sys.executable, __file__, "--child", impl, str(length), str(steps), str(threads), str(warmup)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    if keep_freed:  # every block from the heap, which is never trimmed: freed memory is reused, not re-faulted
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
     env["THP_MEM_ALLOC_ENABLE"] = "1" if thp else "0"
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
@@ -82,7 +86,8 @@ def measure(impl: str, length: int, steps: int, threads: int, warmup: int, timeo
     return {"impl": impl, "length": length, "times": times, "median_s": statistics.median(times) if times else None,
             "cpu_median_s": statistics.median(cpu_times) if cpu_times else None,
             "peak_rss_gib": usage.ru_maxrss / 2**20, "minor_faults": usage.ru_minflt,
-            "cpu_s": usage.ru_utime + usage.ru_stime, "load": os.getloadavg()[0], "thp": thp, "status": status}
+            "cpu_s": usage.ru_utime + usage.ru_stime, "load": os.getloadavg()[0], "thp": thp,
+            "keep_freed": keep_freed, "status": status}
 
 
 def fmt_cell(r: dict) -> str:
@@ -184,6 +189,10 @@ def main() -> None:
                              "back to the OS and peak RSS excludes heap fragmentation (costs page faults); 0 = default")
     parser.add_argument("--thp", action="store_true",
                         help="transparent huge pages for every implementation's allocations >= 2 MiB")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc serves every child's allocations from its heap and never trims it "
+                             "(MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=1 TiB): freed tensors are reused instead of "
+                             "unmapped and faulted in again, at the price of resident memory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per (impl, length) process")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for .md/.json/.png")
@@ -202,7 +211,8 @@ def main() -> None:
     for impl, length in plan:
         steps = args.long_steps if length >= 65536 else args.steps
         warmup = args.long_warmup if length >= 65536 else 1
-        r = measure(impl, length, steps, args.threads, warmup, args.timeout, args.mmap_threshold, args.thp)
+        r = measure(impl, length, steps, args.threads, warmup, args.timeout, args.mmap_threshold, args.thp,
+                    args.keep_freed_memory)
         results.append(r)
         print(f"{impl:>10} {length:>8}: {fmt_cell(r)}", flush=True)
     cmd = "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:])
