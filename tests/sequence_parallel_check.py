@@ -3,7 +3,8 @@
 would (the reference) and on its shard of each sequence through DeepSpeed-Ulysses exchanges, for a few
 steps with dropout everywhere and fresh LSH rotations per call, and writes the differences as JSON. The
 reversible backward is made to split attention into the smallest head groups (1 head in the reference,
-P heads, i.e. one per rank, in the sharded model), so grouping and sharding are checked together.
+P heads, i.e. one per rank, in the sharded model) and to take every buffer from its pass's pool, so
+grouping, sharding and buffer reuse are checked together.
 
     deepspeed --num_gpus 2 tests/sequence_parallel_check.py OUT_DIR
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from reformer_dist.model import ReformerConfig, ReformerLM, reversible
+from reformer_dist.model import ReformerConfig, ReformerLM, buffer_pool, reversible
 from reformer_dist.train.distributed import init_distributed, shutdown
 from reformer_dist.train.sequence_parallel import initialize
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=None)  # the launcher's; LOCAL_RANK is read instead
     args = parser.parse_args()
     reversible.HEAD_GROUP_ELEMENTS = 1
+    buffer_pool.POOLED_BYTES = 0  # every buffer through the passes' pools, the exchanged ones freed early too
     info = init_distributed(60.0)
     _, shard = initialize(dist.get_world_size())
     results = {}

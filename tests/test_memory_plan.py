@@ -37,6 +37,21 @@ def test_zero_stages_partition_states_and_sequence_parallelism_divides_activatio
     assert 0.45 * act_one < act_two < 0.6 * act_one
 
 
+def test_on_cpu_the_pooled_attention_buffers_count_beside_the_feed_forward_backward():
+    # one head of 2**20 positions x 64 fp32 features: 256 MiB tensors, far above the pool's threshold
+    long = ["train.seq_len=1048576", "model.max_seq_len=1048576", "model.axial_pos_shape=[1024,1024]",
+            "train.micro_batch_size=1", "model.n_heads=4", "model.d_head=64", "model.ff_chunk_size=4096",
+            "model.attn_layers=[lsh]", "model.lsh_n_hashes=2"]
+    cfg = load_config(["tiny"], long)
+    key = "backward: feed-forward chunk"
+    g = 2**20 * 64 * 4
+    # qk and v (projected in tiles), the output, its gradient and the fp32 gradients of qk and v
+    assert plan_memory(cfg, 1, "cpu").activations[key] - plan_memory(cfg, 1, "cuda").activations[key] == 6 * g
+    # under sequence parallelism the exchange frees the projections (a rank still attends over one whole head)
+    sp = load_config(["tiny"], [*long, "deepspeed.sequence_parallel_size=2"])
+    assert plan_memory(sp, 2, "cpu").activations[key] - plan_memory(sp, 2, "cuda").activations[key] == 4 * g
+
+
 def test_longest_length_is_the_last_multiple_whose_plan_fits():
     cfg = load_config(["tiny"], ["train.micro_batch_size=1", "deepspeed.sequence_parallel_size=2"])
     best = longest_seq_len(cfg, 2, 1.0)

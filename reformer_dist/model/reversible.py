@@ -22,7 +22,9 @@ Memory is what bounds the longest sequence, so every layer works in tiles and in
 - the two streams are two buffers updated in place, forward (X -> Y) and backward (Y -> X), and the
   backward accumulates the stream gradients into the gradient tensors it receives (``ReformerLM``'s head
   creates them for it and reads nothing else from them).
-So a layer never allocates a (B, L, d_model) temporary: only a tile's and a head group's tensors.
+So a layer never allocates a (B, L, d_model) temporary: only a tile's and a head group's tensors. On CPU
+the large ones among a head group's tensors come from a pool that lives for one pass (forward or backward,
+``buffer_pool``), so the next group and layer reuse them instead of faulting fresh memory in from the kernel.
 A tile's nested backward accumulates into parameters that later tiles of the same layer use again; a
 ``tile_hook(parameters, last)`` (installed with ``ReformerLM.set_tile_hook``) hears before each tile whether
 it is the last, for optimizers that reduce a gradient as soon as it is accumulated (DeepSpeed ZeRO-2/3).
@@ -38,6 +40,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from reformer_dist.model import buffer_pool
 from reformer_dist.model.sequence_parallel import SequenceShard
 
 TileHook = Callable[[Iterable[nn.Parameter], bool], None]
@@ -96,7 +99,7 @@ def _projections(attention: nn.Module, x: Tensor, spans: list[tuple[int, int]],
     for s, e in spans:
         parts = attention.project(x[:, s:e], heads)
         if not out:
-            out = [p.new_empty(x.shape[0], x.shape[1], p.shape[-1]) for p in parts]
+            out = [buffer_pool.empty((x.shape[0], x.shape[1], p.shape[-1]), p.dtype, p.device) for p in parts]
         for whole, p in zip(out, parts):
             whole[:, s:e] = p
     return out
@@ -124,7 +127,7 @@ class ReversibleStack(torch.autograd.Function):
         records = []
         start = 0 if shard is None else shard.start(x1.shape[1])
         spans = tile_spans(x1.shape[1], ff_chunk_size)
-        with torch.no_grad():
+        with torch.no_grad(), buffer_pool.reusing_buffers():
             x1, x2 = x1.clone(), x2.clone()  # the streams' own buffers, updated in place from here on
             for layer in layers:
                 attention, feed_forward = layer.attention, layer.feed_forward
@@ -158,7 +161,7 @@ class ReversibleStack(torch.autograd.Function):
         y1, y2 = ctx.outputs
         ctx.outputs = None
         dy1, dy2 = _accumulator(dy1, y1), _accumulator(dy2, y2)
-        with torch.autocast(**ctx.autocast):
+        with torch.autocast(**ctx.autocast), buffer_pool.reusing_buffers():
             for layer, (f_state, g_state, buckets) in zip(reversed(ctx.layers), reversed(ctx.records)):
                 # G: x2 = y2 - G(y1); dL/dy1 += G'(y1)^T dy2, chunk by chunk, in place (y2 becomes x2)
                 feed_forward = layer.feed_forward
@@ -188,7 +191,7 @@ class ReversibleStack(torch.autograd.Function):
                     exchanged = ctx.shard is not None
                     if exchanged:  # the exchange copied the projections and saved nothing: only their
                         _free(inputs)  # gradients are read from here on
-                    grad_a = torch.empty_like(a)
+                    grad_a = buffer_pool.empty(a.shape, a.dtype, a.device)
                     for s, e in ctx.spans:  # output projection: x1 = y1 - its share, and dL/da
                         part = a[:, s:e].detach().requires_grad_()
                         mark_tile(hook, [attention.output], last=last_group and e == end)

@@ -13,13 +13,14 @@ micro-batch B, a rank holds l = seq_len / P positions of each sequence:
   fp32, 2 under DeepSpeed's bf16/fp16, which casts the module), the largest moments are: the forward (the
   input and the two streams 3u + a head group), a head group's attention backward (the two streams and
   their gradients 4u + the group), the loss head (4u: its chunks write the streams' gradients in place,
-  ``ChunkedLossSum``) and a feed-forward tile's backward (4u + the tile). A head group's tensors cover the
-  whole sequence for its heads (``reversible.head_groups`` sizes them; under sequence parallelism each rank
-  holds count/P heads): LSH keeps qk, v, the output and per-round outputs (n_hashes) in the forward, and
-  qk, v, the output, its gradient and fp32 gradients of qk and v in the backward, plus the sort's int64
-  index arrays; local attention its (chunk x window) score tensors. The all-to-alls of sequence
-  parallelism copy a group's tensors once more. LSH buckets (int32) are kept for every LSH layer through
-  the step.
+  ``ChunkedLossSum``) and a feed-forward tile's backward (4u + the tile, and on CPU the large attention
+  buffers the backward's pool keeps for the next layer). A head group's tensors cover the whole sequence
+  for its heads (``reversible.head_groups`` sizes them; under sequence parallelism each rank holds count/P
+  heads): LSH keeps qk, v, the output and per-round outputs (n_hashes) in the forward, and qk, v, the
+  output, its gradient and fp32 gradients of qk and v in the backward, plus the sort's int64 index arrays;
+  local attention its (chunk x window) score tensors. The all-to-alls of sequence parallelism copy a
+  group's tensors once more. LSH buckets (int32) are kept for every LSH layer through the step. On CPU the
+  large ones among these tensors come from a pool that lives for one pass (``model/buffer_pool.py``).
 - **Process**: on CPU the resident memory of a training process with a model of no size (torch,
   DeepSpeed, the communication op, Python): ``PROCESS_BYTES_CPU``, measured; on GPU the count is of
   tensors, as ``torch.cuda.max_memory_allocated`` reports it (the CUDA context comes on top).
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field, replace
 
 from reformer_dist.errors import ConfigError
 from reformer_dist.model import ReformerConfig
+from reformer_dist.model.buffer_pool import POOLED_BYTES
 from reformer_dist.model.lsh.layout import BLOCK_SCORES
 from reformer_dist.model.reversible import head_groups
 from reformer_dist.run_config import JobConfig
@@ -144,8 +146,29 @@ def _attention_group(model: ReformerConfig, kind: str, batch: int, seq_len: int,
     return forward, backward
 
 
-def activations(cfg: JobConfig, s: int) -> tuple[dict[str, int], dict[str, int]]:
-    """(moments, held-through-the-step) activation bytes per rank."""
+def _pooled_attention(model: ReformerConfig, kind: str, batch: int, seq_len: int, local_heads: int, s: int,
+                      tiled: bool, sequence_parallel: bool) -> int:
+    """CPU: bytes the backward's buffer pool (``model/buffer_pool.py``) keeps from a head group's attention
+    through the rest of the pass, the feed-forward tiles' backward included: the most its tensors of at
+    least ``POOLED_BYTES`` occupy at once. Pooled are the input projections when built from position
+    tiles (not under sequence parallelism: the exchange frees them), the attention output's gradient, and
+    LSH's per-round outputs (the first becomes the output) and fp32 gradients of qk and v."""
+    g = batch * seq_len * local_heads * model.d_head * s  # one (B, L, heads, D) tensor
+
+    def pooled(nbytes: int) -> int:
+        return nbytes if nbytes >= POOLED_BYTES else 0
+
+    projections = 0 if sequence_parallel or not tiled else (2 if kind == "lsh" else 3) * pooled(g)
+    if kind != "lsh":
+        return projections + pooled(g)
+    recompute = projections + model.lsh_n_hashes * pooled(g)
+    backward = projections + 2 * pooled(g) + 2 * pooled(g * 4 // s)  # output, its gradient, fp32 gradients
+    return max(recompute, backward)
+
+
+def activations(cfg: JobConfig, s: int, pooled: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """(moments, held-through-the-step) activation bytes per rank; ``pooled``: large buffers come from
+    the reversible passes' pools (CPU)."""
     model, train = cfg.model, cfg.train
     p = cfg.deepspeed.sequence_parallel_size
     batch, seq_len, d = train.micro_batch_size, train.seq_len, model.d_model
@@ -163,6 +186,10 @@ def activations(cfg: JobConfig, s: int) -> tuple[dict[str, int], dict[str, int]]
         "backward: head-group attention": max(4 * u + attention[k][1] for k in attention),
         "backward: feed-forward chunk": 4 * u + ff,
     }
+    if pooled:
+        tiled = ff_chunk < seq_len // p
+        moments["backward: feed-forward chunk"] += max(
+            _pooled_attention(model, k, batch, seq_len, local_heads, s, tiled, p > 1) for k in set(kinds))
     lsh_layers = kinds.count("lsh")
     held = {"LSH buckets (int32, every LSH layer)":
             lsh_layers * batch * (model.n_heads // p) * model.lsh_n_hashes * seq_len * 4} if lsh_layers else {}
@@ -177,7 +204,7 @@ def plan_memory(cfg: JobConfig, world_size: int, device: str = "cpu") -> MemoryP
     n_params = count_parameters(cfg.model)
     per_layer = max(layer_parameters(cfg.model, kind) for kind in set(cfg.model.layer_kinds()))
     s = 2 if cfg.deepspeed.precision in ("bf16", "fp16") else 4
-    moments, held = activations(cfg, s)
+    moments, held = activations(cfg, s, pooled=device == "cpu")
     plan = MemoryPlan(cfg.train.seq_len, world_size, cfg.deepspeed.sequence_parallel_size)
     plan.states = model_states(cfg, world_size, n_params, per_layer)
     plan.activations = moments

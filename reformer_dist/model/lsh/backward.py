@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from reformer_dist.model import buffer_pool
 from reformer_dist.model.lsh.forward import pad_rounds, probability_terms
 from reformer_dist.model.lsh.layout import (
     SortedLayout,
@@ -60,8 +61,8 @@ def lsh_attention_backward_reference(
 
     go = as_rows(grad_out, inner)
     delta = (go.to(acc) * as_rows(out, inner).to(acc)).sum(-1)  # (rows,) rowsum(dO * O)
-    grad_qk = torch.zeros(rows_total, d, device=qk.device, dtype=acc)
-    grad_v = torch.zeros_like(grad_qk)
+    grad_qk = buffer_pool.zeros((rows_total, d), acc, qk.device)
+    grad_v = buffer_pool.zeros((rows_total, d), acc, qk.device)
     # P as the forward formed it (``probability_terms``); dS = P * (dP - delta), zero on self entries
     for block in blocks(layout, win):
         flat, scores, _, qf, kf, q_span, scale_span = block_scores(block, q, self_masked)

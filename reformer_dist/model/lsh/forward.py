@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from reformer_dist.model import buffer_pool
 from reformer_dist.model.lsh.hashing import buckets_or_hash
 from reformer_dist.model.lsh.layout import (
     SortedLayout,
@@ -34,11 +35,14 @@ from reformer_dist.model.lsh.spec import LshSpec, acc_dtype, check_inputs, mask_
 
 def attend_sorted(
     q: Tensor, v: Tensor, layout: SortedLayout, win: Window, dropout_p: float, dropout_seed: int
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor | list[Tensor], Tensor, Tensor]:
     """Attention over the sorted order, block by block, on rows: q, v (B*H*L, D) (``as_rows``).
 
-    Returns per-round outputs ``o`` (n, B*H*L, D) in v's dtype and the per-round softmax statistics
-    ``row_max`` and ``log_sum`` (n, B*H*L) (logsumexp = row_max + log_sum), un-sorted to the input rows.
+    Returns per-round outputs ``o`` (n, B*H*L, D) in v's dtype (under a training pass's buffer pool, n
+    separate (B*H*L, D) tensors: the size of the op's other whole-sequence tensors, so the pool hands the
+    same buffers round after round and to the backward's gradients, ``buffer_pool``) and the per-round
+    softmax statistics ``row_max`` and ``log_sum`` (n, B*H*L) (logsumexp = row_max + log_sum), un-sorted
+    to the input rows.
     The statistics are kept apart because row maxima sit at -1e5 for rows that only see themselves: one
     fp32 logsumexp there would lose ~4e-3 ('bucket' avoids that; 'chunk' reproduces it, as HF rounds
     there). Differentiable with ordinary autograd (the reference); the op's forward runs it under no_grad,
@@ -47,7 +51,12 @@ def attend_sorted(
     d, rows_total = q.shape[-1], q.shape[0]
     self_masked = mask_values(q.dtype)[1]
     acc = acc_dtype(q.dtype)
-    o = torch.empty(layout.n_hashes * rows_total, d, device=q.device, dtype=v.dtype)
+    n, length = layout.n_hashes, layout.length
+    pooled = buffer_pool.pooled((rows_total, d), v.dtype, q.device) and not (q.requires_grad or v.requires_grad)
+    if pooled:
+        o = [buffer_pool.empty((rows_total, d), v.dtype, q.device) for _ in range(n)]
+    else:  # one allocation, returned whole when the rounds are combined
+        o = torch.empty(n * rows_total, d, device=q.device, dtype=v.dtype)
     row_max = torch.empty(layout.n_hashes * rows_total, device=q.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
     for block in blocks(layout, win):
@@ -66,12 +75,18 @@ def attend_sorted(
         # straddling windows' rows of ``flat`` hold raw scores: their outputs are computed and ignored
         probs_flat = flat if in_place else block.to_flat(probs)
         ob = block.valid(torch.bmm(probs_flat.to(v.dtype), block.flat_windows(block.span(v)))) * norm.to(v.dtype)
-        rows = layout.dest[:, block.first * block.c : block.last * block.c].flatten()
-        o.index_copy_(0, rows, ob.flatten(0, 2))
+        first, last = block.first * block.c, block.last * block.c  # the block's sorted entries
+        rows = layout.dest[:, first:last].flatten()
         row_max.index_copy_(0, rows, m.flatten())
         log_sum.index_copy_(0, rows, log_total.flatten())
-    n = layout.n_hashes
-    return o.view(n, rows_total, d), row_max.view(n, rows_total), log_sum.view(n, rows_total)
+        if not pooled:
+            o.index_copy_(0, rows, ob.flatten(0, 2))
+            continue
+        entries = ob.flatten(1, 2)  # (BH, entries, D); the sorted order holds round r at [r*L, (r+1)*L)
+        for r in range(first // length, (last - 1) // length + 1):
+            lo, hi = max(first, r * length), min(last, (r + 1) * length)
+            o[r].index_copy_(0, layout.flat_pos[:, lo:hi].flatten(), entries[:, lo - first : hi - first].flatten(0, 1))
+    return (o if pooled else o.view(n, rows_total, d)), row_max.view(n, rows_total), log_sum.view(n, rows_total)
 
 
 def round_weights(row_max: Tensor, log_sum: Tensor, hf_rounding: bool) -> Tensor:
@@ -84,12 +99,16 @@ def round_weights(row_max: Tensor, log_sum: Tensor, hf_rounding: bool) -> Tensor
     return torch.softmax((row_max - top) + log_sum, dim=0)
 
 
-def combine_rounds(o: Tensor, row_max: Tensor, log_sum: Tensor, hf_rounding: bool) -> Tensor:
-    """``sum_r o_r * exp(lse_r - logsumexp_r lse)``: o (n, R, D), stats (n, R) -> (R, D)."""
-    w = round_weights(row_max, log_sum, hf_rounding).unsqueeze(-1).to(o.dtype)
-    if o.requires_grad:
-        return (o * w).sum(dim=0)
-    return o.mul_(w).sum(dim=0)  # the op's forward: o is a temporary, reuse it
+def combine_rounds(o: Tensor | list[Tensor], row_max: Tensor, log_sum: Tensor, hf_rounding: bool) -> Tensor:
+    """``sum_r o_r * exp(lse_r - logsumexp_r lse)``: o (n, R, D) or the n pooled rounds (R, D) of
+    ``attend_sorted``, stats (n, R) -> (R, D)."""
+    w = round_weights(row_max, log_sum, hf_rounding).unsqueeze(-1).to(o[0].dtype)
+    if isinstance(o, Tensor):
+        return (o * w).sum(dim=0) if o.requires_grad else o.mul_(w).sum(dim=0)  # the op's forward: in place
+    out = o[0].mul_(w[0])  # pooled rounds (no grad): summed in place into the first
+    for r in range(1, len(o)):
+        out.add_(o[r].mul_(w[r]))
+    return out
 
 
 def pad_rounds(row_max: Tensor, log_sum: Tensor, n_hashes: int) -> Tensor:
