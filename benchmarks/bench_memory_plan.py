@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -145,7 +146,7 @@ def main() -> None:
     args = parser.parse_args()
     points = [(config, int(length), int(ranks)) for config in args.configs.split(",")
               for length in args.lengths.split(",") for ranks in args.ranks.split(",")]
-    command = "python benchmarks/bench_memory_plan.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/bench_memory_plan.py " + shlex.join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
 
     def write(results: list[dict]) -> None:

@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -140,7 +141,7 @@ def main() -> None:
         commands += earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
         rows.update({(r["length"], r["ranks"]): r for r in earlier["results"]})
     if points:
-        commands.append("python benchmarks/bench_sequence_parallel.py " + " ".join(sys.argv[1:]))
+        commands.append("python benchmarks/bench_sequence_parallel.py " + shlex.join(sys.argv[1:]))
     commands = list(dict.fromkeys(commands))
     fresh = {(length, ranks) for _, length, ranks in points}
     kept = [r for key, r in rows.items() if key not in fresh]

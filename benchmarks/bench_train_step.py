@@ -23,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -215,7 +216,7 @@ def main() -> None:
                     args.keep_freed_memory)
         results.append(r)
         print(f"{impl:>10} {length:>8}: {fmt_cell(r)}", flush=True)
-    cmd = "python benchmarks/bench_train_step.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/bench_train_step.py " + shlex.join(sys.argv[1:])
     commands = [cmd]
     if args.merge:
         earlier = json.loads(args.merge.read_text())
