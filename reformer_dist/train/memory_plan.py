@@ -155,14 +155,15 @@ def _pooled_attention(model: ReformerConfig, kind: str, batch: int, seq_len: int
     LSH's per-round outputs (the first becomes the output) and fp32 gradients of qk and v."""
     g = batch * seq_len * local_heads * model.d_head * s  # one (B, L, heads, D) tensor
 
-    def pooled(nbytes: int) -> int:
+    def pooled_bytes(nbytes: int) -> int:  # a tensor of nbytes, if it is large enough to be pooled
         return nbytes if nbytes >= POOLED_BYTES else 0
 
-    projections = 0 if sequence_parallel or not tiled else (2 if kind == "lsh" else 3) * pooled(g)
+    projections = 0 if sequence_parallel or not tiled else (2 if kind == "lsh" else 3) * pooled_bytes(g)
     if kind != "lsh":
-        return projections + pooled(g)
-    recompute = projections + model.lsh_n_hashes * pooled(g)
-    backward = projections + 2 * pooled(g) + 2 * pooled(g * 4 // s)  # output, its gradient, fp32 gradients
+        return projections + pooled_bytes(g)
+    recompute = projections + model.lsh_n_hashes * pooled_bytes(g)
+    # the output, its gradient, fp32 gradients of qk and v
+    backward = projections + 2 * pooled_bytes(g) + 2 * pooled_bytes(g * 4 // s)
     return max(recompute, backward)
 
 

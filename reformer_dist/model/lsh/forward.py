@@ -57,7 +57,7 @@ def attend_sorted(
         o = [buffer_pool.empty((rows_total, d), v.dtype, q.device) for _ in range(n)]
     else:  # one allocation, returned whole when the rounds are combined
         o = torch.empty(n * rows_total, d, device=q.device, dtype=v.dtype)
-    row_max = torch.empty(layout.n_hashes * rows_total, device=q.device, dtype=acc)
+    row_max = torch.empty(n * rows_total, device=q.device, dtype=acc)
     log_sum = torch.empty_like(row_max)
     for block in blocks(layout, win):
         flat, scores, m, *_ = block_scores(block, q, self_masked)  # m: a shift, not differentiated
