@@ -1,8 +1,13 @@
 """Large-buffer pool of the reversible stack: a buffer is handed out again only once nothing references its
-memory, released memory is never handed out, and a training step computes the same bits with it."""
+memory, released memory is never handed out, and a training step computes the same bits with it. Below it,
+glibc's heap gives its free pages back before each head group's attention of the reversible backward."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 from test_model_reversible import grads_and_loss, twins
 
@@ -65,3 +70,31 @@ def test_a_training_step_with_every_buffer_pooled_is_bitwise_the_same(monkeypatc
         handed_out.clear()
         assert torch.equal(loss_pooled, loss_plain)
         assert all(torch.equal(grads_pooled[n], grads_plain[n]) for n in grads_plain)
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(buffer_pool._malloc_trim() is None or not Path("/proc/self/statm").is_file(),
+                    reason="needs glibc's malloc_trim and /proc (Linux with glibc)")
+def test_the_heaps_free_pages_go_back_to_the_kernel():
+    torch.ones(4 << 20).sum()  # a freed 16 MiB mapping lifts glibc's mmap threshold: 4 MiB blocks use the heap
+    blocks = [torch.ones(1 << 20) for _ in range(64)]
+    del blocks[::2]  # 32 holes of 4 MiB between live blocks: free, but glibc keeps them resident
+    before = _resident_bytes()
+    buffer_pool.return_free_heap("cpu")
+    assert before - _resident_bytes() >= 96 << 20  # most of the 128 MiB
+    buffer_pool.return_free_heap("meta")  # other devices: nothing to do
+
+
+def test_the_reversible_backward_returns_the_free_heap_before_each_head_groups_attention(monkeypatch):
+    from reformer_dist.model import reversible
+
+    monkeypatch.setattr(reversible, "HEAD_GROUP_ELEMENTS", 1)  # one group per head
+    devices: list[str] = []
+    monkeypatch.setattr(buffer_pool, "return_free_heap", lambda device: devices.append(torch.device(device).type))
+    model = twins("bucket")[0]
+    grads_and_loss(model)
+    # each group: before its recompute and before its attention's backward; the forward never
+    assert devices == ["cpu"] * (2 * model.config.n_layers * model.config.n_heads)

@@ -184,6 +184,9 @@ class ReversibleStack(torch.autograd.Function):
                 groups = _layer_groups(layer, y2, ctx.shard)
                 for i, (heads, replay) in enumerate(zip(groups, buckets)):
                     last_group = i == len(groups) - 1
+                    # the heap's holes from the tiles and the previous group go back before this
+                    # group's tensors (the step's peak) are allocated (CPU; see buffer_pool)
+                    buffer_pool.return_free_heap(y1.device)
                     inputs = [t.requires_grad_() for t in _projections(attention, y2, ctx.spans, heads)]
                     with torch.enable_grad():
                         a, _ = attention.attend(inputs, ctx.mask, None if replay is None else replay.long(),
@@ -202,6 +205,7 @@ class ReversibleStack(torch.autograd.Function):
                         grad_a[:, s:e] = part.grad
                     if exchanged:  # likewise the exchanged output (without a shard it is the kernel's own)
                         _free([a])
+                    buffer_pool.return_free_heap(y1.device)  # likewise the recompute's and projection's
                     torch.autograd.backward(a, grad_a)  # the attention itself: dL/d(projections)
                     del a, grad_a, f, part
                     for s, e in ctx.spans:  # LayerNorm + input projections: dL/dx2

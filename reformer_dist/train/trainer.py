@@ -28,6 +28,7 @@ import torch
 from reformer_dist.artifacts.native import RUN_NATIVE_DIR
 from reformer_dist.data import GlobalOrderSampler, TokenWindowDataset, load_manifest, next_batch
 from reformer_dist.errors import ConfigError, ReformerDistError
+from reformer_dist.model import buffer_pool
 from reformer_dist.run_config import JobConfig, config_to_yaml, save_config
 from reformer_dist.train import checkpoint as ckpt
 from reformer_dist.train.consolidate import consolidate
@@ -170,6 +171,7 @@ class Trainer:
             loss = self.engine(input_ids.to(dev), targets.to(dev))
             self.engine.backward(loss)
             self.engine.step()
+            buffer_pool.return_free_heap(dev)  # CPU: the optimizer step's holes do not carry into the next step
             loss_sum += loss.detach().double()
         votes = torch.stack([loss_sum, torch.tensor(float(stop.signalled), dtype=torch.float64, device=dev),
                              torch.tensor(float(stop.out_of_time), dtype=torch.float64, device=dev)])
