@@ -19,9 +19,9 @@ freed resident and can reuse a hole only for a request that fits it, so below ~1
 tensor of a step is such a tensor) a process's peak RSS ran 15-45% above the memory its tensors occupy at
 once (`benchmarks/results/memory_plan_live.md`). ``return_free_heap`` hands the heap's free pages back to
 the kernel (``malloc_trim``): the reversible backward calls it before each head group's attention and
-before that attention's own backward, the trainer after each optimizer step, so the peak's allocations
+before that attention's own backward, the trainer after each micro-batch's step, so the peak's allocations
 start from a heap without the previous phase's holes. Pinning glibc's mmap threshold low instead gives
-the same peaks but faults every tensor above it in on each use (16-27% slower steps at 16K-64K tokens).
+peaks at the live memory but faults every tensor above it in on each use (16-27% slower steps at 16K-64K).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ micro-batch B, a rank holds l = seq_len / P positions of each sequence:
   group's tensors once more. LSH buckets (int32) are kept for every LSH layer through the step. On CPU the
   large ones among these tensors come from a pool that lives for one pass (``model/buffer_pool.py``), and
   what glibc's heap keeps of freed smaller ones goes back to the kernel before each head group's attention
-  and after each optimizer step (``buffer_pool.return_free_heap``): the counts are of live tensors, and the
+  and after each micro-batch's step (``buffer_pool.return_free_heap``): the counts are of live tensors, and the
   process's peak RSS holds whatever heap holes the peak's own allocations leave on top of them.
 - **Process**: on CPU the resident memory of a training process with a model of no size (torch,
   DeepSpeed, the communication op, Python): ``PROCESS_BYTES_CPU``, measured; on GPU the count is of

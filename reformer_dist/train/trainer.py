@@ -171,7 +171,7 @@ class Trainer:
             loss = self.engine(input_ids.to(dev), targets.to(dev))
             self.engine.backward(loss)
             self.engine.step()
-            buffer_pool.return_free_heap(dev)  # CPU: the optimizer step's holes do not carry into the next step
+            buffer_pool.return_free_heap(dev)  # CPU: what this micro-batch and the update left in the heap goes back
             loss_sum += loss.detach().double()
         votes = torch.stack([loss_sum, torch.tensor(float(stop.signalled), dtype=torch.float64, device=dev),
                              torch.tensor(float(stop.out_of_time), dtype=torch.float64, device=dev)])
