@@ -17,7 +17,8 @@ CUDA caching allocator already reuses) and below ``POOLED_BYTES`` they are plain
 The other end of the sizes: every tensor below the mmap threshold lives in glibc's heap, which keeps what is
 freed resident and can reuse a hole only for a request that fits it, so below ~128K tokens (where every
 tensor of a step is such a tensor) a process's peak RSS ran 15-45% above the memory its tensors occupy at
-once (`benchmarks/results/memory_plan_live.md`). ``return_free_heap`` hands the heap's free pages back to
+once (the same training runs with glibc's default heap and with its mmap threshold pinned low,
+``benchmarks/bench_memory_plan.py --mmap-threshold``). ``return_free_heap`` hands the heap's free pages back to
 the kernel (``malloc_trim``): the reversible backward calls it before each head group's attention and
 before that attention's own backward, the trainer after each micro-batch's step, so the peak's allocations
 start from a heap without the previous phase's holes. Pinning glibc's mmap threshold low instead gives
